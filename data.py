@@ -1,0 +1,554 @@
+"""
+Shared data code: HDF5 schemas and their validation, the embedded synthetic datasets, splits and
+batching. Stage scripts import this; nothing here trains anything.
+
+Schemas (the same as the real files, so real data drops in):
+  clouds  images float32 (N, 440) raw IR signal; metadata float32 (N, 4), attr columns =
+          flight_idx, frame_idx, sza, saa; labelled files add cbh_km float32 (N,)
+  fires   fire uint8 (S, T, H, W) cumulative burned area; static float32 (S, C, H, W), attr channels;
+          wind float32 (S, T, 2) = (u east, v north) m/s, wind[:, t] drives frame t -> t+1; row 0 = north
+"""
+import os
+import tempfile
+
+import h5py
+import numpy as np
+import torch
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(REPO_DIR, "data")
+CLOUD_COLUMNS = ("flight_idx", "frame_idx", "sza", "saa")
+CLOUD_WIDTH = 440
+MAX_CBH_KM = 20.0  # physical bound for a cloud base; anything above is a unit or fill-value error
+MAX_WIND_MS = 100.0  # no surface wind exceeds this; larger values are fill values or wrong units
+
+
+class DataError(Exception):
+    """A problem with user-supplied input; the message names the file, dataset and problem."""
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes
+
+def _atomic_write(path, write_fn):
+    """write_fn(tmp_path) writes the file; it only appears under `path` once complete."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp_" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    """torch.save that never leaves a half-written checkpoint (temp file + rename)."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: checkpoint file not found")
+    try:
+        # weights_only=False: our checkpoints hold RNG states and config dicts, written by us
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable torch checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise DataError(f"{path}: checkpoint is not a dict")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# HDF5 reading with validation
+
+def _open_h5(path):
+    if not path or not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        raise DataError(f"{path}: not an HDF5 file") from None
+
+
+def _read(f, path, name, dtype_kind, ndim):
+    """Read dataset `name`, checking presence, dtype kind ('f' float, 'u' unsigned int) and rank."""
+    if name not in f:
+        raise DataError(f"{path}: dataset '{name}' missing")
+    d = f[name]
+    if not isinstance(d, h5py.Dataset):
+        raise DataError(f"{path}: '{name}' is not a dataset")
+    if d.dtype.kind != dtype_kind:
+        want = {"f": "float", "u": "uint8"}[dtype_kind]
+        raise DataError(f"{path}: dataset '{name}' has dtype {d.dtype}, expected {want}")
+    if d.ndim != ndim:
+        raise DataError(f"{path}: dataset '{name}' has shape {d.shape}, expected {ndim} dimensions")
+    return d
+
+
+def _check_finite(path, name, a):
+    if not np.isfinite(a).all():
+        raise DataError(f"{path}: dataset '{name}' contains NaN or Inf")
+
+
+def _attr_strings(path, d, attr, name):
+    if attr not in d.attrs:
+        raise DataError(f"{path}: dataset '{name}' lacks attribute '{attr}'")
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(d.attrs[attr])]
+
+
+# ----------------------------------------------------------------------------------------------
+# clouds: schema
+
+def write_clouds(path, images, metadata, cbh_km=None):
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("images", data=np.asarray(images, np.float32))
+            m = f.create_dataset("metadata", data=np.asarray(metadata, np.float32))
+            m.attrs["columns"] = np.array(CLOUD_COLUMNS, dtype=h5py.string_dtype())
+            if cbh_km is not None:
+                f.create_dataset("cbh_km", data=np.asarray(cbh_km, np.float32))
+    _atomic_write(path, write)
+
+
+def load_clouds(path, labelled=False, max_samples=0):
+    """Read and validate a cloud-profile file. Returns numpy arrays (see module docstring)."""
+    with _open_h5(path) as f:
+        d_img = _read(f, path, "images", "f", 2)
+        d_meta = _read(f, path, "metadata", "f", 2)
+        n = d_img.shape[0] if max_samples <= 0 else min(max_samples, d_img.shape[0])
+        if d_img.shape[0] == 0 or d_img.shape[1] == 0:
+            raise DataError(f"{path}: dataset 'images' is empty (shape {d_img.shape})")
+        if d_meta.shape != (d_img.shape[0], 4):
+            raise DataError(f"{path}: dataset 'metadata' has shape {d_meta.shape}, "
+                            f"expected ({d_img.shape[0]}, 4) to match 'images'")
+        cols = tuple(_attr_strings(path, d_meta, "columns", "metadata"))
+        if cols != CLOUD_COLUMNS:
+            raise DataError(f"{path}: dataset 'metadata' columns {cols}, expected {CLOUD_COLUMNS}")
+        images = d_img[:n].astype(np.float32)
+        meta = d_meta[:n].astype(np.float32)
+        out = dict(images=images, metadata=meta)
+        if labelled:
+            if "cbh_km" not in f:
+                raise DataError(f"{path}: dataset 'cbh_km' missing (a labelled file is needed)")
+            d_cbh = _read(f, path, "cbh_km", "f", 1)
+            if d_cbh.shape[0] != d_img.shape[0]:
+                raise DataError(f"{path}: dataset 'cbh_km' has {d_cbh.shape[0]} rows, "
+                                f"'images' has {d_img.shape[0]}")
+            out["cbh_km"] = d_cbh[:n].astype(np.float32)
+    _check_finite(path, "images", images)
+    _check_finite(path, "metadata", meta)
+    sza, saa = meta[:, 2], meta[:, 3]
+    if (sza < 0).any() or (sza > 180).any() or (saa < -360).any() or (saa > 360).any():
+        raise DataError(f"{path}: dataset 'metadata' solar angles out of range (sza 0..180, saa -360..360 deg)")
+    if labelled:
+        cbh = out["cbh_km"]
+        _check_finite(path, "cbh_km", cbh)
+        if (cbh < 0).any() or (cbh > MAX_CBH_KM).any():
+            raise DataError(f"{path}: dataset 'cbh_km' has values outside 0..{MAX_CBH_KM} km "
+                            f"(min {cbh.min():.3g}, max {cbh.max():.3g})")
+    out["flight"] = meta[:, 0].round().astype(np.int64)
+    out["frame"] = meta[:, 1].round().astype(np.int64)
+    out["sza"], out["saa"] = sza, saa
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# clouds: embedded synthetic dataset
+
+def _smooth_noise(rng, n, corr_len, size=None):
+    """Gaussian-filtered white noise (unit std) of length n, correlation length corr_len samples."""
+    corr_len = min(corr_len, n / 8)  # longer than the series would leave only its mean
+    shape = (n,) if size is None else (size, n)
+    w = rng.standard_normal(shape)
+    f = np.fft.rfftfreq(n)
+    filt = np.exp(-0.5 * (f * corr_len * 2 * np.pi) ** 2)
+    out = np.fft.irfft(np.fft.rfft(w, axis=-1) * filt, n=n, axis=-1)
+    return out / (out.std(axis=-1, keepdims=True) + 1e-12)
+
+
+def _fractal_field(rng, n_rows, n_cols, beta=3.0, row_stretch=4.0):
+    """2D Gaussian random field with a power-law spectrum |k|^-beta (unit std).
+    Rows are frames along the flight, columns are cross-track pixels; row_stretch > 1 makes
+    features longer along-track, so neighbouring frames are strongly correlated, as in real data."""
+    ky = np.fft.fftfreq(n_rows)[:, None] * row_stretch
+    kx = np.fft.rfftfreq(n_cols)[None, :]
+    k = np.sqrt(ky ** 2 + kx ** 2)
+    k[0, 0] = 1.0
+    amp = k ** (-beta / 2)
+    amp[0, 0] = 0.0
+    spec = amp * (rng.standard_normal(amp.shape) + 1j * rng.standard_normal(amp.shape))
+    field = np.fft.irfft2(spec, s=(n_rows, n_cols))
+    return (field - field.mean()) / field.std()
+
+
+def _solar_angles(lat_deg, doy, hour):
+    """Solar zenith and azimuth (deg, azimuth clockwise from north) from latitude, day and local solar hour."""
+    lat = np.radians(lat_deg)
+    dec = np.radians(-23.44 * np.cos(2 * np.pi * (doy + 10) / 365))
+    ha = np.radians(15.0 * (hour - 12.0))
+    cos_z = np.sin(lat) * np.sin(dec) + np.cos(lat) * np.cos(dec) * np.cos(ha)
+    zen = np.arccos(np.clip(cos_z, -1, 1))
+    cos_a = (np.sin(dec) - np.sin(lat) * cos_z) / (np.cos(lat) * np.sin(zen) + 1e-9)
+    az = np.degrees(np.arccos(np.clip(cos_a, -1, 1)))
+    az = np.where(ha > 0, 360.0 - az, az)  # afternoon: sun in the west
+    return np.degrees(zen), az
+
+
+def generate_clouds(n_flights=5, frames_per_flight=12000, n_labelled=1000, seed=0):
+    """Synthetic ER-2 thermal-IR profiles of marine boundary-layer cloud, in the real files' schema.
+
+    Physics (simple, but with the dependencies that matter for CBH retrieval):
+    - per flight: sea-surface temperature T_s (285-300 K), boundary-layer lapse rate G (5.5-8 K/km), a CBH
+      regime (mean base 0.3-1.4 km) and a typical geometric thickness; flights differ, so predicting an
+      unseen flight is a real generalisation test;
+    - along the flight: smooth (autocorrelated over hundreds of frames) cloud base height in 0.1-2 km,
+      thickness and cloud fraction; cloud-top height z_top = base + thickness;
+    - across the 440 pixels: a fractal (power-law spectrum) field, correlated between neighbouring frames,
+      sets where cloud is (thresholded at the local cloud fraction) and its optical depth tau, which grows
+      with thickness (cloud cores opaque in the IR, edges thin);
+    - emissivity eps = 1 - exp(-0.75 tau); brightness temperature T_b = eps T_top + (1 - eps) T_s with
+      T_top = T_s - G z_top, so higher clouds are colder;
+    - raw signal = gain (T_b - 200 K) x vignetting (cross-track falloff) + offset + sensor noise;
+    - solar zenith/azimuth from the time of day along the flight (flights start 8-12 h local);
+    - labels: only where a nadir lidar would see the base (cloud present, nadir optical depth < 3), with
+      30 m noise (a short overcast flight with too few such frames gets its optically thinnest ones); ~n_labelled frames spread evenly along the flights (so ~60 frames apart: still
+      correlated neighbours).
+    Returns (unlabelled, labelled) dicts with images, metadata and (labelled only) cbh_km.
+    """
+    rng = np.random.default_rng(seed)
+    W, n = CLOUD_WIDTH, frames_per_flight
+    x = np.linspace(-1, 1, W)
+    vignette = 1.0 - 0.12 * x ** 2
+    imgs, metas, lab_idx, cbhs = [], [], [], []
+    for fl in range(n_flights):
+        t_s = rng.uniform(285, 300)
+        lapse = rng.uniform(5.5, 8.0)
+        base_mean = 0.3 + 1.1 * (fl + rng.uniform(0, 1)) / n_flights  # spread regimes across flights
+        thick_mean = rng.uniform(0.2, 0.5)
+        base = np.clip(base_mean + 0.3 * _smooth_noise(rng, n, 400), 0.1, 2.0)
+        thick = np.clip(thick_mean * np.exp(0.3 * _smooth_noise(rng, n, 300)), 0.05, 1.2)
+        cover = np.clip(0.65 + 0.2 * _smooth_noise(rng, n, 500), 0.15, 1.0)
+        z_top = base + thick
+        field = _fractal_field(rng, n, W)  # (n, W)
+        # cloud where the field exceeds the quantile that gives the local cloud fraction
+        thresh = np.sqrt(2) * _erfinv(1 - 2 * cover)  # Gaussian quantile of (1 - cover)
+        excess = np.clip(field - thresh[:, None], 0, None)
+        tau = 40.0 * thick[:, None] * (0.05 + excess) * (excess > 0)
+        eps = 1.0 - np.exp(-0.75 * tau)
+        t_top = t_s - lapse * z_top
+        t_b = eps * t_top[:, None] + (1 - eps) * t_s
+        gain, offset = rng.uniform(90, 110), rng.uniform(900, 1100)  # per-flight calibration
+        signal = gain * (t_b - 200.0) * vignette + offset + rng.normal(0, 15.0, (n, W))
+        hour = rng.uniform(8, 12) + 4.0 * np.arange(n) / n  # ~4 h of flight
+        sza, saa = _solar_angles(rng.uniform(25, 40), rng.uniform(150, 250), hour)
+        meta = np.stack([np.full(n, fl), np.arange(n), sza, saa], 1)
+        tau_nadir = tau[:, W // 2 - 5: W // 2 + 5].mean(1)
+        seen = np.flatnonzero((tau_nadir > 0.05) & (tau_nadir < 3.0))
+        if len(seen) < n_labelled // n_flights:  # short, overcast flights: take the thinnest cloudy frames
+            cloudy = np.flatnonzero(tau_nadir > 0.05)
+            seen = np.sort(cloudy[np.argsort(tau_nadir[cloudy], kind="stable")[:n_labelled // n_flights]])
+        k = min(len(seen), n_labelled // n_flights)
+        pick = seen[np.linspace(0, len(seen) - 1, k).round().astype(int)] if k > 0 else seen[:0]
+        lab_idx.append(pick + fl * n)
+        cbhs.append(base[pick] + rng.normal(0, 0.03, k))
+        imgs.append(signal.astype(np.float32))
+        metas.append(meta.astype(np.float32))
+    images, metadata = np.concatenate(imgs), np.concatenate(metas)
+    li = np.concatenate(lab_idx)
+    cbh = np.clip(np.concatenate(cbhs), 0.05, None).astype(np.float32)
+    return (dict(images=images, metadata=metadata),
+            dict(images=images[li], metadata=metadata[li], cbh_km=cbh))
+
+
+def _erfinv(y):
+    """Inverse error function (Giles 2010 single-precision approximation; numpy has none)."""
+    y = np.clip(y, -0.999999, 0.999999)
+    w = -np.log((1.0 - y) * (1.0 + y))
+    small = w < 5.0
+    ws, wl = w - 2.5, np.sqrt(np.maximum(w, 5.0)) - 3.0
+    ps = [2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
+          -0.00125372503, -0.00417768164, 0.246640727, 1.50140941]
+    pl = [-0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
+          -0.0076224613, 0.00943887047, 1.00167406, 2.83297682]
+    a, b = ps[0], pl[0]
+    for cs, cl in zip(ps[1:], pl[1:]):
+        a, b = cs + a * ws, cl + b * wl
+    return np.where(small, a, b) * y
+
+
+def default_cloud_paths():
+    """The embedded datasets' paths, generating them on first use (a few seconds)."""
+    unlab = os.path.join(DATA_DIR, "clouds_unlabelled.h5")
+    lab = os.path.join(DATA_DIR, "clouds_labelled.h5")
+    if not (os.path.isfile(unlab) and os.path.isfile(lab)):
+        print(f"generating the embedded cloud datasets in {DATA_DIR} (first run only)")
+        u, l = generate_clouds()
+        write_clouds(unlab, **u)
+        write_clouds(lab, **l)
+    return unlab, lab
+
+
+# ----------------------------------------------------------------------------------------------
+# clouds: splits, normalisation, batching, augmentation
+
+def split_blocked(flight, frame, n_blocks=5, test_block=0, gap=20):
+    """Within each flight (frames sorted in time) cut n_blocks contiguous blocks; test = block
+    `test_block` of every flight; train = the rest minus frames within `gap` frames of a test frame,
+    so correlated neighbours never straddle train and test."""
+    flight, frame = np.asarray(flight), np.asarray(frame)
+    train, test = [], []
+    for fl in np.unique(flight):
+        idx = np.flatnonzero(flight == fl)
+        idx = idx[np.argsort(frame[idx], kind="stable")]
+        blocks = np.array_split(idx, n_blocks)
+        t_idx = blocks[test_block]
+        if len(t_idx) == 0:
+            train.append(idx)
+            continue
+        lo, hi = frame[t_idx].min() - gap, frame[t_idx].max() + gap
+        keep = np.ones(len(idx), bool)
+        keep[np.isin(idx, t_idx)] = False
+        keep &= ~((frame[idx] >= lo) & (frame[idx] <= hi))
+        train.append(idx[keep])
+        test.append(t_idx)
+    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    return cat(train), cat(test)
+
+
+def split_lofo(flight):
+    """Leave one flight out: one (held_out_flight, train_idx, test_idx) per flight."""
+    flight = np.asarray(flight)
+    return [(int(fl), np.flatnonzero(flight != fl), np.flatnonzero(flight == fl))
+            for fl in np.unique(flight)]
+
+
+def split_random(n, n_folds=5, seed=0):
+    """Random K-fold over frames. Neighbouring frames leak between train and test: comparison only."""
+    perm = np.random.default_rng(seed).permutation(n)
+    folds = np.array_split(perm, n_folds)
+    return [(np.sort(np.concatenate(folds[:k] + folds[k + 1:])), np.sort(folds[k]))
+            for k in range(n_folds)]
+
+
+def norm_stats(images):
+    """Global mean/std of the training images. A single scalar pair (not per image) keeps absolute
+    brightness, which carries cloud-top temperature and hence height."""
+    images = np.asarray(images, np.float64)
+    return float(images.mean()), float(images.std() + 1e-6)
+
+
+def batch_indices(n, batch_size, shuffle, generator=None, drop_last=False):
+    """Index batches over n samples (CPU LongTensors). Pass a Generator you own to make shuffling
+    reproducible and resumable."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def augment_profiles(x, generator=None, flip=True, crop=True, jitter=True):
+    """Vectorised batch augmentation of normalised profiles x (B, W): horizontal flip (p=0.5),
+    random crop of 80-100% of the width resized back to W (linear interpolation), brightness and
+    contrast jitter +-30%."""
+    B, W = x.shape
+    dev = x.device
+    rand = lambda *s: torch.rand(*s, generator=generator, device=dev)
+    if flip:
+        x = torch.where(rand(B, 1) < 0.5, x.flip(1), x)
+    if crop:
+        frac = 0.8 + 0.2 * rand(B, 1)  # (B, 1) kept fraction of the width
+        start = (1 - frac) * rand(B, 1)  # (B, 1) left edge, as a fraction of W
+        pos = (start + frac * torch.linspace(0, 1, W, device=dev)) * (W - 1)  # (B, W) source coords
+        lo = pos.floor().long().clamp(0, W - 2)
+        w = pos - lo
+        x = torch.gather(x, 1, lo) * (1 - w) + torch.gather(x, 1, lo + 1) * w
+    if jitter:
+        contrast = 1 + 0.6 * (rand(B, 1) - 0.5)
+        brightness = 0.6 * (rand(B, 1) - 0.5)
+        mean = x.mean(1, keepdim=True)
+        x = (x - mean) * contrast + mean + brightness
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# fires: schema
+
+FIRE_CHANNELS = ("elevation_m", "slope_deg", "fuel_type", "fuel_density")
+
+
+def write_fire(path, fire, static, channels, wind):
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("fire", data=np.asarray(fire, np.uint8), compression="gzip", compression_opts=1)
+            s = f.create_dataset("static", data=np.asarray(static, np.float32))
+            s.attrs["channels"] = np.array(list(channels), dtype=h5py.string_dtype())
+            f.create_dataset("wind", data=np.asarray(wind, np.float32))
+    _atomic_write(path, write)
+
+
+def load_fire(path, max_sequences=0):
+    """Read and validate a fire-sequence file. Returns fire uint8 (S,T,H,W), static float32 (S,C,H,W),
+    channels (list of str), wind float32 (S,T,2) as numpy arrays."""
+    with _open_h5(path) as f:
+        d_fire = _read(f, path, "fire", "u", 4)
+        if d_fire.dtype != np.uint8:
+            raise DataError(f"{path}: dataset 'fire' has dtype {d_fire.dtype}, expected uint8")
+        d_static = _read(f, path, "static", "f", 4)
+        d_wind = _read(f, path, "wind", "f", 3)
+        S, T, H, W = d_fire.shape
+        if S == 0:
+            raise DataError(f"{path}: dataset 'fire' holds no sequences")
+        if T < 2:
+            raise DataError(f"{path}: dataset 'fire' has T={T} frames; at least 2 are needed for a sample")
+        if d_static.shape[0] != S or d_static.shape[2:] != (H, W):
+            raise DataError(f"{path}: dataset 'static' has shape {d_static.shape}, expected (S={S}, C, {H}, {W})"
+                            " to match 'fire'")
+        if d_wind.shape != (S, T, 2):
+            raise DataError(f"{path}: dataset 'wind' has shape {d_wind.shape}, expected ({S}, {T}, 2)")
+        channels = _attr_strings(path, d_static, "channels", "static")
+        if len(channels) != d_static.shape[1]:
+            raise DataError(f"{path}: dataset 'static' has {d_static.shape[1]} channels but "
+                            f"{len(channels)} channel names")
+        n = S if max_sequences <= 0 else min(S, max_sequences)
+        fire, static, wind = d_fire[:n], d_static[:n].astype(np.float32), d_wind[:n].astype(np.float32)
+    if fire.max() > 1:
+        raise DataError(f"{path}: dataset 'fire' is not binary (max value {fire.max()}, expected 0/1)")
+    _check_finite(path, "static", static)
+    _check_finite(path, "wind", wind)
+    if np.abs(wind).max() > MAX_WIND_MS:
+        raise DataError(f"{path}: dataset 'wind' has |u| or |v| up to {np.abs(wind).max():.3g} m/s "
+                        f"(limit {MAX_WIND_MS}); wrong units or fill values?")
+    return dict(fire=fire, static=static, channels=channels, wind=wind)
+
+
+# ----------------------------------------------------------------------------------------------
+# fires: embedded synthetic dataset
+
+# neighbour offsets (drow, dcol); row 0 is north, so a step (dr, dc) points east by dc and north by -dr
+_NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+
+
+def generate_fires(n_seq=300, size=64, n_frames=24, seed=0, max_wind=12.0, slope_coef=0.078):
+    """Synthetic fire-spread sequences from a stochastic cellular automaton after Alexandridis et al.
+    (2008). A burning cell ignites each unburned neighbour with probability
+        p = p_h (1 + p_veg) (1 + p_den) p_w p_s,
+        p_w = exp(c1 V) exp(c2 V (cos(theta) - 1))   theta: angle between wind and spread direction,
+        p_s = exp(slope_coef * slope_angle_deg)        slope_angle from the burning cell to the neighbour,
+    (diagonal steps use the distance sqrt(2) in the slope) with p_h = 0.58, c1 = 0.045, c2 = 0.131;
+    so fires run downwind and uphill. A cell burns for one CA step then is burned out; the stored mask
+    is cumulative (burning or burned). One CA step per frame.
+    Landscape per sequence: smooth random elevation (0-600 m relief, 30 m cells), slope from its gradient,
+    fuel type 1-3 (grass/shrub/forest, p_veg -0.3/0/0.4) in smooth patches, fuel density (p_den -0.4..0.3),
+    and non-burnable cells (fuel_type 0): a straight road and, in some sequences, a lake in a low area.
+    Wind per sequence: random direction and speed up to max_wind m/s, drifting (random walk) every frame.
+    Ignition: a 2x2 cell seed near the centre.
+    """
+    rng = np.random.default_rng(seed)
+    S, N, T = n_seq, size, n_frames
+    cell_m, p_h, c1, c2 = 30.0, 0.58, 0.045, 0.131
+    # landscape
+    elev = np.stack([_smooth_noise_2d(rng, N, N / 4) for _ in range(S)])  # (S, N, N)
+    relief = rng.uniform(50, 600, (S, 1, 1))
+    elev = (elev - elev.min((1, 2), keepdims=True)) / (np.ptp(elev, (1, 2), keepdims=True) + 1e-9) * relief
+    gy, gx = np.gradient(elev, cell_m, axis=(1, 2))
+    slope = np.degrees(np.arctan(np.hypot(gx, gy)))
+    fuel_type = 1 + np.digitize(np.stack([_smooth_noise_2d(rng, N, N / 8) for _ in range(S)]), [-0.5, 0.5])
+    density = np.clip(0.5 + 0.3 * np.stack([_smooth_noise_2d(rng, N, N / 8) for _ in range(S)]), 0, 1)
+    rr, cc = np.mgrid[0:N, 0:N]
+    for s in range(S):  # a straight road at a random angle, away from the ignition area
+        ang, off = rng.uniform(0, np.pi), rng.uniform(0.3, 0.45) * N * rng.choice([-1, 1])
+        dist = (cc - N / 2) * np.cos(ang) + (rr - N / 2) * np.sin(ang) - off
+        fuel_type[s][np.abs(dist) < 0.7] = 0
+        if rng.uniform() < 0.4:  # a lake in the lowest ground
+            fuel_type[s][elev[s] < np.quantile(elev[s], 0.06)] = 0
+    p_veg = np.array([0.0, -0.3, 0.0, 0.4])[fuel_type]
+    p_den = -0.4 + 0.7 * density
+    burnable = fuel_type > 0
+    base_p = p_h * (1 + p_veg) * (1 + p_den) * burnable  # (S, N, N)
+    # wind: direction and speed random walks, one value per frame
+    direction = rng.uniform(0, 2 * np.pi, (S, 1)) + np.cumsum(rng.normal(0, 0.12, (S, T)), 1)
+    speed = np.clip(rng.uniform(0, max_wind, (S, 1)) + np.cumsum(rng.normal(0, 0.4, (S, T)), 1), 0, max_wind)
+    wind = np.stack([speed * np.cos(direction), speed * np.sin(direction)], -1).astype(np.float32)  # (S,T,2)
+    # ignition
+    state = np.zeros((S, N, N), np.uint8)  # 0 unburned, 1 burning, 2 burned
+    cr, ccol = rng.integers(N // 2 - N // 8, N // 2 + N // 8, (2, S))
+    for s in range(S):
+        state[s, cr[s]:cr[s] + 2, ccol[s]:ccol[s] + 2] = 1
+    fire = np.zeros((S, T, N, N), np.uint8)
+    fire[:, 0] = state > 0
+    pad_e = np.pad(elev, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    for t in range(T - 1):
+        u, v = wind[:, t, 0][:, None, None], wind[:, t, 1][:, None, None]
+        V = np.hypot(u, v)
+        burning = np.pad(state == 1, ((0, 0), (1, 1), (1, 1)))
+        p_none = np.ones((S, N, N))
+        for dr, dc in _NEIGHBOURS:
+            # the neighbour that would ignite cell (i, j) sits at (i - dr, j - dc): spread direction (dr, dc)
+            src = burning[:, 1 - dr:1 - dr + N, 1 - dc:1 - dc + N]
+            dist = np.hypot(dr, dc)
+            cos_th = (u * dc + v * (-dr)) / (V * dist + 1e-9)
+            p_w = np.exp(c1 * V) * np.exp(c2 * V * (cos_th - 1))
+            rise = elev - pad_e[:, 1 - dr:1 - dr + N, 1 - dc:1 - dc + N]
+            p_s = np.exp(slope_coef * np.degrees(np.arctan(rise / (cell_m * dist))))
+            p = np.clip(base_p * p_w * p_s, 0, 1)
+            p_none *= 1 - p * src
+        ignite = (state == 0) & burnable & (rng.uniform(size=(S, N, N)) < 1 - p_none)
+        state[state == 1] = 2
+        state[ignite] = 1
+        fire[:, t + 1] = state > 0
+    static = np.stack([elev, slope, fuel_type, density], 1).astype(np.float32)
+    return dict(fire=fire, static=static, channels=list(FIRE_CHANNELS), wind=wind)
+
+
+def _smooth_noise_2d(rng, n, corr_len):
+    """(n, n) Gaussian-filtered white noise, unit std."""
+    f = np.fft.fftfreq(n)
+    filt = np.exp(-0.5 * ((f[:, None] ** 2 + f[None, :] ** 2) * (corr_len * 2 * np.pi) ** 2))
+    out = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((n, n))) * filt))
+    return (out - out.mean()) / (out.std() + 1e-12)
+
+
+def default_fire_path():
+    path = os.path.join(DATA_DIR, "fires.h5")
+    if not os.path.isfile(path):
+        print(f"generating the embedded fire dataset in {path} (first run only)")
+        write_fire(path, **generate_fires())
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# fires: splits and batching
+
+def split_sequences(n_seq, val_frac=0.2, seed=0):
+    """Split by whole sequences: frames of one fire never sit in both train and val."""
+    perm = np.random.default_rng(seed).permutation(n_seq)
+    n_val = max(1, int(round(val_frac * n_seq))) if n_seq > 1 else 0
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def fire_sample_index(seqs, n_frames):
+    """Every (sequence, t) pair with t in 0..T-2 (the target is frame t + 1)."""
+    seqs = torch.as_tensor(np.asarray(seqs), dtype=torch.long)
+    t = torch.arange(n_frames - 1)
+    return seqs.repeat_interleave(n_frames - 1), t.repeat(len(seqs))
+
+
+def fire_batch(fire, wind, s, t, K):
+    """Gather a batch by indexing tensors already on the device.
+    fire (S,T,H,W) uint8, wind (S,T,2); s, t (B,) long. Returns
+      hist (B,K,H,W) float: frames max(0,t-K+1)..t, RIGHT-padded (positions 0..L-1 real, oldest first,
+                            position L-1 = frame t, the rest zeros)
+      wind_hist (B,K,2) float, same layout; lengths (B,) long = L; target (B,H,W) float = fire[s, t+1]."""
+    s, t = s.to(fire.device), t.to(fire.device)
+    lengths = torch.clamp(t + 1, max=K)  # (B,)
+    pos = torch.arange(K, device=fire.device)[None]  # (1, K)
+    real = pos < lengths[:, None]  # (B, K)
+    frame = torch.where(real, t[:, None] - lengths[:, None] + 1 + pos, t[:, None])  # (B, K) valid index
+    hist = fire[s[:, None], frame].float() * real[:, :, None, None]
+    wind_hist = wind[s[:, None], frame].float() * real[:, :, None]
+    target = fire[s, t + 1].float()
+    return hist, wind_hist, lengths, target

@@ -1,0 +1,431 @@
+"""The test suite: `python -m pytest -q test_all.py`. Tiny configs only; no timings."""
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import data
+import losses
+
+torch.set_num_threads(1)
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+# ==============================================================================================
+# shared fixtures: tiny embedded-style datasets written in the real schemas
+
+@pytest.fixture(scope="session")
+def tiny_clouds(tmp_path_factory):
+    """(unlabelled_path, labelled_path) of a tiny cloud dataset: 3 flights x 400 frames."""
+    d = tmp_path_factory.mktemp("clouds")
+    u, l = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120, seed=1)
+    data.write_clouds(d / "unlab.h5", **u)
+    data.write_clouds(d / "lab.h5", **l)
+    return str(d / "unlab.h5"), str(d / "lab.h5")
+
+
+@pytest.fixture(scope="session")
+def tiny_fires(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fires") / "fires.h5"
+    data.write_fire(path, **data.generate_fires(n_seq=40, size=32, n_frames=12, seed=1))
+    return str(path)
+
+
+def run_script(*args, timeout=300):
+    """Run a stage script as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *words):
+    """Exit code 2, a single 'error:' line on stderr naming the problem, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+# ==============================================================================================
+# data.py: schemas and validation
+
+def test_cloud_schema_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.normal(1000, 50, (7, 440)).astype(np.float32)
+    meta = np.stack([np.zeros(7), np.arange(7), np.full(7, 30.0), np.full(7, 120.0)], 1)
+    cbh = rng.uniform(0.2, 1.5, 7).astype(np.float32)
+    data.write_clouds(tmp_path / "c.h5", images, meta, cbh)
+    with h5py.File(tmp_path / "c.h5") as f:  # the on-disk schema itself, as the real files have it
+        assert f["images"].dtype == np.float32 and f["images"].shape == (7, 440)
+        assert tuple(v.decode() if isinstance(v, bytes) else v for v in f["metadata"].attrs["columns"]) \
+            == data.CLOUD_COLUMNS
+    d = data.load_clouds(str(tmp_path / "c.h5"), labelled=True)
+    np.testing.assert_array_equal(d["images"], images)
+    np.testing.assert_array_equal(d["cbh_km"], cbh)
+    np.testing.assert_array_equal(d["frame"], np.arange(7))
+    assert d["flight"].dtype == np.int64 and (d["sza"] == 30).all()
+    assert len(data.load_clouds(str(tmp_path / "c.h5"), max_samples=3)["images"]) == 3
+
+
+def test_fire_schema_round_trip(tmp_path):
+    d = data.generate_fires(n_seq=3, size=16, n_frames=5, seed=0)
+    data.write_fire(tmp_path / "f.h5", **d)
+    r = data.load_fire(str(tmp_path / "f.h5"))
+    np.testing.assert_array_equal(r["fire"], d["fire"])
+    np.testing.assert_array_equal(r["static"], d["static"])
+    np.testing.assert_array_equal(r["wind"], d["wind"])
+    assert r["channels"] == list(data.FIRE_CHANNELS) and r["fire"].dtype == np.uint8
+
+
+def _write_h5(path, **datasets):
+    """Write raw datasets; a value (array, {attr: value}) also sets attributes."""
+    with h5py.File(path, "w") as f:
+        for name, v in datasets.items():
+            arr, attrs = v if isinstance(v, tuple) else (v, {})
+            ds = f.create_dataset(name, data=arr)
+            for k, a in attrs.items():
+                ds.attrs[k] = a
+
+
+def _good_clouds(n=5):
+    meta = np.stack([np.zeros(n), np.arange(n), np.full(n, 30.0), np.full(n, 100.0)], 1).astype(np.float32)
+    cols = {"columns": np.array(data.CLOUD_COLUMNS, dtype=h5py.string_dtype())}
+    return dict(images=np.ones((n, 440), np.float32), metadata=(meta, cols), cbh_km=np.ones(n, np.float32))
+
+
+def _with(base, **changes):
+    d = dict(base)
+    for k, v in changes.items():
+        if v is None:
+            d.pop(k)
+        else:
+            d[k] = v
+    return d
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(images=None), ["'images'", "missing"]),
+    (dict(images=np.ones((5, 440), np.int32)), ["'images'", "dtype"]),
+    (dict(images=np.ones((5, 440, 2), np.float32)), ["'images'", "dimensions"]),
+    (dict(images=np.full((5, 440), np.nan, np.float32)), ["'images'", "NaN"]),
+    (dict(metadata=np.ones((4, 4), np.float32)), ["'metadata'", "shape"]),
+    (dict(cbh_km=None), ["'cbh_km'", "missing"]),
+    (dict(cbh_km=np.array([1, 1, np.nan, 1, 1], np.float32)), ["'cbh_km'", "NaN"]),
+    (dict(cbh_km=np.array([1, -0.5, 1, 1, 1], np.float32)), ["'cbh_km'", "outside"]),
+    (dict(cbh_km=np.ones(3, np.float32)), ["'cbh_km'", "rows"]),
+])
+def test_bad_cloud_files_raise_named_errors(tmp_path, change, words):
+    path = str(tmp_path / "bad.h5")
+    _write_h5(path, **_with(_good_clouds(), **change))
+    with pytest.raises(data.DataError) as e:
+        data.load_clouds(path, labelled=True)
+    assert path in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_bad_cloud_paths_and_metadata(tmp_path):
+    with pytest.raises(data.DataError, match="not found"):
+        data.load_clouds(str(tmp_path / "nope.h5"))
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(data.DataError, match="not an HDF5 file"):
+        data.load_clouds(str(tmp_path / "text.h5"))
+    g = _good_clouds()
+    meta, _ = g["metadata"]
+    _write_h5(tmp_path / "nocols.h5", images=g["images"], metadata=meta)
+    with pytest.raises(data.DataError, match="columns"):
+        data.load_clouds(str(tmp_path / "nocols.h5"))
+    bad_angle = meta.copy()
+    bad_angle[0, 2] = 400
+    _write_h5(tmp_path / "angle.h5", images=g["images"], metadata=(bad_angle, g["metadata"][1]))
+    with pytest.raises(data.DataError, match="solar angles"):
+        data.load_clouds(str(tmp_path / "angle.h5"))
+    _write_h5(tmp_path / "empty.h5", images=np.ones((0, 440), np.float32),
+              metadata=(np.ones((0, 4), np.float32), g["metadata"][1]))
+    with pytest.raises(data.DataError, match="empty"):
+        data.load_clouds(str(tmp_path / "empty.h5"))
+
+
+def _good_fire(S=2, T=4, H=8, W=8):
+    chans = {"channels": np.array(["elevation_m", "fuel_type"], dtype=h5py.string_dtype())}
+    return dict(fire=np.zeros((S, T, H, W), np.uint8), static=(np.zeros((S, 2, H, W), np.float32), chans),
+                wind=np.zeros((S, T, 2), np.float32))
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(fire=np.zeros((2, 4, 8, 8), np.float32)), ["'fire'", "dtype"]),
+    (dict(fire=np.full((2, 4, 8, 8), 2, np.uint8)), ["'fire'", "binary"]),
+    (dict(fire=np.zeros((2, 1, 8, 8), np.uint8), wind=np.zeros((2, 1, 2), np.float32)), ["'fire'", "T=1"]),
+    (dict(static=(np.zeros((2, 2, 8, 9), np.float32),
+                  {"channels": np.array(["a", "b"], dtype=h5py.string_dtype())})), ["'static'", "shape"]),
+    (dict(static=np.zeros((2, 2, 8, 8), np.float32)), ["'static'", "channels"]),
+    (dict(wind=np.full((2, 4, 2), np.nan, np.float32)), ["'wind'", "NaN"]),
+    (dict(wind=np.full((2, 4, 2), 500, np.float32)), ["'wind'", "m/s"]),
+    (dict(wind=np.zeros((2, 3, 2), np.float32)), ["'wind'", "shape"]),
+    (dict(static=None), ["'static'", "missing"]),
+])
+def test_bad_fire_files_raise_named_errors(tmp_path, change, words):
+    path = str(tmp_path / "bad.h5")
+    _write_h5(path, **_with(_good_fire(), **change))
+    with pytest.raises(data.DataError) as e:
+        data.load_fire(path)
+    assert path in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_good_fire_file_loads(tmp_path):
+    _write_h5(tmp_path / "ok.h5", **_good_fire())
+    assert data.load_fire(str(tmp_path / "ok.h5"))["channels"] == ["elevation_m", "fuel_type"]
+
+
+def test_atomic_save_never_leaves_partial_files(tmp_path):
+    path = tmp_path / "ck" / "a.pth"
+    data.atomic_torch_save({"x": 1}, path)
+    with pytest.raises((TypeError, AttributeError)):  # an unpicklable object fails mid-write...
+        data.atomic_torch_save({"x": lambda: 0}, path)
+    assert data.load_checkpoint(str(path)) == {"x": 1}  # ...and the previous file is untouched
+    assert os.listdir(path.parent) == ["a.pth"]  # no temp files left behind
+    with pytest.raises(data.DataError, match="not found"):
+        data.load_checkpoint(str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_text("junk")
+    with pytest.raises(data.DataError, match="not a readable"):
+        data.load_checkpoint(str(tmp_path / "junk.pth"))
+
+
+# ==============================================================================================
+# data.py: synthetic generators
+
+def test_cloud_generator_deterministic_and_physical():
+    a_u, a_l = data.generate_clouds(n_flights=4, frames_per_flight=3000, n_labelled=400, seed=0)
+    b_u, b_l = data.generate_clouds(n_flights=4, frames_per_flight=3000, n_labelled=400, seed=0)
+    np.testing.assert_array_equal(a_u["images"], b_u["images"])
+    np.testing.assert_array_equal(a_l["cbh_km"], b_l["cbh_km"])
+    c_u, _ = data.generate_clouds(n_flights=4, frames_per_flight=3000, n_labelled=400, seed=1)
+    assert not np.array_equal(a_u["images"], c_u["images"])
+    assert a_u["images"].shape == (12000, 440) and a_u["images"].dtype == np.float32
+    cbh, img, flight = a_l["cbh_km"], a_l["images"], a_l["metadata"][:, 0]
+    assert 300 <= len(cbh) <= 400 and (cbh > 0).all() and (cbh < 2.2).all()
+    assert all((flight == f).sum() == 100 for f in range(4))  # every flight has lidar labels
+    # higher cloud -> colder top -> lower signal in the coldest pixel. Compared within each flight (surface
+    # temperature and calibration differ between flights) and pooled: a flight holds few independent
+    # cloud regimes, so one flight's correlation alone is noisy
+    big_u, big_l = data.generate_clouds(n_flights=8, frames_per_flight=2000, n_labelled=800, seed=0)
+    fl, cbh, coldest = big_l["metadata"][:, 0], big_l["cbh_km"], big_l["images"].min(1)
+    z = lambda v: np.concatenate([(v[fl == f] - v[fl == f].mean()) / v[fl == f].std() for f in range(8)])
+    assert np.corrcoef(z(cbh), z(coldest))[0, 1] < -0.4
+    # neighbouring frames strongly correlated, distant frames much less
+    im = a_u["images"][:3000] - a_u["images"][:3000].mean(0)  # anomalies: drop the shared vignetting
+    near = np.mean([np.corrcoef(im[i], im[i + 1])[0, 1] for i in range(0, 2900, 97)])
+    far = np.mean([np.corrcoef(im[i], im[(i + 1500) % 3000])[0, 1] for i in range(0, 2900, 97)])
+    assert near > 0.7 and far < 0.3, (near, far)
+    # flights differ (surface temperature, calibration, CBH regime)
+    fl = a_u["metadata"][:, 0]
+    means = [a_u["images"][fl == f].mean() for f in range(4)]
+    assert np.ptp(means) > 50
+    # solar angles are physical and vary smoothly in time
+    sza = a_u["metadata"][:, 2]
+    assert (sza >= 0).all() and (sza <= 90).all() and np.abs(np.diff(sza[:3000])).max() < 0.1
+
+
+def _centroid(m):
+    rr, cc = np.mgrid[0:m.shape[-2], 0:m.shape[-1]]
+    a = m.sum((-1, -2)) + 1e-9
+    return (m * cc).sum((-1, -2)) / a, (m * rr).sum((-1, -2)) / a
+
+
+def test_fire_generator_deterministic_monotone_downwind():
+    d = data.generate_fires(n_seq=60, size=48, n_frames=16, seed=5)
+    np.testing.assert_array_equal(d["fire"], data.generate_fires(n_seq=60, size=48, n_frames=16, seed=5)["fire"])
+    f = d["fire"]
+    assert set(np.unique(f)) <= {0, 1} and f[:, -1].sum() > f[:, 0].sum() * 20
+    assert (np.diff(f.astype(int), axis=1) >= 0).all()  # cumulative burned area never shrinks
+    # the fire front moves downwind: centroid displacement along the mean wind (east = +col, north = -row)
+    x0, y0 = _centroid(f[:, 0])
+    x1, y1 = _centroid(f[:, -1])
+    w = d["wind"].mean(1)
+    speed = np.hypot(w[:, 0], w[:, 1])
+    along = ((x1 - x0) * w[:, 0] - (y1 - y0) * w[:, 1]) / (speed + 1e-9)
+    across = np.abs((x1 - x0) * w[:, 1] + (y1 - y0) * w[:, 0]) / (speed + 1e-9)
+    strong = speed > 6
+    assert strong.sum() >= 10
+    assert along[strong].mean() > 3 and along[strong].mean() > 1.5 * across[strong].mean()
+    # and it reaches farther downwind than upwind of the ignition point
+    rr, cc = np.mgrid[0:48, 0:48]
+    down, up = [], []
+    for s in np.flatnonzero(strong):
+        m = f[s, -1].astype(bool)
+        proj = ((cc[m] - x0[s]) * w[s, 0] - (rr[m] - y0[s]) * w[s, 1]) / speed[s]
+        down.append(proj.max())
+        up.append(-proj.min())
+    assert np.mean(down) > 1.5 * np.mean(up), (np.mean(down), np.mean(up))
+
+
+def test_fire_climbs_uphill():
+    """Without wind, the slope term biases spread uphill: burned cells sit higher than with slope_coef=0."""
+    def mean_rise(slope_coef):
+        d = data.generate_fires(n_seq=40, size=48, n_frames=14, seed=7, max_wind=0.0, slope_coef=slope_coef)
+        elev, f = d["static"][:, 0], d["fire"]
+        start = (elev * f[:, 0]).sum((1, 2)) / f[:, 0].sum((1, 2))
+        new = f[:, -1] & ~f[:, 0]
+        return ((elev * new).sum((1, 2)) / np.maximum(new.sum((1, 2)), 1) - start).mean()
+    assert mean_rise(0.078) > mean_rise(0.0) + 5  # metres
+
+
+def test_default_datasets_use_real_schema(monkeypatch, tmp_path):
+    """The embedded default is generated once into DATA_DIR and read back by the validating readers."""
+    real = data.generate_clouds
+    monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(data, "generate_clouds", lambda: real(n_flights=2, frames_per_flight=300, n_labelled=40))
+    u, l = data.default_cloud_paths()
+    assert os.path.dirname(u) == str(tmp_path)
+    assert len(data.load_clouds(u)["images"]) == 600
+    assert len(data.load_clouds(l, labelled=True)["cbh_km"]) > 0
+    mtime = os.path.getmtime(u)
+    data.default_cloud_paths()  # cached: not regenerated
+    assert os.path.getmtime(u) == mtime
+
+
+# ==============================================================================================
+# data.py: splits and batching
+
+def test_split_blocked_leaves_gap_and_lofo_separates_flights():
+    flight = np.repeat([0, 1, 2], 100)
+    frame = np.tile(np.arange(100), 3)
+    for k in range(5):
+        tr, te = data.split_blocked(flight, frame, n_blocks=5, test_block=k, gap=7)
+        assert len(np.intersect1d(tr, te)) == 0 and len(te) == 60
+        for f in range(3):
+            te_f, tr_f = frame[te][flight[te] == f], frame[tr][flight[tr] == f]
+            dist = np.abs(tr_f[:, None] - te_f[None, :]).min(1)
+            assert dist.min() > 7  # nothing within the gap
+        assert len(tr) == 300 - 60 - 3 * (14 if k in (1, 2, 3) else 7)  # the gap is exactly what is cut
+    folds = data.split_lofo(flight)
+    assert [f[0] for f in folds] == [0, 1, 2]
+    for held, tr, te in folds:
+        assert set(flight[te]) == {held} and held not in set(flight[tr]) and len(tr) + len(te) == 300
+    rnd = data.split_random(50, n_folds=5, seed=0)
+    assert sorted(np.concatenate([te for _, te in rnd]).tolist()) == list(range(50))
+
+
+def test_batch_indices_and_norm_stats():
+    g = torch.Generator().manual_seed(0)
+    b = data.batch_indices(10, 4, shuffle=True, generator=g)
+    assert [len(x) for x in b] == [4, 4, 2] and sorted(torch.cat(b).tolist()) == list(range(10))
+    assert [len(x) for x in data.batch_indices(10, 4, shuffle=False, drop_last=True)] == [4, 4]
+    m, s = data.norm_stats(np.array([[1.0, 3.0], [1.0, 3.0]]))
+    assert m == pytest.approx(2.0) and s == pytest.approx(1.0, abs=1e-5)
+
+
+def test_augment_profiles():
+    x = torch.randn(64, 440)
+    assert torch.equal(data.augment_profiles(x, flip=False, crop=False, jitter=False), x)
+    g = torch.Generator().manual_seed(0)
+    y = data.augment_profiles(x, generator=g, flip=True, crop=False, jitter=False)
+    flipped = (y == x.flip(1)).all(1)
+    assert torch.equal(y[~flipped], x[~flipped]) and 10 < flipped.sum() < 54  # about half flipped
+    ramp = torch.linspace(0, 1, 440).repeat(32, 1)
+    c = data.augment_profiles(ramp, generator=g, flip=False, crop=True, jitter=False)
+    span = c[:, -1] - c[:, 0]  # a crop keeps 80-100% of the ramp, resized back to 440 px
+    assert c.shape == ramp.shape and (span > 0.79).all() and (span <= 1.0 + 1e-6).all() and (span < 0.99).any()
+    assert torch.all(torch.diff(c, dim=1) >= -1e-6)  # linear interpolation keeps it monotone
+    j = data.augment_profiles(x, generator=g, flip=False, crop=False, jitter=True)
+    ratio = j.std(1) / x.std(1)
+    assert (ratio > 0.69).all() and (ratio < 1.31).all() and ratio.std() > 0.05
+
+
+def test_fire_batch_right_pads_history():
+    S, T, H, W = 2, 6, 3, 3
+    fire = torch.zeros(S, T, H, W, dtype=torch.uint8)
+    for t in range(T):
+        fire[:, t, 0, :t % 4] = 1  # frame t has t % 4 burning cells in row 0
+    fire[1] = 1
+    wind = torch.arange(S * T * 2, dtype=torch.float32).reshape(S, T, 2)
+    hist, wh, L, target = data.fire_batch(fire, wind, torch.tensor([0, 0, 1]), torch.tensor([0, 4, 2]), K=3)
+    assert hist.shape == (3, 3, H, W) and wh.shape == (3, 3, 2) and target.shape == (3, H, W)
+    assert L.tolist() == [1, 3, 3]
+    assert hist[0].sum((1, 2)).tolist() == [0, 0, 0] and (wh[0, 1:] == 0).all() and wh[0, 0].tolist() == [0, 1]
+    assert hist[1].sum((1, 2)).tolist() == [2, 3, 0]  # frames 2, 3, 4 oldest first
+    assert wh[1, :, 0].tolist() == [4, 6, 8]
+    assert torch.equal(target[1], fire[0, 5].float())
+    s, t = data.fire_sample_index([3, 5], n_frames=4)
+    assert s.tolist() == [3, 3, 3, 5, 5, 5] and t.tolist() == [0, 1, 2, 0, 1, 2]
+    tr, va = data.split_sequences(10, val_frac=0.3, seed=0)
+    assert len(va) == 3 and len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == 10
+
+
+# ==============================================================================================
+# losses.py
+
+def test_masked_mse_counts_only_masked_patches():
+    pred = torch.tensor([[[1.0, 1.0], [3.0, 3.0]]])  # (B=1, N=2, P=2)
+    target = torch.zeros(1, 2, 2)
+    assert losses.masked_mse(pred, target, torch.tensor([[0.0, 1.0]])).item() == pytest.approx(9.0)
+    assert losses.masked_mse(pred, target, torch.tensor([[1.0, 0.0]])).item() == pytest.approx(1.0)
+    assert losses.masked_mse(pred, target, torch.tensor([[1.0, 1.0]])).item() == pytest.approx(5.0)
+    assert losses.masked_mse(pred, target, torch.zeros(1, 2)).item() == 0.0  # empty mask
+    # norm_pix: target [0, 2] -> [-1, 1]
+    t = torch.tensor([[[0.0, 2.0]]])
+    p = torch.tensor([[[-1.0, 1.0]]])
+    assert losses.masked_mse(p, t, torch.ones(1, 1), norm_pix=True).item() == pytest.approx(0.0, abs=1e-5)
+    assert losses.masked_mse(p, t, torch.ones(1, 1), norm_pix=False).item() == pytest.approx(1.0)
+
+
+def test_bce_dice_hand_values():
+    logits = torch.tensor([[[0.0, 0.0]]])  # p = 0.5 everywhere
+    target = torch.tensor([[[1.0, 0.0]]])
+    loss, bce, dice = losses.bce_dice_loss(logits, target, smooth=0.0)
+    assert bce.item() == pytest.approx(np.log(2))
+    assert dice.item() == pytest.approx(1 - 2 * 0.5 / (1.0 + 1.0))
+    assert loss.item() == pytest.approx(0.5 * np.log(2) + 0.5 * 0.5)
+    # weights, and BCE positive-class weight: only the positive pixel's term is scaled
+    loss2, bce2, _ = losses.bce_dice_loss(logits, target, bce_weight=1.0, dice_weight=0.0, pos_weight=3.0)
+    assert bce2.item() == pytest.approx((3 * np.log(2) + np.log(2)) / 2) and loss2.item() == pytest.approx(bce2.item())
+    # empty target and (near) empty prediction: Dice loss ~0, not 0/0
+    _, _, d_empty = losses.bce_dice_loss(torch.full((2, 4, 4), -30.0), torch.zeros(2, 4, 4))
+    assert d_empty.item() == pytest.approx(0.0, abs=1e-6)
+    # all correct vs all wrong
+    t = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    _, b_ok, d_ok = losses.bce_dice_loss((t * 2 - 1) * 30, t)
+    _, b_bad, d_bad = losses.bce_dice_loss((1 - 2 * t) * 30, t)
+    assert b_ok.item() < 1e-6 and d_ok.item() < 1e-6 and b_bad.item() > 20 and d_bad.item() > 0.6
+
+
+def test_regression_metrics_hand_values():
+    m = losses.regression_metrics([1.0, 2.0, 3.0], [1.0, 2.0, 5.0])
+    # SS_res = 4, SS_tot = 8 + 2/3 ... mean(true) = 8/3
+    ss_tot = sum((v - 8 / 3) ** 2 for v in [1, 2, 5])
+    assert m["r2"] == pytest.approx(1 - 4 / ss_tot)
+    assert m["mae"] == pytest.approx(2 / 3) and m["rmse"] == pytest.approx(np.sqrt(4 / 3))
+    assert losses.regression_metrics([1, 2], [1, 2])["r2"] == 1.0
+    assert np.isnan(losses.regression_metrics([1, 2], [3, 3])["r2"])
+
+
+def test_seg_metrics_edge_cases_and_accumulation():
+    p = torch.tensor([1, 1, 0, 0, 1], dtype=torch.bool)
+    t = torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool)
+    c = losses.confusion_counts(p, t)
+    assert c.tolist() == [2, 1, 1, 1]
+    m = losses.seg_metrics(c)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3) and m["iou"] == pytest.approx(0.5) and m["accuracy"] == pytest.approx(0.6)
+    # mask restricts the counted pixels
+    assert losses.confusion_counts(p, t, mask=torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)).tolist() == [1, 1, 0, 0]
+    # empty: nothing to find and nothing found is perfect
+    z = torch.zeros(4, dtype=torch.bool)
+    assert losses.seg_metrics(losses.confusion_counts(z, z)) == dict(precision=1.0, recall=1.0, f1=1.0, iou=1.0,
+                                                                     accuracy=1.0)
+    # all wrong
+    o = torch.ones(4, dtype=torch.bool)
+    assert losses.seg_metrics(losses.confusion_counts(o, z)) == dict(precision=0.0, recall=0.0, f1=0.0, iou=0.0,
+                                                                     accuracy=0.0)
+    assert losses.seg_metrics(losses.confusion_counts(z, o))["precision"] == 0.0
+    # summing counts over batches equals counting the whole epoch at once
+    g = torch.Generator().manual_seed(0)
+    P, T = torch.rand(6, 8, 8, generator=g) > 0.5, torch.rand(6, 8, 8, generator=g) > 0.7
+    total = sum(losses.confusion_counts(P[i:i + 2], T[i:i + 2]) for i in range(0, 6, 2))
+    assert torch.equal(total, losses.confusion_counts(P, T))
