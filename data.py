@@ -20,6 +20,7 @@ DATA_DIR = os.path.join(REPO_DIR, "data")
 CLOUD_COLUMNS = ("flight_idx", "frame_idx", "sza", "saa")
 CLOUD_WIDTH = 440
 MAX_CBH_KM = 20.0  # physical bound for a cloud base; anything above is a unit or fill-value error
+CLOUD_VERSION, FIRE_VERSION = 1, 1  # bump when a generator changes, so a stale cached file is not reused
 MAX_WIND_MS = 100.0  # no surface wind exceeds this; larger values are fill values or wrong units
 
 
@@ -213,7 +214,8 @@ def generate_clouds(n_flights=5, frames_per_flight=12000, n_labelled=1000, seed=
       with thickness (cloud cores opaque in the IR, edges thin);
     - emissivity eps = 1 - exp(-0.75 tau); brightness temperature T_b = eps T_top + (1 - eps) T_s with
       T_top = T_s - G z_top, so higher clouds are colder;
-    - raw signal = gain (T_b - 200 K) x vignetting (cross-track falloff) + offset + sensor noise;
+    - raw signal = 100 counts/K x (T_b - 200 K) x vignetting (cross-track falloff) + 1000 + sensor noise,
+      one camera calibration for every flight (so absolute brightness means the same thing everywhere);
     - solar zenith/azimuth from the time of day along the flight (flights start 8-12 h local);
     - labels: only where a nadir lidar would see the base (cloud present, nadir optical depth < 3), with
       30 m noise (a short overcast flight with too few such frames gets its optically thinnest ones); ~n_labelled frames spread evenly along the flights (so ~60 frames apart: still
@@ -223,12 +225,12 @@ def generate_clouds(n_flights=5, frames_per_flight=12000, n_labelled=1000, seed=
     rng = np.random.default_rng(seed)
     W, n = CLOUD_WIDTH, frames_per_flight
     x = np.linspace(-1, 1, W)
-    vignette = 1.0 - 0.12 * x ** 2
+    vignette = 1.0 - 0.04 * x ** 2  # a few percent cross-track falloff
     imgs, metas, lab_idx, cbhs = [], [], [], []
     for fl in range(n_flights):
-        t_s = rng.uniform(285, 300)
-        lapse = rng.uniform(5.5, 8.0)
-        base_mean = 0.3 + 1.1 * (fl + rng.uniform(0, 1)) / n_flights  # spread regimes across flights
+        t_s = rng.uniform(288, 296)
+        lapse = rng.uniform(6.0, 7.5)
+        base_mean = rng.uniform(0.4, 1.2)
         thick_mean = rng.uniform(0.2, 0.5)
         base = np.clip(base_mean + 0.3 * _smooth_noise(rng, n, 400), 0.1, 2.0)
         thick = np.clip(thick_mean * np.exp(0.3 * _smooth_noise(rng, n, 300)), 0.05, 1.2)
@@ -242,8 +244,7 @@ def generate_clouds(n_flights=5, frames_per_flight=12000, n_labelled=1000, seed=
         eps = 1.0 - np.exp(-0.75 * tau)
         t_top = t_s - lapse * z_top
         t_b = eps * t_top[:, None] + (1 - eps) * t_s
-        gain, offset = rng.uniform(90, 110), rng.uniform(900, 1100)  # per-flight calibration
-        signal = gain * (t_b - 200.0) * vignette + offset + rng.normal(0, 15.0, (n, W))
+        signal = 100.0 * (t_b - 200.0) * vignette + 1000.0 + rng.normal(0, 15.0, (n, W))
         hour = rng.uniform(8, 12) + 4.0 * np.arange(n) / n  # ~4 h of flight
         sza, saa = _solar_angles(rng.uniform(25, 40), rng.uniform(150, 250), hour)
         meta = np.stack([np.full(n, fl), np.arange(n), sza, saa], 1)
@@ -283,8 +284,8 @@ def _erfinv(y):
 
 def default_cloud_paths():
     """The embedded datasets' paths, generating them on first use (a few seconds)."""
-    unlab = os.path.join(DATA_DIR, "clouds_unlabelled.h5")
-    lab = os.path.join(DATA_DIR, "clouds_labelled.h5")
+    unlab = os.path.join(DATA_DIR, f"clouds_unlabelled_v{CLOUD_VERSION}.h5")
+    lab = os.path.join(DATA_DIR, f"clouds_labelled_v{CLOUD_VERSION}.h5")
     if not (os.path.isfile(unlab) and os.path.isfile(lab)):
         print(f"generating the embedded cloud datasets in {DATA_DIR} (first run only)")
         u, l = generate_clouds()
@@ -513,7 +514,7 @@ def _smooth_noise_2d(rng, n, corr_len):
 
 
 def default_fire_path():
-    path = os.path.join(DATA_DIR, "fires.h5")
+    path = os.path.join(DATA_DIR, f"fires_v{FIRE_VERSION}.h5")
     if not os.path.isfile(path):
         print(f"generating the embedded fire dataset in {path} (first run only)")
         write_fire(path, **generate_fires())
