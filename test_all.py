@@ -1,5 +1,8 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny configs only; no timings."""
+import csv
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +13,7 @@ import torch
 
 import data
 import losses
+import mae
 
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -429,3 +433,195 @@ def test_seg_metrics_edge_cases_and_accumulation():
     P, T = torch.rand(6, 8, 8, generator=g) > 0.5, torch.rand(6, 8, 8, generator=g) > 0.7
     total = sum(losses.confusion_counts(P[i:i + 2], T[i:i + 2]) for i in range(0, 6, 2))
     assert torch.equal(total, losses.confusion_counts(P, T))
+
+
+# ==============================================================================================
+# mae.py: masked-autoencoder pre-training
+
+MAE_TINY = ["--model_size", "tiny", "--batch_size", "32", "--lr", "2e-3", "--warmup_epochs", "1",
+        "--num_threads", "1", "--n_plot", "2"]
+
+
+def read_log(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def mae_run4(tiny_clouds, tmp_path_factory):
+    """An uninterrupted 4-epoch tiny run, shared by the tests below."""
+    out = str(tmp_path_factory.mktemp("mae_run4"))
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2", *MAE_TINY)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_mae_shapes_and_param_counts():
+    x = torch.randn(5, 440)
+    for size, n_params, n_enc, n_patch, patch, dim in [("tiny", 662_036, 600_832, 22, 20, 128),
+                                                      ("small", 2_035_408, 1_788_672, 27, 16, 192)]:
+        m = mae.MAE(**mae.model_config(dict(model_size=size), 440))
+        assert sum(p.numel() for p in m.parameters()) == n_params
+        assert sum(p.numel() for p in m.encoder.parameters()) == n_enc
+        n_keep = int(n_patch * 0.25)
+        latent, mask, ids_restore = m.encoder(x, 0.75, torch.Generator().manual_seed(0))
+        assert latent.shape == (5, 1 + n_keep, dim) and mask.shape == ids_restore.shape == (5, n_patch)
+        assert (mask.sum(1) == n_patch - n_keep).all()
+        pred, mask = m(x, 0.75)
+        assert pred.shape == (5, n_patch, patch)
+        assert m.encoder.features(x).shape == (5, dim)
+        assert m.encoder.patchify(x).shape == (5, n_patch, patch)
+
+
+@pytest.mark.parametrize("size", ["tiny", "small"])
+def test_mae_masked_content_cannot_influence_prediction(size):
+    torch.manual_seed(0)
+    m = mae.MAE(**mae.MODEL_SIZES[size]).eval()
+    x = torch.randn(4, 440)
+    latent, mask, _ = m.encoder(x, 0.75, torch.Generator().manual_seed(7))
+    pred, _ = m(x, 0.75, torch.Generator().manual_seed(7))
+    enc = m.encoder
+    x2 = x.clone()
+    hidden = enc.patchify(x2)  # a view into x2's pixels
+    hidden[mask.bool()] = 100 * torch.randn_like(hidden[mask.bool()])  # scramble every masked patch
+    x2[:, :enc.crop] = 55.0  # and the pixels cropped away (small: 4 on each side)
+    x2[:, enc.crop + enc.num_patches * enc.patch_size:] = -55.0
+    assert not torch.equal(x, x2)
+    latent2, mask2, _ = m.encoder(x2, 0.75, torch.Generator().manual_seed(7))
+    pred2, _ = m(x2, 0.75, torch.Generator().manual_seed(7))
+    assert torch.equal(mask, mask2) and torch.equal(latent, latent2) and torch.equal(pred, pred2)
+    # a visible pixel does change them (so the test above can fail)
+    x3 = x.clone()
+    enc.patchify(x3)[~mask.bool()] += 1.0
+    assert not torch.equal(latent, m.encoder(x3, 0.75, torch.Generator().manual_seed(7))[0])
+
+
+def test_mae_loss_counts_only_masked_patches():
+    torch.manual_seed(0)
+    m = mae.MAE(**mae.MODEL_SIZES["tiny"])
+    x = torch.randn(4, 440)
+    with torch.no_grad():
+        pred, mask = m(x, 0.75)
+    target = m.encoder.patchify(x)
+    for norm_pix in (False, True):
+        loss = losses.masked_mse(pred, target, mask, norm_pix)
+        vis = ~mask.bool()
+        p2 = pred.clone()
+        p2[vis] += 10.0
+        assert torch.equal(losses.masked_mse(p2, target, mask, norm_pix), loss)
+        p3 = pred.clone()
+        p3[~vis] += 10.0
+        assert losses.masked_mse(p3, target, mask, norm_pix) > loss
+
+
+def test_mae_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    m = mae.MAE(**mae.MODEL_SIZES["tiny"])
+    x = torch.randn(16, 440)  # 16 samples: every patch position is visible in some of them
+    pred, mask = m(x, 0.75, torch.Generator().manual_seed(0))
+    losses.masked_mse(pred, m.encoder.patchify(x), mask).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_mae_optimizer_groups_exclude_norms_biases_embeddings():
+    m = mae.MAE(**mae.MODEL_SIZES["tiny"])
+    cfg = dict(mae.parse_args([]))
+    opt = mae.make_optimizer(m, cfg, torch.device("cpu"))
+    names = {id(p): n for n, p in m.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    plain = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert {"encoder.pos_embed", "encoder.cls_token", "mask_token", "dec_pos_embed"} <= plain
+    assert all(n.endswith("weight") and "ln" not in n and "norm" not in n for n in decayed)
+    assert len(decayed) + len(plain) == len(names)
+
+
+def test_mae_lr_schedule():
+    cfg = dict(lr=1e-3, min_lr=1e-5, warmup_epochs=2, epochs=10)
+    lrs = [mae.get_lr(s, cfg, 5) for s in range(50)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] > 1e-5
+
+
+def test_mae_tiny_run_loss_falls_and_writes_outputs(mae_run4):
+    rows = read_log(os.path.join(mae_run4, "log.csv"))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert float(rows[-1]["train_loss"]) < 0.8 * float(rows[0]["train_loss"])
+    assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
+    for f in ["mae_encoder_pretrained.pth", "checkpoints/best.pth", "checkpoints/latest.pth",
+              "checkpoints/epoch_002.pth", "checkpoints/epoch_004.pth", "plots/loss.png",
+              "plots/recon_epoch_001.png", "plots/recon_epoch_004.png"]:
+        assert os.path.isfile(os.path.join(mae_run4, f)), f
+    ck = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/latest.pth"))
+    assert ck["epoch"] == 4 and ck["bad_epochs"] >= 0 and "rng" in ck and "optimizer" in ck
+
+
+def test_mae_exact_resume(mae_run4, tiny_clouds, tmp_path):
+    # the on-disk state of the same run stopped after epoch 2: its checkpoint and the first two log rows
+    out = tmp_path / "resumed"
+    os.makedirs(out / "checkpoints")
+    shutil.copy(os.path.join(mae_run4, "checkpoints/epoch_002.pth"), out / "checkpoints/latest.pth")
+    with open(os.path.join(mae_run4, "log.csv")) as f:
+        lines = f.readlines()
+    (out / "log.csv").write_text("".join(lines[:3]))
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", str(out), "--epochs", "4", "--save_every", "2", *MAE_TINY,
+                "--resume", str(out / "checkpoints/latest.pth"))
+    assert r.returncode == 0, r.stderr
+    full, resumed = read_log(os.path.join(mae_run4, "log.csv")), read_log(out / "log.csv")
+    assert [int(r["epoch"]) for r in resumed] == [1, 2, 3, 4]  # header once, rows appended
+    for a, b in zip(full, resumed):
+        assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
+    ck_a = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/latest.pth"))
+    ck_b = data.load_checkpoint(out / "checkpoints/latest.pth")
+    assert all(torch.equal(ck_a["model"][k], ck_b["model"][k]) for k in ck_a["model"])
+
+
+def test_mae_export_and_reload_encoder(mae_run4, tmp_path):
+    enc, meta = mae.load_encoder(os.path.join(mae_run4, "mae_encoder_pretrained.pth"))
+    ck = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/best.pth"))
+    m = mae.MAE(**ck["model_config"])
+    m.load_state_dict(ck["model"])
+    x = torch.randn(3, 440)
+    assert torch.equal(enc.eval().features(x), m.encoder.eval().features(x))
+    assert meta["config"] == mae.encoder_config(ck["model_config"]) and meta["config"]["width"] == 440
+    assert meta["norm_mean"] == ck["norm_mean"] and meta["norm_std"] == ck["norm_std"] > 0
+    assert len(enc.blocks) == 3 and enc.embed_dim == 128 and enc.num_patches == 22 and enc.patch_size == 20
+    with pytest.raises(data.DataError, match="python mae.py"):
+        mae.load_encoder(str(tmp_path / "missing.pth"))
+    with pytest.raises(data.DataError, match="not an exported MAE encoder"):
+        mae.load_encoder(os.path.join(mae_run4, "checkpoints/latest.pth"))
+
+
+def test_mae_bad_inputs_give_one_line_error(tiny_clouds, tmp_path):
+    junk = tmp_path / "junk.h5"
+    junk.write_text("this is not HDF5\n")
+    cases = [(["--data_path", str(tmp_path / "missing.h5")], "not found"),
+             (["--data_path", str(junk)], "not an HDF5 file"),
+             (["--data_path", str(junk), "--model_size", "huge"], "--model_size"),
+             (["--data_path", tiny_clouds[0], "--resume", str(tmp_path / "nope.pth")], "nope.pth")]
+    for i, (flags, words) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        r = run_script("mae.py", "--out_dir", str(out), "--epochs", "1", *MAE_TINY, *flags)  # flags last: they win
+        assert_one_line_error(r, words)
+        assert not out.exists()  # nothing written on bad input
+
+
+def test_mae_help_lists_every_constant():
+    src = open(os.path.join(REPO, "mae.py")).read()
+    block = src.split("# --- config ---\n")[1].split("# --- end config ---")[0]
+    consts = re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M)
+    names = [c[0] for c in consts]
+    assert len(consts) == len(re.findall(r"^\w+ = ", block, re.M)) >= 30  # every line follows the pattern
+    assert {"mask_ratio", "model_size", "norm_pix_loss", "augment", "patience"} <= set(names)
+    r = run_script("mae.py", "-h")
+    assert r.returncode == 0
+    text = "".join(r.stdout.split())  # undo argparse's line wrapping (it also breaks at hyphens)
+    for name, _, comment in consts:
+        assert f"--{name}" in text and "".join(comment.split()) in text, name
+    assert "(default:0.75)" in text
+
+
+def test_mae_import_runs_no_training(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import mae"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == ""

@@ -1,0 +1,564 @@
+"""
+Masked-autoencoder (MAE, He et al. 2022) pre-training on 1D cloud IR profiles.
+
+Each 440-px cross-track profile is cut into patches; 75% of the patches are hidden, the encoder sees only
+the visible ones, and a light decoder reconstructs the hidden pixels. The encoder is exported to
+mae_encoder_pretrained.pth for finetune_cbh.py (which imports Encoder / load_encoder from here).
+
+    python mae.py                                  # embedded synthetic data, small model, 100 epochs
+    python mae.py --data_path my_profiles.h5 --epochs 50 --model_size tiny
+    python mae.py --resume outputs/mae_pretrain/checkpoints/latest.pth   # continue exactly
+
+Every constant below is also a command-line flag (`python mae.py -h`).
+"""
+import argparse
+import contextlib
+import csv
+import math
+import os
+import random
+import re
+import sys
+import time
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+import losses
+
+# --- config ---
+data_path = ''  # unlabelled cloud-profile HDF5 file ('' = the embedded synthetic dataset)
+out_dir = 'outputs/mae_pretrain'  # checkpoints/, plots/, log.csv and the exported encoder go here
+epochs = 100  # training epochs; the cosine schedule spans all of them
+batch_size = 64  # profiles per step; if you change it, scale lr linearly (lr = 1e-3 * batch_size / 64)
+lr = 1e-3  # peak AdamW learning rate (for batch_size 64), reached after warmup_epochs
+min_lr = 1e-5  # learning rate at the end of the cosine decay
+warmup_epochs = 5  # linear warmup from 0 to lr over this many epochs
+weight_decay = 0.05  # AdamW weight decay (not on biases, norms, position embeddings, cls/mask tokens)
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.95  # AdamW beta2 (0.95 as in MAE: steadier than 0.999 at a high learning rate)
+grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
+patience = 20  # early stopping: stop after this many epochs without a lower val loss
+model_size = 'small'  # tiny | small (~2.0M params) | custom (the numbers below)
+embed_dim = 192  # custom only: encoder width
+depth = 4  # custom only: encoder blocks
+num_heads = 3  # custom only: encoder attention heads (must divide embed_dim)
+dec_dim = 96  # custom only: decoder width
+dec_depth = 2  # custom only: decoder blocks
+dec_heads = 3  # custom only: decoder attention heads (must divide dec_dim)
+patch_size = 16  # custom only: pixels per patch (the profile is centre-cropped to a multiple of it)
+mlp_ratio = 4.0  # custom only: MLP hidden width / model width
+mask_ratio = 0.75  # fraction of patches hidden from the encoder
+norm_pix_loss = False  # regress per-patch normalised pixels (MAE's option; drops absolute brightness)
+augment = True  # master switch for the three augmentations below
+aug_flip = True  # flip the profile left-right with probability 0.5
+aug_crop = True  # random crop of 80-100% of the width, resized back to full width
+aug_jitter = True  # brightness and contrast jitter +-30%
+val_blocks = 10  # val split: each flight cut into this many contiguous time blocks, the last one is val
+val_gap = 20  # frames next to the val block dropped from train (neighbouring frames are near-copies)
+save_every = 10  # also keep checkpoints/epoch_NNN.pth every this many epochs (0 = never)
+plot_every = 10  # reconstruction figure every this many epochs (and after the first and the last)
+n_plot = 4  # val profiles in the reconstruction figures (always the same ones)
+device = 'auto'  # auto (cuda > mps > cpu) | cpu | cuda | mps
+amp = True  # CUDA mixed precision: bf16 autocast, or fp16 + GradScaler where bf16 is unsupported
+cpu_bf16 = True  # bf16 autocast on CPUs with AMX-bf16 units (1.5-1.9x faster here, see note); others: fp32
+seed = 1337  # seeds model init, shuffling, masks and augmentations
+resume = ''  # checkpoint to continue from exactly (e.g. outputs/mae_pretrain/checkpoints/latest.pth)
+max_samples = 0  # use only the first N profiles (0 = all): quick trials and tests
+num_threads = 0  # torch CPU threads (0 = torch default)
+# --- end config ---
+# cpu_bf16 note: `small`, one full train step (augment, forward, backward, clip, AdamW), torch 2.13, 2-core
+# Xeon with AMX (Sapphire Rapids), 1 thread (the box was shared, so 2-thread timings were noise):
+#   batch 256: fp32 643-672 samples/s, bf16 autocast 1254-1306 (1.9x)
+#   batch  64: fp32 374-408 samples/s, bf16 autocast  558-635 (1.5x)
+# With F.scaled_dot_product_attention instead of the explicit attention below, bf16 gained far less.
+# CPUs without AMX emulate bf16 and get slower, so autocast stays off on them.
+
+MODEL_SIZES = {
+    "tiny": dict(embed_dim=128, depth=3, num_heads=2, dec_dim=64, dec_depth=1, dec_heads=2, patch_size=20),
+    "small": dict(embed_dim=192, depth=4, num_heads=3, dec_dim=96, dec_depth=2, dec_heads=3, patch_size=16),
+}  # "custom" takes every number from the constants block
+
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("true", "1", "yes"):
+        return True
+    if v.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def parse_args(argv=None):
+    """Build argparse from the constants block of this file: one flag per constant, the comment is the help."""
+    src = open(os.path.abspath(__file__)).read()
+    block = src.split("# --- config ---\n")[1].split("# --- end config ---")[0]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, _, comment in re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M):
+        default = globals()[name]
+        if isinstance(default, bool):
+            p.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default,
+                           help=comment.replace("%", "%%"))  # argparse %-formats help strings
+        else:
+            typ = str if default is None else type(default)
+            p.add_argument(f"--{name}", type=typ, default=default, help=comment.replace("%", "%%"))
+    return vars(p.parse_args(argv))
+
+
+def model_config(cfg, width):
+    """MAE constructor kwargs for the chosen size (custom: from the constants block)."""
+    keys = ("embed_dim", "depth", "num_heads", "dec_dim", "dec_depth", "dec_heads", "patch_size")
+    size = MODEL_SIZES.get(cfg["model_size"]) or {k: cfg[k] for k in keys}
+    mlp = cfg["mlp_ratio"] if cfg["model_size"] == "custom" else 4.0
+    return dict(size, width=width, mlp_ratio=mlp)
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):  # (B, L, D)
+        B, L, D = x.shape
+        qkv = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D/H)
+        # explicit attention, not F.scaled_dot_product_attention: with 7-28 tokens it is as fast, and
+        # SDPA's CPU bf16 backward was ~8x slower than its fp32 one in our profile (see cpu_bf16)
+        att = (q @ k.transpose(-2, -1)) * (D // self.heads) ** -0.5  # (B, H, L, L)
+        a = att.softmax(dim=-1) @ v  # (B, H, L, D/H)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, L, D))
+        return x + self.mlp(self.ln2(x))
+
+
+def init_weights(module):
+    """Xavier-uniform Linear weights, zero biases (as in MAE); LayerNorms keep their ones/zeros."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class Encoder(nn.Module):
+    """ViT encoder over 1D patches. With mask_ratio > 0 it only ever sees the visible patches."""
+
+    def __init__(self, width=440, patch_size=16, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0):
+        super().__init__()
+        self.width, self.patch_size, self.embed_dim = width, patch_size, embed_dim
+        self.num_patches = width // patch_size  # 440 // 16 = 27
+        self.crop = (width - self.num_patches * patch_size) // 2  # centre crop; edges are vignetted anyway
+        self.patch_embed = nn.Linear(patch_size, embed_dim)  # = Conv1d(1, D, kernel=stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))  # learned, 0 = CLS
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim)
+        init_weights(self)
+        for p in (self.cls_token, self.pos_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def patchify(self, x):  # (B, W) full-width profiles -> (B, N, P)
+        N, P = self.num_patches, self.patch_size
+        return x[:, self.crop:self.crop + N * P].reshape(len(x), N, P)
+
+    def forward(self, x, mask_ratio=0.0, generator=None):
+        patches = self.patchify(x)  # (B, N, P)
+        B, N, P = patches.shape
+        n_keep = int(N * (1 - mask_ratio))
+        if mask_ratio > 0:  # per-sample random masking: sort uniform noise, keep the n_keep lowest
+            noise = torch.rand(B, N, device=x.device, generator=generator)  # (B, N)
+            ids_shuffle = noise.argsort(dim=1)
+        else:
+            ids_shuffle = torch.arange(N, device=x.device).expand(B, N)
+        ids_restore = ids_shuffle.argsort(dim=1)  # (B, N): where each patch went in the shuffled order
+        ids_keep = ids_shuffle[:, :n_keep]  # (B, n_keep)
+        mask = (ids_restore >= n_keep).float()  # (B, N) 1 = masked, in patch order
+        # gather the visible patches BEFORE embedding: hidden pixels never enter the network
+        vis = torch.gather(patches, 1, ids_keep[..., None].expand(-1, -1, P))  # (B, n_keep, P)
+        h = self.patch_embed(vis) + self.pos_embed[0, 1:][ids_keep]  # (B, n_keep, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
+        h = torch.cat([cls, h], dim=1)  # (B, 1 + n_keep, D)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.norm(h), mask, ids_restore
+
+    def features(self, x):  # (B, W) -> (B, D): CLS embedding, no masking (what a CBH head uses)
+        return self.forward(x)[0][:, 0]
+
+
+class MAE(nn.Module):
+    """Encoder + light decoder: a shared mask token fills the hidden patches, a linear head predicts pixels."""
+
+    def __init__(self, width=440, patch_size=16, embed_dim=192, depth=4, num_heads=3,
+                 dec_dim=96, dec_depth=2, dec_heads=3, mlp_ratio=4.0):
+        super().__init__()
+        self.encoder = Encoder(width, patch_size, embed_dim, depth, num_heads, mlp_ratio)
+        n = self.encoder.num_patches
+        self.dec_embed = nn.Linear(embed_dim, dec_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
+        self.dec_pos_embed = nn.Parameter(torch.zeros(1, 1 + n, dec_dim))  # the decoder's own, learned
+        self.dec_blocks = nn.ModuleList(Block(dec_dim, dec_heads, mlp_ratio) for _ in range(dec_depth))
+        self.dec_norm = nn.LayerNorm(dec_dim)
+        self.head = nn.Linear(dec_dim, patch_size)
+        for m in (self.dec_embed, self.dec_blocks, self.head):
+            init_weights(m)
+        for p in (self.mask_token, self.dec_pos_embed):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def forward(self, x, mask_ratio=0.75, generator=None):  # x (B, W) normalised profiles
+        latent, mask, ids_restore = self.encoder(x, mask_ratio, generator)  # (B, 1 + n_keep, D)
+        h = self.dec_embed(latent)  # (B, 1 + n_keep, Dd)
+        B, N = mask.shape
+        # one shared mask token per hidden patch appended, then un-shuffled back to patch order
+        tokens = torch.cat([h[:, 1:], self.mask_token.expand(B, N + 1 - h.shape[1], -1)], dim=1)  # (B, N, Dd)
+        tokens = torch.gather(tokens, 1, ids_restore[..., None].expand(-1, -1, h.shape[2]))
+        h = torch.cat([h[:, :1], tokens], dim=1) + self.dec_pos_embed  # (B, 1 + N, Dd)
+        for blk in self.dec_blocks:
+            h = blk(h)
+        return self.head(self.dec_norm(h))[:, 1:], mask  # (B, N, P) predicted pixels, (B, N)
+
+
+def encoder_config(model_cfg):
+    """The kwargs that rebuild the Encoder (stored in the exported file)."""
+    return dict(width=model_cfg.get("width", 440), patch_size=model_cfg["patch_size"],
+                embed_dim=model_cfg["embed_dim"], depth=model_cfg["depth"],
+                num_heads=model_cfg["num_heads"], mlp_ratio=model_cfg.get("mlp_ratio", 4.0))
+
+
+def build_encoder(enc_cfg):
+    return Encoder(**enc_cfg)
+
+
+def load_encoder(path, map_location="cpu"):
+    """Rebuild the exported encoder. Returns (Encoder, dict(config=, norm_mean=, norm_std=))."""
+    if not os.path.isfile(path):
+        raise data.DataError(f"{path}: pre-trained encoder not found; run `python mae.py` first, "
+                             "or pass --pretrained none")
+    ck = data.load_checkpoint(path, map_location)
+    if not {"encoder", "config", "norm_mean", "norm_std"} <= ck.keys():
+        raise data.DataError(f"{path}: not an exported MAE encoder (expected mae_encoder_pretrained.pth)")
+    try:
+        enc = build_encoder(ck["config"])
+        enc.load_state_dict(ck["encoder"])
+    except (TypeError, RuntimeError) as e:
+        raise data.DataError(f"{path}: encoder weights do not match its config ({type(e).__name__})") from None
+    return enc, dict(config=ck["config"], norm_mean=float(ck["norm_mean"]), norm_std=float(ck["norm_std"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# optimisation
+
+def make_optimizer(model, cfg, device):
+    """AdamW; biases, norm gains, position embeddings and the cls/mask tokens get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        skip = p.ndim < 2 or name.endswith(("pos_embed", "cls_token", "mask_token"))
+        (no_decay if skip else decay).append(p)
+    groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                             fused=device.type == "cuda")
+
+
+def get_lr(step, cfg, steps_per_epoch):
+    """Linear warmup, then cosine decay to min_lr. A pure function of the global step, so a resumed
+    run lands on exactly the same schedule."""
+    warmup = cfg["warmup_epochs"] * steps_per_epoch
+    total = cfg["epochs"] * steps_per_epoch
+    if step < warmup:
+        return cfg["lr"] * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    if not available[name]:
+        raise data.DataError(f"--device {name}: not available on this machine")
+    return torch.device(name)
+
+
+def cpu_has_amx_bf16():
+    """True on (Linux) CPUs with AMX bf16 tiles, where bf16 matmuls are several times faster than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def amp_policy(device, cfg):
+    """-> (autocast dtype or None, whether a GradScaler is needed)."""
+    if device.type == "cuda" and cfg["amp"]:
+        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+    if device.type == "cpu" and cfg["cpu_bf16"] and cpu_has_amx_bf16():
+        return torch.bfloat16, False
+    return None, False
+
+
+def loss_fn(model, x, cfg, generator, dtype):
+    """Masked-patch MSE of one batch x (B, W); the loss itself is computed in fp32."""
+    ctx = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    with ctx:
+        pred, mask = model(x, cfg["mask_ratio"], generator)  # (B, N, P), (B, N)
+    return losses.masked_mse(pred.float(), model.encoder.patchify(x), mask, cfg["norm_pix_loss"])
+
+
+@torch.no_grad()
+def evaluate(model, X, cfg, dtype):
+    """Mean val loss. Masks come from a freshly seeded generator, so every epoch (and a resumed run)
+    scores the same masked patches and val losses are comparable across epochs."""
+    model.eval()
+    gen = torch.Generator(X.device).manual_seed(cfg["seed"] + 1)
+    total = torch.zeros((), device=X.device)
+    for idx in data.batch_indices(len(X), cfg["batch_size"], shuffle=False):
+        total += loss_fn(model, X[idx.to(X.device)], cfg, gen, dtype) * len(idx)
+    model.train()
+    return total.item() / len(X)
+
+
+def rng_state(shuffle_gen, gen):
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                shuffle=shuffle_gen.get_state(), device_gen=gen.get_state())
+
+
+def set_rng_state(s, shuffle_gen, gen):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    shuffle_gen.set_state(s["shuffle"])
+    gen.set_state(s["device_gen"])
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+
+def plot_reconstruction(model, x, cfg, norm, path, epoch, dtype):
+    """Original, visible (encoder input) and reconstructed hidden patches for fixed val profiles x (n, W),
+    in raw signal units, with a fixed mask so figures from different epochs compare."""
+    model.eval()
+    with torch.no_grad():
+        gen = torch.Generator(x.device).manual_seed(cfg["seed"] + 2)
+        ctx = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with ctx:
+            pred, mask = model(x, cfg["mask_ratio"], gen)
+    model.train()
+    target = model.encoder.patchify(x)  # (n, N, P)
+    pred = pred.float()
+    if cfg["norm_pix_loss"]:  # the model predicts per-patch normalised pixels: undo with the true stats
+        pred = pred * (target.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+    hidden = mask[..., None].bool().expand_as(target)  # (n, N, P)
+    raw = lambda t: (t.reshape(len(x), -1) * norm[1] + norm[0]).cpu().numpy()  # (n, N*P) raw units
+    orig = raw(target)
+    visible = raw(target.masked_fill(hidden, float("nan")))
+    recon = raw(pred.masked_fill(~hidden, float("nan")))
+    enc = model.encoder
+    px = np.arange(enc.crop, enc.crop + enc.num_patches * enc.patch_size)
+    fig, axes = plt.subplots(len(x), 1, figsize=(10, 2.2 * len(x)), sharex=True, squeeze=False)
+    for i, ax in enumerate(axes[:, 0]):
+        ax.plot(px, orig[i], color="0.6", lw=1, label="original")
+        ax.plot(px, visible[i], color="tab:blue", lw=1.5, label="masked input (visible patches)")
+        ax.plot(px, recon[i], color="tab:red", lw=1.5, label="reconstruction (hidden patches)")
+        ax.set_ylabel("signal")
+    axes[0, 0].legend(loc="upper right", fontsize=7, ncol=3)
+    axes[0, 0].set_title(f"MAE reconstruction, epoch {epoch}, mask ratio {cfg['mask_ratio']}")
+    axes[-1, 0].set_xlabel("pixel")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_losses(log_path, path):
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    ep = [int(r["epoch"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ep, [float(r["train_loss"]) for r in rows], label="train")
+    ax.plot(ep, [float(r["val_loss"]) for r in rows], label="val")
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("masked-patch MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+def check_config(cfg):
+    problems = [
+        (cfg["model_size"] not in (*MODEL_SIZES, "custom"),
+         f"--model_size {cfg['model_size']!r}: use tiny, small or custom"),
+        (cfg["device"] not in ("auto", "cpu", "cuda", "mps"),
+         f"--device {cfg['device']!r}: use auto, cpu, cuda or mps"),
+        (not 0 <= cfg["mask_ratio"] < 1, f"--mask_ratio {cfg['mask_ratio']}: must be in [0, 1)"),
+        (min(cfg["epochs"], cfg["batch_size"], cfg["patience"]) < 1,
+         "--epochs, --batch_size and --patience must be >= 1"),
+        (cfg["lr"] <= 0, f"--lr {cfg['lr']}: must be > 0"),
+        (cfg["embed_dim"] % cfg["num_heads"] or cfg["dec_dim"] % cfg["dec_heads"],
+         "--num_heads must divide --embed_dim, and --dec_heads must divide --dec_dim"),
+        (cfg["val_blocks"] < 2, "--val_blocks must be >= 2"),
+    ]
+    for bad, msg in problems:
+        if bad:
+            raise data.DataError(msg)
+
+
+def train(cfg):
+    check_config(cfg)
+    if cfg["num_threads"] > 0:
+        torch.set_num_threads(cfg["num_threads"])
+    dev = pick_device(cfg["device"])
+    dtype, use_scaler = amp_policy(dev, cfg)
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    random.seed(cfg["seed"])
+
+    # data: the whole set normalised and resident on the device; batches are gathered by indexing
+    path = cfg["data_path"] or data.default_cloud_paths()[0]
+    d = data.load_clouds(path, labelled=False, max_samples=cfg["max_samples"])
+    # val = the last of val_blocks contiguous time blocks of every flight, with val_gap frames removed from
+    # train on its edge: random frames would leave near-identical neighbours on both sides of the split
+    train_idx, val_idx = data.split_blocked(d["flight"], d["frame"], cfg["val_blocks"], cfg["val_blocks"] - 1,
+                                            cfg["val_gap"])
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise data.DataError(f"{path}: too few profiles for a train/val split ({len(d['images'])} profiles)")
+    norm = data.norm_stats(d["images"][train_idx])  # (mean, std) global scalars, stored with the encoder
+    X_train, X_val = (torch.from_numpy((d["images"][i] - norm[0]) / norm[1]).float().to(dev)
+                      for i in (train_idx, val_idx))  # (N_train, W), (N_val, W)
+    width = X_train.shape[1]
+    mcfg = model_config(cfg, width)
+    if mcfg["patch_size"] > width:
+        raise data.DataError(f"{path}: profiles are {width} px, narrower than patch_size {mcfg['patch_size']}")
+
+    model = MAE(**mcfg).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_enc = sum(p.numel() for p in model.encoder.parameters())
+    print(f"model {cfg['model_size']}: {n_params:,} parameters (encoder {n_enc:,}, decoder {n_params - n_enc:,}); "
+          f"{model.encoder.num_patches} patches of {mcfg['patch_size']} px")
+    print(f"data {path}: {len(train_idx)} train / {len(val_idx)} val profiles; device {dev}, "
+          f"autocast {dtype if dtype else 'off (fp32)'}")
+    opt = make_optimizer(model, cfg, dev)
+    scaler = torch.amp.GradScaler(dev.type if use_scaler else "cpu", enabled=use_scaler)
+    shuffle_gen = torch.Generator().manual_seed(cfg["seed"])  # batch order (CPU)
+    gen = torch.Generator(dev).manual_seed(cfg["seed"])  # masks and augmentations (on the device)
+    start_epoch, best_val, bad_epochs = 0, float("inf"), 0
+    if cfg["resume"]:
+        ck = data.load_checkpoint(cfg["resume"])
+        if not {"model", "optimizer", "scaler", "epoch", "best_val", "bad_epochs", "rng"} <= ck.keys():
+            raise data.DataError(f"{cfg['resume']}: not a mae.py training checkpoint")
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError:
+            raise data.DataError(f"{cfg['resume']}: checkpoint was trained with a different model (model_size "
+                                 f"{ck.get('config', {}).get('model_size')}); pass the run's flags") from None
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"], shuffle_gen, gen)
+        start_epoch, best_val, bad_epochs = ck["epoch"], ck["best_val"], ck["bad_epochs"]
+        print(f"resumed from {cfg['resume']} after epoch {start_epoch} (best val {best_val:.5f})")
+
+    # outputs: only from here on is anything written
+    out = cfg["out_dir"]
+    ckpt_dir, plot_dir = os.path.join(out, "checkpoints"), os.path.join(out, "plots")
+    log_path = os.path.join(out, "log.csv")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    if not cfg["resume"] and os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+    enc_cfg = encoder_config(mcfg)
+    plot_x = X_val[torch.linspace(0, len(X_val) - 1, min(cfg["n_plot"], len(X_val))).long().to(dev)]
+    steps_per_epoch = math.ceil(len(X_train) / cfg["batch_size"])
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, cfg["epochs"]):
+        if bad_epochs >= cfg["patience"]:
+            print(f"early stopping: val loss has not improved for {bad_epochs} epochs")
+            break
+        t0 = time.time()
+        total = torch.zeros((), device=dev)  # summed on the device: no sync per step
+        for idx in data.batch_indices(len(X_train), cfg["batch_size"], shuffle=True, generator=shuffle_gen):
+            lr = get_lr(step, cfg, steps_per_epoch)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x = X_train[idx.to(dev)]  # (B, W)
+            if cfg["augment"]:
+                x = data.augment_profiles(x, gen, cfg["aug_flip"], cfg["aug_crop"], cfg["aug_jitter"])
+            loss = loss_fn(model, x, cfg, gen, dtype)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg["grad_clip"] > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            scaler.step(opt)
+            scaler.update()
+            total += loss.detach() * len(idx)
+            step += 1
+        train_loss = total.item() / len(X_train)
+        rate = len(X_train) / (time.time() - t0)  # training samples/s (the val pass is not counted)
+        val_loss = evaluate(model, X_val, cfg, dtype)
+        secs = time.time() - t0
+        improved = val_loss < best_val
+        best_val, bad_epochs = (val_loss, 0) if improved else (best_val, bad_epochs + 1)
+
+        ck = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                  epoch=epoch + 1, best_val=best_val, bad_epochs=bad_epochs, rng=rng_state(shuffle_gen, gen),
+                  config=cfg, model_config=mcfg, norm_mean=norm[0], norm_std=norm[1])
+        data.atomic_torch_save(ck, os.path.join(ckpt_dir, "latest.pth"))
+        if improved:
+            data.atomic_torch_save(ck, os.path.join(ckpt_dir, "best.pth"))
+            data.atomic_torch_save(dict(encoder=model.encoder.state_dict(), config=enc_cfg, norm_mean=norm[0],
+                                        norm_std=norm[1]), os.path.join(out, "mae_encoder_pretrained.pth"))
+        if cfg["save_every"] > 0 and (epoch + 1) % cfg["save_every"] == 0:
+            data.atomic_torch_save(ck, os.path.join(ckpt_dir, f"epoch_{epoch + 1:03d}.pth"))
+        new_log = not os.path.exists(log_path)
+        with open(log_path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new_log:
+                w.writerow(["epoch", "train_loss", "val_loss", "lr", "seconds", "samples_per_s"])
+            w.writerow([epoch + 1, f"{train_loss:.9g}", f"{val_loss:.9g}", f"{lr:.6g}", f"{secs:.2f}",
+                        f"{rate:.1f}"])
+        plot_losses(log_path, os.path.join(plot_dir, "loss.png"))
+        n = epoch + 1
+        if n == 1 or n == cfg["epochs"] or (cfg["plot_every"] > 0 and n % cfg["plot_every"] == 0):
+            fig_path = os.path.join(plot_dir, f"recon_epoch_{n:03d}.png")
+            plot_reconstruction(model, plot_x, cfg, norm, fig_path, n, dtype)
+        print(f"epoch {n:3d}/{cfg['epochs']} | train {train_loss:.5f} | val {val_loss:.5f} | lr {lr:.2e} | "
+              f"{secs:6.1f}s | {rate:7.0f} samples/s{' | new best, saved' if improved else ''}")
+    print(f"best val loss {best_val:.5f}; encoder in {os.path.join(out, 'mae_encoder_pretrained.pth')}")
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
