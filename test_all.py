@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import finetune_cbh as ft
 import losses
 import mae
 
@@ -41,7 +42,13 @@ def tiny_fires(tmp_path_factory):
 
 def run_script(*args, timeout=300):
     """Run a stage script as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 def assert_one_line_error(proc, *words):
@@ -442,16 +449,12 @@ MAE_TINY = ["--model_size", "tiny", "--batch_size", "32", "--lr", "2e-3", "--war
         "--num_threads", "1", "--n_plot", "2"]
 
 
-def read_log(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture(scope="module")
 def mae_run4(tiny_clouds, tmp_path_factory):
     """An uninterrupted 4-epoch tiny run, shared by the tests below."""
     out = str(tmp_path_factory.mktemp("mae_run4"))
-    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2", *MAE_TINY)
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2",
+                   *MAE_TINY)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -545,7 +548,7 @@ def test_mae_lr_schedule():
 
 
 def test_mae_tiny_run_loss_falls_and_writes_outputs(mae_run4):
-    rows = read_log(os.path.join(mae_run4, "log.csv"))
+    rows = read_csv(os.path.join(mae_run4, "log.csv"))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
     assert float(rows[-1]["train_loss"]) < 0.8 * float(rows[0]["train_loss"])
     assert float(rows[-1]["val_loss"]) < float(rows[0]["val_loss"])
@@ -565,10 +568,11 @@ def test_mae_exact_resume(mae_run4, tiny_clouds, tmp_path):
     with open(os.path.join(mae_run4, "log.csv")) as f:
         lines = f.readlines()
     (out / "log.csv").write_text("".join(lines[:3]))
-    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", str(out), "--epochs", "4", "--save_every", "2", *MAE_TINY,
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", str(out), "--epochs", "4", "--save_every", "2",
+                   *MAE_TINY,
                 "--resume", str(out / "checkpoints/latest.pth"))
     assert r.returncode == 0, r.stderr
-    full, resumed = read_log(os.path.join(mae_run4, "log.csv")), read_log(out / "log.csv")
+    full, resumed = read_csv(os.path.join(mae_run4, "log.csv")), read_csv(out / "log.csv")
     assert [int(r["epoch"]) for r in resumed] == [1, 2, 3, 4]  # header once, rows appended
     for a, b in zip(full, resumed):
         assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
@@ -625,3 +629,237 @@ def test_mae_help_lists_every_constant():
 def test_mae_import_runs_no_training(tmp_path):
     r = subprocess.run([sys.executable, "-c", "import mae"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout == ""
+
+
+# ==============================================================================================
+# finetune_cbh.py: cloud base height, fine-tuned encoder vs baselines
+
+FT_TINY = ["--head_epochs", "1", "--epochs", "1", "--num_threads", "1", "--n_trees", "20", "--batch_size", "16",
+           "--val_gap", "10"]
+
+
+@pytest.fixture(scope="module")
+def ft_tiny(tmp_path_factory):
+    """Tiny labelled file (3 flights x 40 labels) and a tiny random encoder exported in mae.py's format."""
+    root = tmp_path_factory.mktemp("cbh")
+    unlab, lab = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120)
+    data.write_clouds(root / "lab.h5", **lab)
+    torch.manual_seed(0)
+    enc_cfg = mae.encoder_config(dict(mae.MODEL_SIZES["tiny"], width=440))
+    mean, std = data.norm_stats(unlab["images"])
+    data.atomic_torch_save(dict(encoder=mae.build_encoder(enc_cfg).state_dict(), config=enc_cfg,
+                                norm_mean=mean, norm_std=std), root / "enc.pth")
+    return dict(root=root, lab=str(root / "lab.h5"), enc=str(root / "enc.pth"),
+                d=data.load_clouds(str(root / "lab.h5"), labelled=True))
+
+
+def ft_cfg(**kw):
+    cfg = ft.parse_config([])
+    cfg.update(kw)
+    return cfg
+
+
+def test_ft_lofo_no_flight_in_train_and_test_and_val_inside_train(ft_tiny):
+    d = ft_tiny["d"]
+    folds = ft.make_folds(d, ft_cfg(split="lofo", val_gap=30))
+    assert len(folds) == 3
+    for f in folds:
+        train = np.concatenate([f["fit"], f["val"]])
+        assert not set(d["flight"][train]) & set(d["flight"][f["test"]])
+        assert len(f["val"]) > 0 and not set(f["val"]) & set(f["fit"]) and not set(f["val"]) & set(f["test"])
+        for fl in np.unique(d["flight"][f["val"]]):  # val is a tail block in time, after a gap
+            v = d["frame"][f["val"]][d["flight"][f["val"]] == fl]
+            t = d["frame"][f["fit"]][d["flight"][f["fit"]] == fl]
+            assert t.max() < v.min() - 30
+
+
+@pytest.mark.parametrize("gap", [0, 30])
+def test_ft_blocked_leaves_the_gap(ft_tiny, gap):
+    d = ft_tiny["d"]
+    folds = ft.make_folds(d, ft_cfg(split="blocked", n_blocks=4, gap=gap, val_gap=5))
+    assert len(folds) == 4
+    checked = 0
+    for f in folds:
+        train = np.concatenate([f["fit"], f["val"]])
+        assert not set(train) & set(f["test"])
+        for fl in np.unique(d["flight"]):
+            tr = d["frame"][train][d["flight"][train] == fl]
+            te = d["frame"][f["test"]][d["flight"][f["test"]] == fl]
+            assert np.abs(tr[:, None] - te[None, :]).min(initial=10 ** 9) > gap
+            checked += len(tr) * len(te)
+    assert checked > 0
+
+
+def test_ft_random_split_warns_about_leakage(ft_tiny, capsys):
+    folds = ft.make_folds(ft_tiny["d"], ft_cfg(split="random", n_blocks=3, val_gap=5))
+    assert "warning" in capsys.readouterr().out and len(folds) == 3
+    assert sorted(np.concatenate([f["test"] for f in folds])) == list(range(len(ft_tiny["d"]["cbh_km"])))
+
+
+def toy_regression(n, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-2, 2, (n, 6))
+    y = np.sin(2 * X[:, 0]) + X[:, 1] ** 2 - X[:, 0] * X[:, 2] + 0.1 * rng.standard_normal(n)
+    return X, y
+
+
+def test_ft_trees_fit_known_function_and_match_sklearn():
+    X, y = toy_regression(1000, 0)
+    m = ft.gbrt_fit(X[:700], y[:700])
+    r2 = 1 - ((ft.gbrt_predict(m, X[700:]) - y[700:]) ** 2).sum() / ((y[700:] - y[700:].mean()) ** 2).sum()
+    assert r2 > 0.9
+    sklearn = pytest.importorskip("sklearn.ensemble")
+    sk = sklearn.GradientBoostingRegressor(n_estimators=100, max_depth=5, random_state=0).fit(X[:700], y[:700])
+    p = sk.predict(X[700:])
+    r2_sk = 1 - ((p - y[700:]) ** 2).sum() / ((y[700:] - y[700:].mean()) ** 2).sum()
+    assert abs(r2 - r2_sk) < 0.03, (r2, r2_sk)
+
+
+def test_ft_features_use_previous_and_next_labelled_frame_of_the_same_flight():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(5, 40))
+    flight, frame = np.array([1, 0, 0, 1, 0]), np.array([7, 30, 10, 3, 20])
+    f = ft.profile_features(images, flight, frame, np.zeros(5), np.zeros(5), angles=False)
+    n_own = f.shape[1] - 10  # 2 x (3 summary differences, mean |change|, frame gap)
+    prev_gap, next_gap = f[:, n_own + 4], f[:, n_own + 9]
+    np.testing.assert_array_equal(prev_gap, [4, 10, 0, 0, 10])  # frame 10 is flight 0's first: no neighbour
+    np.testing.assert_array_equal(next_gap, [0, 0, 10, 4, 10])
+    np.testing.assert_allclose(f[4, n_own], images[4].mean() - images[2].mean())  # mean vs previous (frame 10)
+
+
+def one_fold_setup(ft_tiny):
+    d = ft_tiny["d"]
+    fold = ft.make_folds(d, ft_cfg(split="lofo", val_gap=0))[0]
+    t = dict(x=torch.as_tensor(d["images"]), ang=torch.zeros(len(d["images"]), 2), y=torch.as_tensor(d["cbh_km"]))
+    encoder, meta = mae.load_encoder(ft_tiny["enc"])
+    enc = dict(config=meta["config"], state=encoder.state_dict(), norm_mean=meta["norm_mean"],
+               norm_std=meta["norm_std"])
+    return fold, t, enc
+
+
+def test_ft_stage1_trains_only_the_head_and_stage2_changes_the_encoder(ft_tiny):
+    fold, t, enc = one_fold_setup(ft_tiny)
+    cfg = ft_cfg(head_epochs=2, epochs=2, batch_size=16, patience=100)
+    states = []
+    save = lambda st: states.append({k: v.clone() for k, v in st["model"].items()} | {"_opt": st["optimizer"]})
+    ft.train_network("finetune", fold, t, enc, cfg, torch.device("cpu"), 0, lambda row: None, save)
+    enc0 = {"encoder." + k: v for k, v in enc["state"].items()}
+    head_keys = [k for k in states[0] if k.startswith("head.")]
+    n_head = sum(1 for k in head_keys)
+    for st in states[:2]:  # stage 1: encoder bit-identical, head moved, optimizer holds only the head
+        assert all(torch.equal(st[k], v) for k, v in enc0.items())
+        assert sum(len(g["params"]) for g in st["_opt"]["param_groups"]) == n_head
+    assert not all(torch.equal(states[1][k], states[0][k]) for k in head_keys)
+    for st in states[2:]:  # stage 2: the encoder trains
+        assert not all(torch.equal(st[k], v) for k, v in enc0.items())
+        assert sum(len(g["params"]) for g in st["_opt"]["param_groups"]) > n_head
+
+
+def test_ft_layer_decay_groups():
+    enc = mae.build_encoder(mae.encoder_config(dict(mae.MODEL_SIZES["tiny"], width=440)))
+    model = ft.CBHNet(enc, 2, 8, 0.0)
+    groups = ft.param_groups(model, 0.05, 0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    depth = len(enc.blocks)
+    assert scale[id(enc.patch_embed.weight)] == 0.5 ** depth  # embeddings get the smallest LR
+    assert scale[id(enc.pos_embed)] == 0.5 ** depth and wd[id(enc.pos_embed)] == 0.0
+    assert scale[id(enc.blocks[0].qkv.weight)] == 0.5 ** (depth - 1)
+    assert scale[id(enc.blocks[-1].qkv.weight)] == 1.0 and scale[id(model.head[0].weight)] == 1.0
+    assert wd[id(model.head[0].weight)] == 0.05 and wd[id(model.head[0].bias)] == 0.0
+    assert len(scale) == sum(1 for _ in model.parameters())
+
+
+def test_ft_end_to_end_tiny(ft_tiny, tmp_path):
+    out = tmp_path / "out"
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
+                   *FT_TINY)
+    assert r.returncode == 0, r.stderr
+    rows = read_csv(out / "results.csv")
+    for m in ft.METHODS:
+        folds = [x["fold"] for x in rows if x["method"] == m]
+        assert folds == ["flight 0", "flight 1", "flight 2", "mean", "std", "pooled"], (m, folds)
+        assert all(np.isfinite(float(x["mae_km"])) for x in rows if x["method"] == m)
+    preds = read_csv(out / "predictions.csv")
+    assert len(preds) == 4 * len(ft_tiny["d"]["cbh_km"])  # every frame tested once per method under lofo
+    for p in ("pred_vs_true.png", "per_flight_error.png"):
+        assert (out / "plots" / p).stat().st_size > 1000
+    log = read_csv(out / "log.csv")
+    assert {x["method"] for x in log} == {"finetune", "scratch", "probe"}
+
+
+def test_ft_pretrained_none_skips_finetune_and_probe(ft_tiny, tmp_path):
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", "none",
+                   "--methods", "finetune,probe,trees",
+            "--out_dir", tmp_path, *FT_TINY)
+    assert r.returncode == 0, r.stderr
+    assert "skipping finetune, probe" in r.stdout
+    assert {x["method"] for x in read_csv(tmp_path / "results.csv")} == {"trees"}
+
+
+@pytest.mark.parametrize("problem,cbh,words", [
+    ("nan", np.nan, ["cbh_km", "NaN"]),
+    ("negative", -0.5, ["cbh_km", "outside"]),
+    ("missing", None, ["cbh_km", "missing"]),
+])
+def test_ft_bad_label_files_fail_with_one_line(ft_tiny, tmp_path, problem, cbh, words):
+    d = ft_tiny["d"]
+    labels = None if cbh is None else np.where(np.arange(len(d["cbh_km"])) == 5, cbh, d["cbh_km"])
+    data.write_clouds(tmp_path / "bad.h5", d["images"], d["metadata"], labels)
+    r = run_script("finetune_cbh.py", "--data_path", tmp_path / "bad.h5", "--pretrained", ft_tiny["enc"],
+                   "--out_dir", tmp_path / "out")
+    assert_one_line_error(r, *words)
+    assert not (tmp_path / "out").exists()  # nothing written on bad input
+
+
+def test_ft_missing_pretrained_one_line_error(ft_tiny, tmp_path):
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", tmp_path / "nope.pth",
+                   "--out_dir", tmp_path / "out", "--val_gap", 10)
+    assert_one_line_error(r, "nope.pth", "python mae.py", "--pretrained none")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ft_help_lists_every_constant():
+    r = run_script("finetune_cbh.py", "-h")
+    assert r.returncode == 0
+    src = open(os.path.join(REPO, "finetune_cbh.py")).read().split("# --- config ---")[1].split("# --- end")[0]
+    names = [line.split(" = ")[0] for line in src.strip().splitlines()]
+    assert len(names) > 20 and all(f"--{n}" in r.stdout for n in names)
+
+
+def test_ft_resume_reproduces_the_uninterrupted_run(ft_tiny, tmp_path, monkeypatch):
+    """Stop after stage-2 epoch 1 of the first fold (a copy of that checkpoint), resume into a fresh
+    out_dir: every later epoch's losses and the final table equal the uninterrupted run's."""
+    args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "finetune,trees",
+            "--head_epochs", "1", "--epochs", "2", "--num_threads", "1", "--n_trees", "10", "--batch_size", "16",
+            "--val_gap", "10"]
+    saves = []
+    orig = data.atomic_torch_save
+
+    def counting_save(obj, path):
+        orig(obj, path)
+        saves.append(1)
+        if len(saves) == 2:  # stage 1 epoch 1, then stage 2 epoch 1 of fold 0
+            shutil.copy(path, tmp_path / "stopped.pth")
+    monkeypatch.setattr(data, "atomic_torch_save", counting_save)
+    ft.main(args + ["--out_dir", str(tmp_path / "a")])
+    monkeypatch.setattr(data, "atomic_torch_save", orig)
+    ft.main(args + ["--out_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "stopped.pth")])
+    log_a, log_b = read_csv(tmp_path / "a" / "log.csv"), read_csv(tmp_path / "b" / "log.csv")
+    assert len(log_b) == len(log_a) - 2 and log_b[0]["stage"] == "2" and log_b[0]["epoch"] == "2"
+    for ra, rb in zip(log_a[2:], log_b):
+        assert (ra["fold"], ra["stage"], ra["epoch"]) == (rb["fold"], rb["stage"], rb["epoch"])
+        assert float(ra["train_loss"]) == float(rb["train_loss"]) and float(ra["val_loss"]) == float(rb["val_loss"])
+    assert read_csv(tmp_path / "a" / "results.csv") == read_csv(tmp_path / "b" / "results.csv")
+
+
+def test_ft_resume_with_other_settings_is_refused(ft_tiny, tmp_path):
+    out = tmp_path / "out"
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "trees",
+                   "--out_dir", out,
+            "--n_trees", "5", "--val_gap", "10")
+    assert r.returncode == 0, r.stderr
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "trees",
+                   "--out_dir", out,
+            "--n_trees", "6", "--val_gap", "10", "--resume", out / "checkpoints" / "latest.pth")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "settings" in r.stderr
