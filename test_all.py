@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import emberformer as em
 import finetune_cbh as ft
 import losses
 import mae
@@ -855,11 +856,201 @@ def test_ft_resume_reproduces_the_uninterrupted_run(ft_tiny, tmp_path, monkeypat
 
 def test_ft_resume_with_other_settings_is_refused(ft_tiny, tmp_path):
     out = tmp_path / "out"
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "trees",
-                   "--out_dir", out,
-            "--n_trees", "5", "--val_gap", "10")
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
+                   "--methods", "trees", "--out_dir", out, "--n_trees", "5", "--val_gap", "10")
     assert r.returncode == 0, r.stderr
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "trees",
-                   "--out_dir", out,
-            "--n_trees", "6", "--val_gap", "10", "--resume", out / "checkpoints" / "latest.pth")
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
+                   "--methods", "trees", "--out_dir", out, "--n_trees", "6", "--val_gap", "10",
+                   "--resume", out / "checkpoints" / "latest.pth")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "settings" in r.stderr
+
+
+# ==============================================================================================
+# emberformer.py: next-step wildfire spread
+
+@pytest.fixture(scope="module")
+def ember_fires():
+    return data.generate_fires(n_seq=6, size=32, n_frames=12, seed=1)
+
+
+def ember_batch(fires, s, t, K):
+    fire, wind = torch.from_numpy(fires["fire"]), torch.from_numpy(fires["wind"])
+    s, t = torch.tensor(s), torch.tensor(t)
+    hist, w, lengths, target = data.fire_batch(fire, wind, s, t, K)
+    return hist, w, lengths, torch.from_numpy(fires["static"])[s], target
+
+
+@pytest.mark.parametrize("H,W,K,lengths", [(32, 32, 8, [8, 1]), (64, 64, 3, [2, 3]), (48, 40, 5, [5, 4]),
+                                           (30, 26, 2, [1, 2]), (8, 8, 4, [4, 2])])
+def test_ember_output_shapes(H, W, K, lengths):
+    torch.manual_seed(0)
+    model = em.EmberFormer(4, 4).eval()
+    hist = (torch.rand(2, K, H, W) > 0.5).float()
+    with torch.no_grad():
+        out = model(hist, torch.randn(2, K, 2) * 5, torch.tensor(lengths), torch.randn(2, 4, H, W))
+    assert out.shape == (2, H, W)
+    assert torch.isfinite(out).all()
+
+
+def test_ember_padding_invariance(ember_fires):
+    """A short history gives the same logits alone (unpadded) and beside a longer one (padded to K).
+    Gathering position K-1 instead of lengths-1 would read a padded slot and break the equality."""
+    torch.manual_seed(0)
+    model = em.EmberFormer(4, 4).eval()
+    hist, w, lengths, st, _ = ember_batch(ember_fires, [0, 1], [10, 2], K=8)  # lengths 8 and 3
+    assert lengths.tolist() == [8, 3]
+    with torch.no_grad():
+        both = model(hist, w, lengths, st)
+        alone = model(hist[1:, :3], w[1:, :3], lengths[1:], st[1:])  # no padding at all
+        alone_padded = model(hist[1:], w[1:], lengths[1:], st[1:])
+        wrong = model(hist, w, torch.tensor([8, 8]), st)  # what gathering the last (padded) position sees
+    assert torch.allclose(both[1], alone[0], atol=1e-5)
+    assert torch.allclose(alone_padded[0], alone[0], atol=1e-5)
+    assert (wrong[1] - alone[0]).abs().max() > 1e-3
+
+
+def test_ember_gradient_reaches_every_parameter_and_optimizer_holds_all(ember_fires):
+    torch.manual_seed(0)
+    model = em.EmberFormer(4, 4)
+    hist, w, lengths, st, target = ember_batch(ember_fires, [0, 1, 2, 3], [10, 2, 0, 7], K=8)
+    logits = model(hist, w, lengths, st)
+    loss, _, _ = losses.bce_dice_loss(logits, target)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+    opt = em.make_optimizer(model)
+    in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(in_opt) == len(set(in_opt))
+    assert set(in_opt) == {id(p) for p in model.parameters()}
+    # the startup check refuses groups that leave a module out (e.g. the refinement) or hold one twice
+    refine = {id(p) for p in model.refine.parameters()}
+    groups = [dict(params=[p for p in g["params"] if id(p) not in refine]) for g in opt.param_groups]
+    with pytest.raises(RuntimeError):
+        em.check_groups(model, groups)
+    with pytest.raises(RuntimeError):
+        em.check_groups(model, [dict(params=list(model.parameters()))] * 2)
+
+
+def test_ember_lr_schedule_warmup_then_cosine():
+    total = 1000
+    lrs = [em.get_lr(s, total) for s in range(total)]
+    warm = int(em.warmup_frac * total)
+    assert lrs[0] < lrs[warm - 1] <= 1.0
+    assert abs(max(lrs) - 1.0) < 1e-9
+    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+    assert abs(lrs[-1] - em.min_lr_frac) < 0.01
+
+
+def test_ember_wind_dilation_goes_downwind():
+    cur = torch.zeros(2, 5, 5, dtype=torch.bool)
+    cur[:, 2, 2] = True
+    out = em.wind_dilation(cur, torch.tensor([[12.0, 0.0], [0.0, 0.0]]))  # strong east wind; calm
+    assert out[0, 2, 3] and not out[0, 2, 1] and not out[0, 1, 2]  # east neighbour only (col grows east)
+    assert out[1, 1:4, 1:4].all() and out[1].sum() == 9  # calm: all 8 neighbours
+    north = em.wind_dilation(cur[:1], torch.tensor([[0.0, 12.0]]))
+    assert north[0, 1, 2] and not north[0, 3, 2]  # v north -> row 0 side
+
+
+def test_ember_tiny_run_beats_persistence_on_new_burn(tiny_fires, tmp_path):
+    out = tmp_path / "run"
+    r = run_script("emberformer.py", "--data_path", tiny_fires, "--out_dir", out, *EMBER_TINY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[Epoch 1/" in r.stdout and "BCE+Dice | train: loss=" in r.stdout and "samples/s" in r.stdout
+    rows = read_csv(out / "log.csv")
+    base = torch.load(out / "checkpoints" / "best.pth", weights_only=False)["baselines"]
+    new_f1 = [float(row["val_new_f1"]) for row in rows]
+    print("val new_f1 per epoch", new_f1, "persistence", base["persistence"]["new_f1"],
+          "dilation", base["dilation"]["new_f1"])
+    assert base["persistence"]["new_f1"] == 0.0  # next = current never predicts a new cell
+    assert max(new_f1) > base["persistence"]["new_f1"] + 0.2
+    assert new_f1[-1] > new_f1[0]
+    for name in ("log_steps.csv", "curves.png", "checkpoints/latest.pth", "plots/preview_epoch_001.png"):
+        assert (out / name).is_file(), name
+
+
+EMBER_TINY = ["--epochs", "3", "--patch_size", "8", "--history", "4", "--lr", "2e-3", "--batch_size", "16"]
+
+
+def test_ember_exact_resume(tmp_path):
+    path = tmp_path / "f.h5"
+    data.write_fire(path, **data.generate_fires(n_seq=8, size=16, n_frames=5, seed=2))
+    flags = ["--data_path", path, "--epochs", "4", "--batch_size", "8", "--lr", "1e-3"]
+    r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "a")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "b", "--stop_after", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(read_csv(tmp_path / "b" / "log.csv")) == 2
+    r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "b",
+                   "--resume", tmp_path / "b" / "checkpoints" / "latest.pth")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = read_csv(tmp_path / "a" / "log.csv"), read_csv(tmp_path / "b" / "log.csv")
+    assert len(a) == len(b) == 4
+    keys = [k for k in a[0] if k.endswith(("loss", "bce", "dice", "f1"))] + ["lr_temporal"]
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert a[1]["train_loss"] != a[2]["train_loss"]
+
+
+def write_bad_fire(path, fire, static=None, wind=None):
+    S, T, H, W = fire.shape
+    with h5py.File(path, "w") as f:
+        f.create_dataset("fire", data=fire)
+        d = f.create_dataset("static", data=np.zeros((S, 4, H, W), np.float32) if static is None else static)
+        d.attrs["channels"] = np.array(list(data.FIRE_CHANNELS), dtype=h5py.string_dtype())
+        f.create_dataset("wind", data=np.zeros((S, T, 2), np.float32) if wind is None else wind)
+
+
+def bad_nan_wind():
+    wind = np.zeros((3, 5, 2), np.float32)
+    wind[1, 2, 0] = np.nan
+    return dict(fire=np.zeros((3, 5, 8, 8), np.uint8), wind=wind)
+
+
+EMBER_BAD = {"dtype": lambda: dict(fire=np.zeros((3, 5, 8, 8), np.float32)),
+       "nonbinary": lambda: dict(fire=np.full((3, 5, 8, 8), 2, np.uint8)),
+       "one_frame": lambda: dict(fire=np.zeros((3, 1, 8, 8), np.uint8)),
+       "static_shape": lambda: dict(fire=np.zeros((3, 5, 8, 8), np.uint8), static=np.zeros((3, 4, 8, 6), np.float32)),
+       "nan_wind": bad_nan_wind}
+
+
+@pytest.fixture
+def restore_globals():
+    """main() writes the parsed config into the module globals; put the defaults back afterwards."""
+    saved = {k: getattr(em, k) for k in em.get_config([])}
+    yield
+    for k, v in saved.items():
+        setattr(em, k, v)
+
+
+@pytest.mark.parametrize("kind", sorted(EMBER_BAD))
+def test_ember_bad_fire_file_one_line_error(kind, tmp_path, capsys, restore_globals):
+    path = tmp_path / f"{kind}.h5"
+    write_bad_fire(path, **EMBER_BAD[kind]())
+    with pytest.raises(SystemExit) as e:
+        em.main(["--data_path", str(path), "--out_dir", str(tmp_path / "out"), "--epochs", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert str(path) in err
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_ember_bad_flag_and_checkpoint(tmp_path, capsys, restore_globals):
+    with pytest.raises(SystemExit) as e:
+        em.main(["--monitor", "val/acc", "--out_dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --monitor")
+    junk = tmp_path / "junk.pth"
+    junk.write_text("not a checkpoint")
+    path = tmp_path / "f.h5"
+    data.write_fire(path, **data.generate_fires(n_seq=3, size=8, n_frames=3, seed=0))
+    with pytest.raises(SystemExit) as e:
+        em.main(["--data_path", str(path), "--resume", str(junk), "--out_dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_ember_help_lists_constants():
+    r = subprocess.run([sys.executable, "emberformer.py", "-h"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0
+    for name in em.get_config([]):
+        assert f"--{name}" in r.stdout, name
+    assert "(default: 10)" in r.stdout and "patience" in r.stdout
