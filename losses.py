@@ -48,18 +48,17 @@ def regression_metrics(pred, true):
 
 
 def confusion_counts(pred, target, mask=None):
-    """[tp, fp, fn, tn] as a LongTensor (CPU) from boolean tensors of equal shape. `mask` (bool) restricts
-    the pixels counted (e.g. only cells not yet burning, for new-burn scores). Counts add up over
-    batches, so metrics from the summed counts are exact for the whole epoch."""
+    """[tp, fp, fn, tn] as a LongTensor on the inputs' device, from boolean tensors of equal shape.
+    `mask` (bool) restricts the pixels counted (e.g. only cells not yet burning, for new-burn scores).
+    Counts add up over batches, so metrics from the summed counts are exact for the whole epoch; no
+    boolean indexing and no .cpu() here, so a GPU loop only syncs when the metrics are read."""
     pred, target = pred.bool(), target.bool()
-    if mask is not None:
-        mask = mask.bool()
-        pred, target = pred[mask], target[mask]
-    tp = (pred & target).sum()
-    fp = (pred & ~target).sum()
-    fn = (~pred & target).sum()
-    tn = (~pred & ~target).sum()
-    return torch.stack([tp, fp, fn, tn]).long().cpu()
+    keep = torch.ones_like(pred) if mask is None else mask.bool()
+    tp = (pred & target & keep).sum()
+    fp = (pred & ~target & keep).sum()
+    fn = (~pred & target & keep).sum()
+    tn = (~pred & ~target & keep).sum()
+    return torch.stack([tp, fp, fn, tn]).long()
 
 
 def seg_metrics(counts):
