@@ -218,7 +218,8 @@ def generate_clouds(n_flights=5, frames_per_flight=12000, n_labelled=1000, seed=
       one camera calibration for every flight (so absolute brightness means the same thing everywhere);
     - solar zenith/azimuth from the time of day along the flight (flights start 8-12 h local);
     - labels: only where a nadir lidar would see the base (cloud present, nadir optical depth < 3), with
-      30 m noise (a short overcast flight with too few such frames gets its optically thinnest ones); ~n_labelled frames spread evenly along the flights (so ~60 frames apart: still
+      30 m noise (a short overcast flight with too few such frames gets its optically thinnest ones);
+      ~n_labelled frames spread evenly along the flights (so ~60 frames apart: still
       correlated neighbours).
     Returns (unlabelled, labelled) dicts with images, metadata and (labelled only) cbh_km.
     """
