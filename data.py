@@ -204,9 +204,9 @@ def generate_clouds(n_flights=5, frames_per_flight=12000, n_labelled=1000, seed=
     """Synthetic ER-2 thermal-IR profiles of marine boundary-layer cloud, in the real files' schema.
 
     Physics (simple, but with the dependencies that matter for CBH retrieval):
-    - per flight: sea-surface temperature T_s (285-300 K), boundary-layer lapse rate G (5.5-8 K/km), a CBH
-      regime (mean base 0.3-1.4 km) and a typical geometric thickness; flights differ, so predicting an
-      unseen flight is a real generalisation test;
+    - per flight: sea-surface temperature T_s (288-296 K), boundary-layer lapse rate G (6-7.5 K/km), a CBH
+      regime (mean base 0.4-1.2 km) and a typical geometric thickness (0.2-0.5 km); flights differ, so
+      predicting an unseen flight is a real generalisation test;
     - along the flight: smooth (autocorrelated over hundreds of frames) cloud base height in 0.1-2 km,
       thickness and cloud fraction; cloud-top height z_top = base + thickness;
     - across the 440 pixels: a fractal (power-law spectrum) field, correlated between neighbouring frames,

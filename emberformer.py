@@ -15,6 +15,7 @@ Model (hand-written, plain PyTorch):
 Run `python emberformer.py -h` for every constant; outputs go to outputs/emberformer/.
 """
 import argparse
+import ast
 import csv
 import math
 import os
@@ -42,7 +43,7 @@ lr_spatial = 1e-4  # peak LR of the spatial part (SegFormer encoder, decode head
 weight_decay = 1e-4  # AdamW weight decay (both groups)
 warmup_frac = 0.05  # fraction of all steps spent in linear LR warmup
 min_lr_frac = 0.01  # the cosine decays to this fraction of the peak LR
-grad_clip = 1.0  # max global gradient norm
+grad_clip = 1.0  # max global gradient norm (0 = off)
 device = 'auto'  # auto (cuda > mps > cpu) | cpu | cuda | mps
 seed = 0  # seeds torch, numpy, python and the shuffling generator
 resume = ''  # path to a checkpoint (latest.pth) to continue exactly where that run stopped
@@ -71,9 +72,9 @@ MIT_DIMS, MIT_DEPTHS, MIT_HEADS, MIT_SR = (64, 128, 320, 512), (2, 2, 2, 2), (1,
 MLP_RATIO, DECODE_DIM, REFINE_DIM = 4, 256, 32
 METRICS = ("loss", "bce", "dice", "precision", "recall", "f1", "iou", "accuracy", "new_precision", "new_recall",
            "new_f1")
-# flags that must match the checkpoint's, else a resumed run would not continue the same run
-RESUME_KEYS = ("history", "patch_size", "epochs", "batch_size", "lr", "lr_temporal", "lr_spatial", "data_path",
-               "max_samples", "seed", "val_frac", "monitor")
+# flags that may change on --resume (they only change where and how the run reports, or when it ends);
+# every other flag must match the checkpoint's, else the resumed run would not continue the same run
+FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "stop_after", "patience", "early_stop", "log_every")
 
 # AMP policy. CUDA: bf16 autocast where supported, else fp16 + GradScaler. CPU: plain fp32, because bf16
 # autocast measured slower on the 2-core dev box (Xeon with AMX/avx512_bf16, torch 2.13, 2 threads, 32x32 grid,
@@ -287,7 +288,7 @@ class Refine(nn.Module):
 
 
 class EmberFormer(nn.Module):
-    def __init__(self, n_static, patch):
+    def __init__(self, n_static, patch, wind_scale=10.0):
         super().__init__()
         D = TEMPORAL["dim"]
         self.patch = patch
@@ -296,7 +297,9 @@ class EmberFormer(nn.Module):
         self.encoder = MiTEncoder(D)
         self.decode = DecodeHead()
         self.refine = Refine(2 + n_static + 2)
-        # train-split per-channel static statistics; buffers, so they travel in every checkpoint
+        # input scaling: train-split per-channel static statistics and the wind scale (m/s) are buffers,
+        # so they travel in every checkpoint
+        self.register_buffer("wind_scale", torch.tensor(float(wind_scale)))
         self.register_buffer("static_mean", torch.zeros(n_static))
         self.register_buffer("static_std", torch.ones(n_static))
         self.apply(self._init)
@@ -313,7 +316,7 @@ class EmberFormer(nn.Module):
         B, K, H, W = hist.shape
         P = self.patch
         static = (static - self.static_mean[:, None, None]) / self.static_std[:, None, None]
-        wind = wind / wind_scale
+        wind = wind / self.wind_scale
         pad = (0, -W % P, 0, -H % P)  # zero-pad bottom/right to whole patches; cropped off at the end
         tok = self.embed(F.pad(hist, pad), wind, lengths, F.pad(static, pad))  # (B, N, K, 96)
         feat = self.temporal(tok, lengths)  # (B, N, 96)
@@ -463,7 +466,8 @@ def train_epoch(model, opt, scaler, D, gen, step, total_steps, amp, step_rows, e
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(opt)
         scaler.update()
         step += 1
@@ -488,6 +492,22 @@ def evaluate(model, D, amp):
 
 # ----------------------------------------------------------------------------------------------
 # outputs: csv logs, plots, checkpoints
+
+def trim_csv(path, last_epoch):
+    """Keep the rows up to last_epoch, so a log never lists an epoch twice."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
+    if not rows:
+        os.remove(path)
+        return
+    with open(path + ".tmp", "w", newline="") as f:  # temp + rename: a crash never loses the log
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(path + ".tmp", path)
+
 
 def append_csv(path, rows):
     if not rows:
@@ -609,8 +629,8 @@ def get_config(argv=None):
     block = src.split("# --- config ---")[1].split("# --- end config ---")[0]
     fmt = type("Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    for name, _, comment in re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M):
-        default = globals()[name]
+    for name, value, comment in re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M):
+        default = ast.literal_eval(value)  # the file's value, not the global: train() overwrites those
         if isinstance(default, bool):
             p.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default, help=comment)
         else:
@@ -633,6 +653,11 @@ def check_config(cfg):
     for k in ("epochs", "batch_size", "history", "patch_size", "log_every"):
         if cfg[k] < 1:
             raise data.DataError(f"--{k} {cfg[k]}: must be >= 1")
+    for k in ("val_frac", "pred_thresh"):
+        if not 0 < cfg[k] < 1:
+            raise data.DataError(f"--{k} {cfg[k]}: must be between 0 and 1")
+    if cfg["wind_scale"] <= 0 or cfg["grad_clip"] < 0:
+        raise data.DataError("--wind_scale must be > 0 and --grad_clip >= 0")
 
 
 def train(cfg):
@@ -647,7 +672,7 @@ def train(cfg):
     dev = pick_device(device)
     amp = amp_dtype_for(dev)
     D = load_data(dev)
-    model = EmberFormer(len(D["channels"]), patch_size).to(dev)
+    model = EmberFormer(len(D["channels"]), patch_size, wind_scale).to(dev)
     model.static_mean.copy_(D["mean"])
     model.static_std.copy_(D["std"])
     opt = make_optimizer(model)
@@ -661,7 +686,7 @@ def train(cfg):
         ck = data.load_checkpoint(resume)  # on CPU: RNG states must stay CPU tensors
         if not {"model", "optimizer", "epoch", "config", "rng"} <= set(ck):
             raise data.DataError(f"{resume}: not an emberformer checkpoint (keys {sorted(ck)[:6]})")
-        diff = [k for k in RESUME_KEYS if ck["config"].get(k) != cfg[k]]
+        diff = [k for k in cfg if k not in FREE_ON_RESUME and ck["config"].get(k) != cfg[k]]
         if diff:
             raise data.DataError(f"{resume}: checkpoint was made with different " + ", ".join(
                 f"--{k} ({ck['config'].get(k)!r}, now {cfg[k]!r})" for k in diff))
@@ -670,14 +695,17 @@ def train(cfg):
         except RuntimeError as e:
             raise data.DataError(f"{resume}: model weights do not fit ({str(e).splitlines()[0]})") from None
         opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
+            scaler.load_state_dict(ck["scaler"])
         start, best, best_epoch, bad = ck["epoch"], ck["best"], ck["best_epoch"], ck["bad_epochs"]
         set_rng_state(ck["rng"], gen)
     os.makedirs(plot_dir, exist_ok=True)
-    if not resume:  # a fresh run starts fresh logs; a resumed one appends
-        for name in ("log.csv", "log_steps.csv"):
-            if os.path.isfile(os.path.join(out_dir, name)):
-                os.remove(os.path.join(out_dir, name))
+    for name in ("log.csv", "log_steps.csv"):  # a fresh run starts fresh logs; a resumed one continues them
+        path = os.path.join(out_dir, name)
+        if resume:
+            trim_csv(path, start)  # resuming an older checkpoint re-runs the later epochs
+        elif os.path.isfile(path):
+            os.remove(path)
     n_train, n_val = len(D["train"][0]), len(D["val"][0])
     print(f"data: {D['path']}  fire {tuple(D['fire'].shape)}  static {D['channels']}  "
           f"train {n_train} / val {n_val} samples  device {dev}  amp {amp}")

@@ -63,7 +63,7 @@ layer_decay = 0.75  # stage 2: LR scale = layer_decay^(depth - layer), embedding
 weight_decay = 0.05  # AdamW weight decay (not on biases, norms, embeddings)
 warmup_epochs = 1  # linear warmup at the start of each stage
 min_lr_frac = 0.01  # cosine decays to this fraction of the peak LR
-grad_clip = 1.0  # max global grad norm
+grad_clip = 1.0  # max global grad norm (0 = off)
 patience = 8  # early stopping: epochs without a val-loss improvement, counted per stage
 flip = True  # random left-right flips of training profiles; no crop/jitter: brightness carries height
 tree_angles = True  # trees see sza/saa as the seed's baseline did; False matches a network without angles
@@ -399,7 +399,8 @@ def train_network(method, fold, t, enc, cfg, dev, unit_seed, log, save, ck=None)
         start_epoch, bad = 0, 0
         if ck is not None and si == start_stage:
             opt.load_state_dict(ck["optimizer"])
-            scaler.load_state_dict(ck["scaler"])
+            if ck["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
+                scaler.load_state_dict(ck["scaler"])
             start_epoch, bad = ck["epoch"] + 1, ck["bad_epochs"]
             set_rng_state(ck["rng"], gen)
         for epoch in range(start_epoch, n_ep):
@@ -421,8 +422,9 @@ def train_network(method, fold, t, enc, cfg, dev, unit_seed, log, save, ck=None)
                     loss = F.mse_loss(model(xb, ang[idx]).float(), y[idx])
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
+                if cfg["grad_clip"] > 0:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
                 scaler.step(opt)
                 scaler.update()
                 total, count = total + loss.item() * len(b), count + len(b)
@@ -581,8 +583,45 @@ def load_encoder_source(cfg, names, width):
     return [m for m in names if m not in skipped], dict(config=enc_cfg, state=None, norm_mean=None, norm_std=None)
 
 
+def check_config(cfg):
+    """Flags a user can get wrong, refused before anything is read or written."""
+    problems = [(min(cfg["batch_size"], cfg["patience"], cfg["n_trees"], cfg["tree_depth"], cfg["tree_bins"]) < 1,
+                 "--batch_size, --patience, --n_trees, --tree_depth and --tree_bins must be >= 1"),
+                (min(cfg["epochs"], cfg["head_epochs"], cfg["gap"], cfg["val_gap"], cfg["warmup_epochs"]) < 0,
+                 "--epochs, --head_epochs, --gap, --val_gap and --warmup_epochs must be >= 0"),
+                (cfg["epochs"] + cfg["head_epochs"] < 1, "--epochs plus --head_epochs must be >= 1"),
+                (cfg["n_blocks"] < 2, f"--n_blocks {cfg['n_blocks']}: must be >= 2"),
+                (not 0 < cfg["val_frac"] < 1, f"--val_frac {cfg['val_frac']}: must be between 0 and 1"),
+                (cfg["lr"] <= 0 or cfg["ft_lr"] <= 0 or cfg["grad_clip"] < 0,
+                 "--lr and --ft_lr must be > 0, --grad_clip >= 0")]
+    for bad, msg in problems:
+        if bad:
+            raise data.DataError(msg)
+
+
+def count_rows(path):
+    """Data rows in a CSV log (0 if it does not exist yet)."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return max(0, sum(1 for _ in f) - 1)
+
+
+def trim_rows(path, n):
+    """Keep the header and the first n rows: the rows the checkpoint accounts for, so a resumed run never
+    logs an epoch twice."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()[:n + 1]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
 def compare(cfg):
     t_start = time.time()
+    check_config(cfg)
     if cfg["num_threads"] > 0:
         torch.set_num_threads(cfg["num_threads"])
     dev = pick_device(cfg["device"])
@@ -608,6 +647,7 @@ def compare(cfg):
         if "done" not in ck or same(ck.get("config", {})) != same(cfg):
             raise data.DataError(f"{cfg['resume']}: not a finetune_cbh checkpoint of a run with these settings")
         done = ck["done"]
+        trim_rows(log_path, ck.get("log_rows", 0))
     elif os.path.isfile(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log; --resume appends
     os.makedirs(cfg["out_dir"], exist_ok=True)
@@ -627,7 +667,8 @@ def compare(cfg):
             np.random.seed(unit_seed)
             random.seed(unit_seed)
             t0 = time.time()
-            save = lambda st: data.atomic_torch_save(dict(config=cfg, done=done, unit=(m, k), **st), ckpt_path)
+            save = lambda st: data.atomic_torch_save(dict(config=cfg, done=done, unit=(m, k),
+                                                          log_rows=count_rows(log_path), **st), ckpt_path)
             if m == "trees":
                 tree = gbrt_fit(feats[fold["fit"]], d["cbh_km"][fold["fit"]], cfg["n_trees"], cfg["tree_depth"],
                                 cfg["tree_lr"], cfg["tree_min_leaf"], cfg["tree_bins"])
@@ -636,7 +677,7 @@ def compare(cfg):
                 unit_ck = ck if ck is not None and tuple(ck.get("unit") or ()) == (m, k) else None
                 pred = train_network(m, fold, t, enc, cfg, dev, unit_seed, log, save, unit_ck)
             done.append(dict(method=m, fold=k, pred=np.asarray(pred, np.float64)))
-            data.atomic_torch_save(dict(config=cfg, done=done, unit=None), ckpt_path)
+            data.atomic_torch_save(dict(config=cfg, done=done, unit=None, log_rows=count_rows(log_path)), ckpt_path)
             s = losses.regression_metrics(pred, d["cbh_km"][fold["test"]])
             print(f"{m} {fold['name']}: R2 {s['r2']:.3f} MAE {s['mae']:.4f} km RMSE {s['rmse']:.4f} km "
                   f"({time.time() - t0:.1f}s)")

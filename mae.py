@@ -7,7 +7,7 @@ mae_encoder_pretrained.pth for finetune_cbh.py (which imports Encoder / load_enc
 
     python mae.py                                  # embedded synthetic data, small model, 100 epochs
     python mae.py --data_path my_profiles.h5 --epochs 50 --model_size tiny
-    python mae.py --resume outputs/mae_pretrain/checkpoints/latest.pth   # continue exactly
+    python mae.py --resume outputs/mae_pretrain/checkpoints/latest.pth   # continue exactly (same flags)
 
 Every constant below is also a command-line flag (`python mae.py -h`).
 """
@@ -78,6 +78,9 @@ num_threads = 0  # torch CPU threads (0 = torch default)
 #   batch  64: fp32 374-408 samples/s, bf16 autocast  558-635 (1.5x)
 # With F.scaled_dot_product_attention instead of the explicit attention below, bf16 gained far less.
 # CPUs without AMX emulate bf16 and get slower, so autocast stays off on them.
+
+# settings that may change on --resume: they do not alter the run's losses, only where and how it reports
+FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "save_every", "plot_every", "n_plot", "patience")
 
 MODEL_SIZES = {
     "tiny": dict(embed_dim=128, depth=3, num_heads=2, dec_dim=64, dec_depth=1, dec_heads=2, patch_size=20),
@@ -410,6 +413,18 @@ def plot_losses(log_path, path):
 # ----------------------------------------------------------------------------------------------
 # training
 
+def trim_log(path, last_epoch):
+    """Keep the header and the rows up to last_epoch, so log.csv never lists an epoch twice."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = lines[:1] + [line for line in lines[1:] if int(line.split(",")[0]) <= last_epoch]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 def check_config(cfg):
     problems = [
         (cfg["model_size"] not in (*MODEL_SIZES, "custom"),
@@ -423,6 +438,8 @@ def check_config(cfg):
         (cfg["embed_dim"] % cfg["num_heads"] or cfg["dec_dim"] % cfg["dec_heads"],
          "--num_heads must divide --embed_dim, and --dec_heads must divide --dec_dim"),
         (cfg["val_blocks"] < 2, "--val_blocks must be >= 2"),
+        (min(cfg["patch_size"], cfg["n_plot"]) < 1 or cfg["val_gap"] < 0,
+         "--patch_size and --n_plot must be >= 1, --val_gap >= 0"),
     ]
     for bad, msg in problems:
         if bad:
@@ -472,13 +489,14 @@ def train(cfg):
         ck = data.load_checkpoint(cfg["resume"])
         if not {"model", "optimizer", "scaler", "epoch", "best_val", "bad_epochs", "rng"} <= ck.keys():
             raise data.DataError(f"{cfg['resume']}: not a mae.py training checkpoint")
-        try:
-            model.load_state_dict(ck["model"])
-        except RuntimeError:
-            raise data.DataError(f"{cfg['resume']}: checkpoint was trained with a different model (model_size "
-                                 f"{ck.get('config', {}).get('model_size')}); pass the run's flags") from None
+        diff = [k for k in cfg if k not in FREE_ON_RESUME and ck.get("config", {}).get(k) != cfg[k]]
+        if diff:  # another schedule, split or model would not continue the run: it would be a new one
+            raise data.DataError(f"{cfg['resume']}: checkpoint was made with different settings; pass " +
+                                 " ".join(f"--{k} {ck.get('config', {}).get(k)!r}" for k in diff))
+        model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+        if ck["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
+            scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"], shuffle_gen, gen)
         start_epoch, best_val, bad_epochs = ck["epoch"], ck["best_val"], ck["bad_epochs"]
         print(f"resumed from {cfg['resume']} after epoch {start_epoch} (best val {best_val:.5f})")
@@ -488,7 +506,9 @@ def train(cfg):
     ckpt_dir, plot_dir = os.path.join(out, "checkpoints"), os.path.join(out, "plots")
     log_path = os.path.join(out, "log.csv")
     os.makedirs(ckpt_dir, exist_ok=True)
-    if not cfg["resume"] and os.path.exists(log_path):
+    if cfg["resume"]:
+        trim_log(log_path, start_epoch)  # resuming an older checkpoint re-runs the later epochs
+    elif os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     enc_cfg = encoder_config(mcfg)
     plot_x = X_val[torch.linspace(0, len(X_val) - 1, min(cfg["n_plot"], len(X_val))).long().to(dev)]

@@ -562,24 +562,26 @@ def test_mae_tiny_run_loss_falls_and_writes_outputs(mae_run4):
 
 
 def test_mae_exact_resume(mae_run4, tiny_clouds, tmp_path):
-    # the on-disk state of the same run stopped after epoch 2: its checkpoint and the first two log rows
+    """A run resumed after epoch 2 reproduces the uninterrupted 4-epoch run exactly. The out_dir holds the
+    run's epoch-2 checkpoint and its full 4-row log (as after resuming an older checkpoint): the log is
+    trimmed back to epoch 2 and continued, never listing an epoch twice."""
     out = tmp_path / "resumed"
     os.makedirs(out / "checkpoints")
     shutil.copy(os.path.join(mae_run4, "checkpoints/epoch_002.pth"), out / "checkpoints/latest.pth")
-    with open(os.path.join(mae_run4, "log.csv")) as f:
-        lines = f.readlines()
-    (out / "log.csv").write_text("".join(lines[:3]))
-    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", str(out), "--epochs", "4", "--save_every", "2",
-                   *MAE_TINY,
-                "--resume", str(out / "checkpoints/latest.pth"))
+    shutil.copy(os.path.join(mae_run4, "log.csv"), out / "log.csv")
+    flags = ["--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2", *MAE_TINY]
+    r = run_script("mae.py", *flags, "--resume", out / "checkpoints/latest.pth")
     assert r.returncode == 0, r.stderr
     full, resumed = read_csv(os.path.join(mae_run4, "log.csv")), read_csv(out / "log.csv")
-    assert [int(r["epoch"]) for r in resumed] == [1, 2, 3, 4]  # header once, rows appended
+    assert [int(r["epoch"]) for r in resumed] == [1, 2, 3, 4]  # header once, no epoch twice
     for a, b in zip(full, resumed):
         assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
     ck_a = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/latest.pth"))
     ck_b = data.load_checkpoint(out / "checkpoints/latest.pth")
     assert all(torch.equal(ck_a["model"][k], ck_b["model"][k]) for k in ck_a["model"])
+    # other settings would silently make another run: refused, naming the flag to pass
+    r = run_script("mae.py", *flags, "--epochs", "6", "--resume", os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
+    assert_one_line_error(r, "different settings", "--epochs 4")
 
 
 def test_mae_export_and_reload_encoder(mae_run4, tmp_path):
@@ -952,24 +954,26 @@ def test_ember_wind_dilation_goes_downwind():
     assert north[0, 1, 2] and not north[0, 3, 2]  # v north -> row 0 side
 
 
-def test_ember_tiny_run_beats_persistence_on_new_burn(tiny_fires, tmp_path):
+EMBER_TINY = ["--epochs", "10", "--patch_size", "8", "--history", "4", "--lr", "2e-3", "--batch_size", "16"]
+
+
+def test_ember_tiny_run_beats_both_baselines_on_new_burn(tiny_fires, tmp_path):
+    """The issue's bar, on tiny synthetic fires (40 x 32x32 x 12 frames, ~70 s): the model's val F1 on
+    newly burned cells beats persistence (0 by construction) and the wind-aware dilation baseline."""
     out = tmp_path / "run"
     r = run_script("emberformer.py", "--data_path", tiny_fires, "--out_dir", out, *EMBER_TINY)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "[Epoch 1/" in r.stdout and "BCE+Dice | train: loss=" in r.stdout and "samples/s" in r.stdout
     rows = read_csv(out / "log.csv")
-    base = torch.load(out / "checkpoints" / "best.pth", weights_only=False)["baselines"]
+    base = data.load_checkpoint(out / "checkpoints" / "best.pth")["baselines"]
     new_f1 = [float(row["val_new_f1"]) for row in rows]
     print("val new_f1 per epoch", new_f1, "persistence", base["persistence"]["new_f1"],
           "dilation", base["dilation"]["new_f1"])
     assert base["persistence"]["new_f1"] == 0.0  # next = current never predicts a new cell
-    assert max(new_f1) > base["persistence"]["new_f1"] + 0.2
-    assert new_f1[-1] > new_f1[0]
+    assert base["dilation"]["new_f1"] > 0.5  # a real bar, not a strawman
+    assert max(new_f1[-3:]) > base["dilation"]["new_f1"] and new_f1[-1] > new_f1[0]
     for name in ("log_steps.csv", "curves.png", "checkpoints/latest.pth", "plots/preview_epoch_001.png"):
         assert (out / name).is_file(), name
-
-
-EMBER_TINY = ["--epochs", "3", "--patch_size", "8", "--history", "4", "--lr", "2e-3", "--batch_size", "16"]
 
 
 def test_ember_exact_resume(tmp_path):
@@ -1054,3 +1058,31 @@ def test_ember_help_lists_constants():
     for name in em.get_config([]):
         assert f"--{name}" in r.stdout, name
     assert "(default: 10)" in r.stdout and "patience" in r.stdout
+
+
+def test_ember_resume_trims_logs_and_bad_flags_write_nothing(tmp_path, capsys, restore_globals):
+    log = tmp_path / "log.csv"
+    em.append_csv(str(log), [dict(epoch=e, loss=1.0 / e) for e in (1, 2, 3, 4)])
+    em.trim_csv(str(log), 2)  # resuming the epoch-2 checkpoint: epochs 3 and 4 are re-run, not repeated
+    assert [int(r["epoch"]) for r in read_csv(log)] == [1, 2]
+    em.trim_csv(str(log), 0)
+    assert not log.exists()
+    for flags in (["--val_frac", "1.0"], ["--pred_thresh", "0"], ["--wind_scale", "0"]):
+        with pytest.raises(SystemExit) as e:
+            em.main([*flags, "--out_dir", str(tmp_path / "out")])
+        assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {flags[0]}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ft_bad_flags_and_log_trim(ft_tiny, tmp_path):
+    for flags, words in ((["--batch_size", "0"], "--batch_size"), (["--n_blocks", "1"], "--n_blocks"),
+                         (["--val_frac", "1"], "--val_frac")):
+        r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
+                       "--out_dir", tmp_path / "out", *flags)
+        assert_one_line_error(r, words)
+    assert not (tmp_path / "out").exists()
+    log = tmp_path / "log.csv"
+    log.write_text("method,epoch\nscratch,1\nscratch,2\nscratch,3\n")
+    ft.trim_rows(str(log), 2)  # a checkpoint that accounts for two rows
+    assert log.read_text() == "method,epoch\nscratch,1\nscratch,2\n"
+    assert ft.count_rows(str(log)) == 2 and ft.count_rows(str(tmp_path / "none.csv")) == 0
