@@ -344,12 +344,11 @@ def norm_stats(images):
     return float(images.mean()), float(images.std() + 1e-6)
 
 
-def batch_indices(n, batch_size, shuffle, generator=None, drop_last=False):
+def batch_indices(n, batch_size, shuffle, generator=None):
     """Index batches over n samples (CPU LongTensors). Pass a Generator you own to make shuffling
     reproducible and resumable."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def augment_profiles(x, generator=None, flip=True, crop=True, jitter=True):

@@ -551,16 +551,6 @@ def plot_results(done, folds, d, names, plot_dir):
 # ----------------------------------------------------------------------------------------------
 # main
 
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name not in ("cpu", "cuda", "mps"):
-        raise data.DataError(f"--device {name!r}: expected auto, cpu, cuda or mps")
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise data.DataError(f"--device {name}: not available on this machine")
-    return torch.device(name)
-
-
 def load_encoder_source(cfg, names, width):
     """Where the networks' encoder comes from. Returns (methods to run, dict(config, state, norm_mean,
     norm_std)). --pretrained none: finetune and probe are skipped (nothing to fine-tune or probe) and
@@ -624,7 +614,7 @@ def compare(cfg):
     check_config(cfg)
     if cfg["num_threads"] > 0:
         torch.set_num_threads(cfg["num_threads"])
-    dev = pick_device(cfg["device"])
+    dev = mae.pick_device(cfg["device"])
     names = [m.strip() for m in cfg["methods"].split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:

@@ -293,6 +293,8 @@ def pick_device(name):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    if name not in available:
+        raise data.DataError(f"--device {name!r}: expected auto, cpu, cuda or mps")
     if not available[name]:
         raise data.DataError(f"--device {name}: not available on this machine")
     return torch.device(name)
