@@ -1,27 +1,36 @@
 """
 Benchmark of the emberformer.py model: samples/s and peak memory for a training step and for evaluation,
-on random inputs of the right shapes, plus parameter counts per part. Nothing is written to disk.
-    python bench_emberformer.py --size 64 --patch_size 4 --batch_size 16 --steps 10          # 2-core CPU
-    python bench_emberformer.py --size 400 --patch_size 16 --batch_size 16 --device cuda      # seed guide setup
-Peak memory: RSS of the process on CPU (getrusage; it only grows, so eval is measured before training),
-torch.cuda.max_memory_allocated on CUDA. AMP as in emberformer.py (bf16 / fp16 on CUDA, fp32 on CPU).
+on batches drawn from the default fire data (data.default_fire_path(): real burned fractions and history
+lengths, so the savings on never-burned patches show), plus parameter counts per part. Writes nothing.
+    python bench_emberformer.py --batch_size 16 --steps 10 --num_threads 1
+    python bench_emberformer.py --before /tmp/ember_landed/emberformer.py --num_threads 1   # before/after, one run
+    python bench_emberformer.py --data_path fires400.h5 --patch_size 16 --device cuda
+--before PATH times another version of emberformer.py (e.g. `git show HEAD:emberformer.py > old.py`) in the
+same process on the same batches, interleaved round by round with the current one (so load from other
+processes hits both alike), and prints the speed-up of the median round. A train step is the stage's own
+forward_batch (forward, loss, metrics) + backward + clipped AdamW step. Peak memory: RSS of the process on
+CPU (getrusage; it only grows, so it is the max over everything timed so far), torch.cuda.max_memory_allocated
+on CUDA. AMP as in emberformer.py (bf16 / fp16 on CUDA, fp32 on CPU).
 """
 import argparse
+import importlib.util
 import resource
+import statistics
 import time
 
 import torch
 
+import data
 import emberformer as em
-import losses
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--size", type=int, default=64, help="grid side H = W in pixels")
+p.add_argument("--data_path", default="", help="fire file; '' = the embedded default data (64x64)")
 p.add_argument("--patch_size", type=int, default=4, help="P; the spatial stage runs on the (size/P)^2 grid")
 p.add_argument("--batch_size", type=int, default=16)
-p.add_argument("--history", type=int, default=8, help="K frames; every sample uses all K (the costliest case)")
-p.add_argument("--channels", type=int, default=4, help="static channels")
-p.add_argument("--steps", type=int, default=10, help="timed steps per phase (after 2 warm-up steps)")
+p.add_argument("--history", type=int, default=8, help="K frames (early frames of a fire have fewer, as in training)")
+p.add_argument("--steps", type=int, default=10, help="timed steps per phase and round (after 2 warm-up steps)")
+p.add_argument("--rounds", type=int, default=3, help="rounds; the median round is reported")
+p.add_argument("--before", default="", help="path of another emberformer.py to time beside this one")
 p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads; 0 = torch default")
 args = p.parse_args()
@@ -29,20 +38,34 @@ if args.num_threads > 0:
     torch.set_num_threads(args.num_threads)
 try:
     dev = em.pick_device(args.device)
-except em.data.DataError as e:
+    fires = data.load_fire(args.data_path or data.default_fire_path())
+except data.DataError as e:
     p.error(str(e))
 amp = em.amp_dtype_for(dev)
-torch.manual_seed(0)
+B, K, P = args.batch_size, args.history, args.patch_size
+S, T, H, W = fires["fire"].shape
+D = dict(fire=torch.from_numpy(fires["fire"]).to(dev), wind=torch.from_numpy(fires["wind"]).to(dev),
+         static=torch.from_numpy(fires["static"]).to(dev))
+all_s, all_t = data.fire_sample_index(range(S), T)
+gen = torch.Generator().manual_seed(0)
+batches = [torch.randint(len(all_s), (B,), generator=gen) for _ in range(args.steps + 2)]  # same for every model
 
-B, K, H, C = args.batch_size, args.history, args.size, args.channels
-model = em.EmberFormer(C, args.patch_size).to(dev)
-opt = em.make_optimizer(model)
-scaler = torch.amp.GradScaler(dev.type, enabled=amp is torch.float16)
-hist = (torch.rand(B, K, H, H, device=dev) > 0.7).float()
-wind = torch.randn(B, K, 2, device=dev) * 5
-lengths = torch.full((B,), K, device=dev)
-static = torch.randn(B, C, H, H, device=dev)
-target = (torch.rand(B, H, H, device=dev) > 0.7).float()
+
+def load_module(path):
+    spec = importlib.util.spec_from_file_location("ember_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def setup(mod):
+    """The module's model and optimizer with its default constants; K from --history."""
+    torch.manual_seed(0)
+    mod.history = K
+    model = mod.EmberFormer(len(fires["channels"]), P).to(dev)
+    if hasattr(mod, "target"):  # the current version: the model follows the stage's default target
+        model = mod.EmberFormer(len(fires["channels"]), P, target=mod.target).to(dev)
+    return dict(mod=mod, model=model, opt=mod.make_optimizer(model))
 
 
 def sync():
@@ -56,44 +79,47 @@ def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def forward():
-    with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-        return model(hist, wind, lengths, static)
+def step(run, idx, train):
+    if not train:
+        with torch.no_grad():
+            return run["mod"].forward_batch(run["model"], D, all_s[idx], all_t[idx], amp)
+    loss = run["mod"].forward_batch(run["model"], D, all_s[idx], all_t[idx], amp)[0]
+    run["opt"].zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run["model"].parameters(), 1.0)
+    run["opt"].step()
 
 
-def train_step():
-    loss = losses.bce_dice_loss(forward().float(), target)[0]
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    scaler.step(opt)
-    scaler.update()
-
-
-def eval_step():
-    with torch.no_grad():
-        forward()
-
-
-def timed(fn, train):
-    model.train(train)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):
-        fn()
+def timed(run, train):
+    run["model"].train(train)
+    for idx in batches[:2]:
+        step(run, idx, train)
     sync()
     t = time.time()
-    for _ in range(args.steps):
-        fn()
+    for idx in batches[2:]:
+        step(run, idx, train)
     sync()
-    return B * args.steps / (time.time() - t), peak_mb()
+    return B * args.steps / (time.time() - t)
 
 
+runs = {"current": setup(em)}
+if args.before:
+    runs["before"] = setup(load_module(args.before))
 print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
-      f", amp {amp}, grid {H}x{H}, patch {args.patch_size} -> {-(-H // args.patch_size)}^2 tokens, K {K}, batch {B}")
-print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in em.part_params(model).items()))
-for name, fn, train in (("eval", eval_step, False), ("train", train_step, True)):
-    sps, mb = timed(fn, train)
-    kind = "CUDA allocated" if dev.type == "cuda" else "RSS"
-    print(f"{name:<5}: {sps:8.1f} samples/s  peak memory {mb:8.0f} MiB ({kind})")
+      f", amp {amp}, data {H}x{W} ({S} fires), patch {P} -> {-(-H // P)}x{-(-W // P)} tokens, K {K}, batch {B}, "
+      f"{args.rounds} rounds of {args.steps} steps")
+for name, run in runs.items():
+    print(f"{name:<8} parameters: " + ", ".join(f"{k} {v:,}" for k, v in run["mod"].part_params(run["model"]).items()))
+rates = {(name, phase): [] for name in runs for phase in ("eval", "train")}
+for r in range(args.rounds):
+    for phase in ("eval", "train"):
+        for name, run in runs.items():
+            rates[name, phase].append(timed(run, phase == "train"))
+kind = "CUDA allocated" if dev.type == "cuda" else "RSS"
+for phase in ("eval", "train"):
+    for name in runs:
+        per_round = " ".join(f"{x:.1f}" for x in rates[name, phase])
+        print(f"{phase:<5} {name:<8}: {statistics.median(rates[name, phase]):8.1f} samples/s (median; rounds {per_round})")
+    if args.before:
+        print(f"{phase:<5} speed-up: {statistics.median(rates['current', phase]) / statistics.median(rates['before', phase]):.2f}x")
+print(f"peak memory {peak_mb():.0f} MiB ({kind}, whole process)")

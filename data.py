@@ -8,8 +8,11 @@ Schemas (the same as the real files, so real data drops in):
   fires   fire uint8 (S, T, H, W) cumulative burned area; static float32 (S, C, H, W), attr channels;
           wind float32 (S, T, 2) = (u east, v north) m/s, wind[:, t] drives frame t -> t+1; row 0 = north
 """
+import atexit
 import os
+import sys
 import tempfile
+import time
 
 import h5py
 import numpy as np
@@ -25,7 +28,105 @@ MAX_WIND_MS = 100.0  # no surface wind exceeds this; larger values are fill valu
 
 
 class DataError(Exception):
-    """A problem with user-supplied input; the message names the file, dataset and problem."""
+    """A problem with user-supplied input; the message names the file, dataset and problem (exit code 2)."""
+
+
+class NonFiniteLoss(Exception):
+    """Training produced a NaN/Inf loss; the message names the epoch, steps and likely causes (exit code 3)."""
+
+
+def nonfinite_message(where, first_step, last_step):
+    return (f"{where}: non-finite loss at steps {first_step}-{last_step}; likely causes: a learning "
+            "rate too high (--lr), mixed precision (--amp / --cpu_bf16 off to test), or extreme values in the "
+            "data. Checkpoints on disk are those of the last good epoch")
+
+
+class Progress:
+    """Live progress within an epoch: step/total, running loss, samples/s and the epoch's ETA. In a terminal
+    one line rewritten in place about every 2 s; when stdout is a file (nohup, a batch job) a plain line
+    about every 60 s, so logs stay readable. running_loss() is only called when a line is printed (it may
+    sync a GPU)."""
+
+    def __init__(self, total_steps, label, stream=None, clock=time.time):
+        self.total, self.label, self.clock = total_steps, label, clock
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.every = 2.0 if self.tty else 60.0
+        self.start = self.last = clock()
+        self.shown = False
+
+    def update(self, step, samples, running_loss):
+        now = self.clock()
+        if now - self.last < self.every or step >= self.total:
+            return
+        self.last = now
+        rate = samples / max(now - self.start, 1e-9)
+        eta = (now - self.start) / step * (self.total - step)
+        line = (f"  {self.label}: step {step}/{self.total} | loss {running_loss():.5f} | {rate:.0f} samples/s | "
+                f"ETA {eta:.0f}s")
+        self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
+        self.stream.flush()
+        self.shown = True
+
+    def close(self):
+        if self.tty and self.shown:  # clear the in-place line before the epoch's summary line
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# output folders: checked before any work, locked while a run writes them
+
+def check_out_dir(out_dir):
+    """Refuse an out_dir that cannot be written or that a live run holds, writing nothing: the folder (or its
+    nearest existing parent) must be a writable directory, and out_dir/.lock must not name a live process."""
+    path = os.path.abspath(out_dir)
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    try:  # a real write test: permission bits do not tell (root, read-only or virtual file systems)
+        os.remove(tempfile.mkstemp(dir=probe, prefix=".write_test_")[1])
+    except OSError:
+        raise DataError(f"--out_dir {out_dir}: {probe} is not a writable folder") from None
+    holder = _lock_holder(os.path.join(path, ".lock"))
+    if holder is not None and holder != os.getpid() and _alive(holder):
+        raise DataError(f"--out_dir {out_dir}: in use by process {holder} (its lock {path}/.lock); wait for it "
+                        "or choose another --out_dir")
+
+
+def claim_out_dir(out_dir):
+    """Create out_dir and take its lock (.lock holding this process id, removed at exit). A lock left by a
+    process that is no longer running is taken over with a notice."""
+    check_out_dir(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out_dir {out_dir}: cannot create it ({e.strerror})") from None
+    lock = os.path.join(out_dir, ".lock")
+    holder = _lock_holder(lock)
+    if holder is not None and holder != os.getpid():
+        print(f"note: taking over the stale lock {lock} of process {holder}, which is no longer running")
+    with open(lock, "w") as f:
+        f.write(str(os.getpid()))
+    atexit.register(lambda: _lock_holder(lock) == os.getpid() and os.remove(lock))
+
+
+def _lock_holder(lock):
+    try:
+        with open(lock) as f:
+            return int(f.read().strip() or -1)
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +214,23 @@ def write_clouds(path, images, metadata, cbh_km=None):
             m.attrs["columns"] = np.array(CLOUD_COLUMNS, dtype=h5py.string_dtype())
             if cbh_km is not None:
                 f.create_dataset("cbh_km", data=np.asarray(cbh_km, np.float32))
+    _atomic_write(path, write)
+
+
+def has_dataset(path, name):
+    """Whether the HDF5 file at path holds dataset `name` (a missing or non-HDF5 file raises DataError)."""
+    with _open_h5(path) as f:
+        return name in f
+
+
+def write_cbh_predictions(path, cbh_pred_km, metadata):
+    """Predicted cloud base height per frame: cbh_pred_km float32 (N,), and the input's metadata (N, 4) with
+    its columns, so every prediction keeps its flight, frame and solar angles. Written atomically."""
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("cbh_pred_km", data=np.asarray(cbh_pred_km, np.float32))
+            m = f.create_dataset("metadata", data=np.asarray(metadata, np.float32))
+            m.attrs["columns"] = np.array(CLOUD_COLUMNS, dtype=h5py.string_dtype())
     _atomic_write(path, write)
 
 
@@ -337,10 +455,34 @@ def split_random(n, n_folds=5, seed=0):
             for k in range(n_folds)]
 
 
+INPUT_MODES = ("raw", "contrast", "both")
+WARM_PERCENTILE = 98  # a profile's warm reference: the clear-sea surface when any pixel sees it
+
+
+def profile_channels(images, mode):
+    """Raw profiles (N, W) -> model input channels (N, C, W), float32.
+      raw       the signal itself (C=1). Absolute brightness holds cloud-top temperature, but also the
+                flight's sea-surface temperature, which with few flights identifies each flight's CBH regime:
+                a shortcut that does not transfer to a new flight.
+      contrast  the signal minus the profile's own warm reference, its WARM_PERCENTILE-th percentile (the
+                clear-sky surface where there is one) (C=1): keeps the cloud-top-to-surface contrast, which
+                is what the lapse rate turns into height, and drops the flight's absolute temperature.
+      both      raw and contrast as two channels (C=2)."""
+    if mode not in INPUT_MODES:
+        raise DataError(f"--input {mode!r}: expected one of {', '.join(INPUT_MODES)}")
+    x = np.asarray(images, np.float32)
+    contrast = x - np.percentile(x, WARM_PERCENTILE, axis=1, keepdims=True).astype(np.float32)
+    chans = dict(raw=[x], contrast=[contrast], both=[x, contrast])[mode]
+    return np.stack(chans, 1)  # (N, C, W)
+
+
 def norm_stats(images):
-    """Global mean/std of the training images. A single scalar pair (not per image) keeps absolute
-    brightness, which carries cloud-top temperature and hence height."""
+    """Global mean/std of the training inputs: one pair of scalars for (N, W), or one pair per channel for
+    (N, C, W) (as lists). Global, not per profile, so the absolute level within a channel survives: in
+    raw input it carries cloud-top temperature and hence height."""
     images = np.asarray(images, np.float64)
+    if images.ndim == 3:
+        return images.mean((0, 2)).tolist(), (images.std((0, 2)) + 1e-6).tolist()
     return float(images.mean()), float(images.std() + 1e-6)
 
 
@@ -352,25 +494,26 @@ def batch_indices(n, batch_size, shuffle, generator=None):
 
 
 def augment_profiles(x, generator=None, flip=True, crop=True, jitter=True):
-    """Vectorised batch augmentation of normalised profiles x (B, W): horizontal flip (p=0.5),
-    random crop of 80-100% of the width resized back to W (linear interpolation), brightness and
-    contrast jitter +-30%."""
-    B, W = x.shape
+    """Vectorised batch augmentation of normalised profiles x (B, C, W) (or (B, W)): horizontal flip
+    (p=0.5), random crop of 80-100% of the width resized back to W (linear interpolation), brightness and
+    contrast jitter +-30%. Every channel of a profile gets the same flip, crop and jitter."""
+    B, W = x.shape[0], x.shape[-1]
     dev = x.device
     rand = lambda *s: torch.rand(*s, generator=generator, device=dev)
+    one = (1,) * (x.dim() - 1)  # broadcast a per-profile draw (B, 1[, 1]) over channels and pixels
     if flip:
-        x = torch.where(rand(B, 1) < 0.5, x.flip(1), x)
+        x = torch.where(rand(B, *one) < 0.5, x.flip(-1), x)
     if crop:
-        frac = 0.8 + 0.2 * rand(B, 1)  # (B, 1) kept fraction of the width
-        start = (1 - frac) * rand(B, 1)  # (B, 1) left edge, as a fraction of W
-        pos = (start + frac * torch.linspace(0, 1, W, device=dev)) * (W - 1)  # (B, W) source coords
-        lo = pos.floor().long().clamp(0, W - 2)
+        frac = 0.8 + 0.2 * rand(B, *one)  # kept fraction of the width
+        start = (1 - frac) * rand(B, *one)  # left edge, as a fraction of W
+        pos = (start + frac * torch.linspace(0, 1, W, device=dev)) * (W - 1)  # (B, 1[, 1], W) source coords
+        lo = pos.floor().long().clamp(0, W - 2).expand_as(x)
         w = pos - lo
-        x = torch.gather(x, 1, lo) * (1 - w) + torch.gather(x, 1, lo + 1) * w
+        x = torch.gather(x, -1, lo) * (1 - w) + torch.gather(x, -1, lo + 1) * w
     if jitter:
-        contrast = 1 + 0.6 * (rand(B, 1) - 0.5)
-        brightness = 0.6 * (rand(B, 1) - 0.5)
-        mean = x.mean(1, keepdim=True)
+        contrast = 1 + 0.6 * (rand(B, *one) - 0.5)
+        brightness = 0.6 * (rand(B, *one) - 0.5)
+        mean = x.mean(-1, keepdim=True)
         x = (x - mean) * contrast + mean + brightness
     return x
 
@@ -389,6 +532,16 @@ def write_fire(path, fire, static, channels, wind):
             s.attrs["channels"] = np.array(list(channels), dtype=h5py.string_dtype())
             f.create_dataset("wind", data=np.asarray(wind, np.float32))
     _atomic_write(path, write)
+
+
+def _check_cumulative(path, fire):
+    """The schema's masks are cumulative burned area (emberformer's new-burn target keeps burning cells
+    burning): refuse a file where a cell un-burns, e.g. an active-fire product, naming the first case."""
+    unburn = fire[:, 1:] < fire[:, :-1]  # (S, T-1, H, W): burning at t, not at t+1
+    if unburn.any():
+        s, t = np.argwhere(unburn.any((2, 3)))[0]
+        raise DataError(f"{path}: dataset 'fire' is not cumulative: sequence {s} has cells burning at frame {t} "
+                        f"and not at frame {t + 1} (masks must be burned area so far, not active fire)")
 
 
 def load_fire(path, max_sequences=0):
@@ -418,6 +571,7 @@ def load_fire(path, max_sequences=0):
         fire, static, wind = d_fire[:n], d_static[:n].astype(np.float32), d_wind[:n].astype(np.float32)
     if fire.max() > 1:
         raise DataError(f"{path}: dataset 'fire' is not binary (max value {fire.max()}, expected 0/1)")
+    _check_cumulative(path, fire)
     _check_finite(path, "static", static)
     _check_finite(path, "wind", wind)
     if np.abs(wind).max() > MAX_WIND_MS:

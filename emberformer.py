@@ -4,25 +4,32 @@ landscape channels and the wind so far, predict the burned-area mask of the next
 
 Model (hand-written, plain PyTorch):
   1. tokens: the grid is cut into P x P patches; the token of a patch at frame t embeds the patch's fire
-     pixels, its static pixels and that frame's wind, plus a sinusoidal encoding of the frame's AGE
-     (0 = the current frame), so right-padding the history never moves a real frame's encoding.
+     pixels and that frame's wind, plus a sinusoidal encoding of the frame's AGE (0 = the current frame),
+     so right-padding the history never moves a real frame's encoding.
   2. temporal transformer over each patch's own history with a key-padding mask; the output at the
-     LAST REAL frame (lengths - 1, not position K - 1) is the patch feature -> a (B, 96, H/P, W/P) grid.
+     LAST REAL frame (lengths - 1, not position K - 1), plus the embedding of the patch's static pixels,
+     is the patch feature -> a (B, 96, H/P, W/P) grid. Patches that never burned share one computation.
   3. SegFormer-B1-style spatial stage on that grid (Xie et al. 2021): 4 Mix-Transformer stages,
-     overlapping patch merging, efficient (spatially reduced) attention, Mix-FFN; All-MLP decode head.
+     overlapping patch merging, efficient (spatially reduced) attention, Mix-FFN, stochastic depth;
+     All-MLP decode head.
   4. bilinear upsampling to full resolution + a light conv refinement that also sees the last fire frame,
      the static channels and the wind at full resolution, so fronts stay sharp.
+Target (--target): 'new' keeps cells burning at t burning (the masks are cumulative) and learns only where
+the fire goes next (BCE + Dice over the cells not yet burning); 'full' predicts the whole next mask.
+Splits are whole fires: train, val (early stopping, best.pth) and test (reported once, at the end).
 Run `python emberformer.py -h` for every constant; outputs go to outputs/emberformer/.
 """
 import argparse
 import ast
 import csv
+import json
 import math
 import os
 import random
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,7 +47,7 @@ batch_size = 16  # as the seed guide's GPU setup (400x400, patch 16); ~345 steps
 lr = 0.0  # shared flag: if > 0 it sets BOTH group LRs (overrides lr_temporal and lr_spatial)
 lr_temporal = 1e-3  # peak LR of the temporal part (token embedder + temporal transformer)
 lr_spatial = 1e-4  # peak LR of the spatial part (SegFormer encoder, decode head, refinement)
-weight_decay = 1e-4  # AdamW weight decay (both groups)
+weight_decay = 1e-4  # AdamW weight decay of the weight matrices and conv kernels (norms and biases get none)
 warmup_frac = 0.05  # fraction of all steps spent in linear LR warmup
 min_lr_frac = 0.01  # the cosine decays to this fraction of the peak LR
 grad_clip = 1.0  # max global gradient norm (0 = off)
@@ -52,8 +59,10 @@ num_threads = 0  # torch CPU threads; 0 = torch default
 history = 8  # K: the model sees up to K frames (1..K; early frames of a fire have fewer)
 patch_size = 4  # P: patch side in pixels; the spatial stage runs on the stride-P grid
 val_frac = 0.2  # fraction of SEQUENCES held out for validation (whole fires, never frames of one fire in both)
+test_frac = 0.1  # fraction of SEQUENCES held out as a test split: never used for stopping or choosing; best.pth is reported on it at the end (0 = none)
+target = 'new'  # new: cells burning at t stay burning (no loss on them), the model predicts ignition of the rest; full: the whole next mask
 wind_scale = 10.0  # m/s; wind enters the model divided by this
-monitor = 'val/f1'  # early stopping and best.pth: val/f1, val/iou, val/new_f1 (maximised) or val/loss (minimised)
+monitor = 'val/new_f1'  # early stopping and best.pth: val/new_f1, val/new_ap, val/new_iou, val/f1, val/iou (maximised) or val/loss (minimised)
 early_stop = True  # stop when the monitored metric has not improved for `patience` epochs
 patience = 10  # epochs without improvement before early stopping
 min_delta = 0.001  # an improvement must exceed this to reset the patience counter
@@ -66,12 +75,30 @@ log_every = 20  # write a row to log_steps.csv every this many optimizer steps
 stop_after = 0  # stop after this many epochs of this run (0 = never), schedule still set by --epochs; then --resume
 # --- end config ---
 
-# architecture fixed by the spec (tuples cannot be CLI flags): temporal transformer, SegFormer-B1 (MiT-b1) stage
-TEMPORAL = dict(dim=96, heads=8, layers=4, ffn=384, dropout=0.1)
-MIT_DIMS, MIT_DEPTHS, MIT_HEADS, MIT_SR = (64, 128, 320, 512), (2, 2, 2, 2), (1, 2, 5, 8), (8, 4, 2, 1)
-MLP_RATIO, DECODE_DIM, REFINE_DIM = 4, 256, 32
+@dataclass(frozen=True)  # frozen: the default instance is shared by every model
+class Arch:
+    """Architecture sizes, fixed by the spec (tuples cannot be CLI flags). The model takes one of these, as
+    nanoGPT's GPTConfig, so two models with different sizes can live in one process."""
+    dim: int = 96  # temporal transformer width = channels of the patch feature grid
+    heads: int = 8
+    layers: int = 4
+    ffn: int = 384
+    dropout: float = 0.1  # temporal transformer: attention and residual dropout
+    mit_dims: tuple = (64, 128, 320, 512)  # SegFormer-B1 (MiT-b1) stage widths, depths, heads, reduction ratios
+    mit_depths: tuple = (2, 2, 2, 2)
+    mit_heads: tuple = (1, 2, 5, 8)
+    mit_sr: tuple = (8, 4, 2, 1)
+    mlp_ratio: int = 4
+    drop_path: float = 0.1  # stochastic depth of the last MiT block; rises linearly from 0 over the blocks, as MiT-b1
+    decode_dim: int = 256
+    refine_dim: int = 32
+
+
 METRICS = ("loss", "bce", "dice", "precision", "recall", "f1", "iou", "accuracy", "new_precision", "new_recall",
-           "new_f1")
+           "new_f1", "new_iou", "new_ap")
+MONITORS = ("val/new_f1", "val/new_ap", "val/new_iou", "val/f1", "val/iou", "val/loss")
+BURNING_LOGIT = 30.0  # --target new: logit of cells burning at t (sigmoid = 1.0 in float32)
+CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite losses (a sync each time)
 # flags that may change on --resume (they only change where and how the run reports, or when it ends);
 # every other flag must match the checkpoint's, else the resumed run would not continue the same run
 FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "stop_after", "patience", "early_stop", "log_every")
@@ -108,8 +135,9 @@ def to_patches(x, P):
 
 
 class Embedder(nn.Module):
-    """Token = W_f fire_pixels + W_s static_pixels + W_w wind + age encoding. One linear map of the
-    concatenated inputs, split in three so the static part (same for every frame) is embedded once."""
+    """Token of a patch at frame k = W_f fire_pixels + W_w wind_k + age encoding. The static pixels are NOT
+    in the token: they are embedded once per patch (W_s) and added to the temporal transformer's output, so
+    every patch that has never burned has the same history and shares one temporal computation."""
 
     def __init__(self, P, C, D):
         super().__init__()
@@ -118,13 +146,13 @@ class Embedder(nn.Module):
         self.static = nn.Linear(C * P * P, D, bias=False)
         self.wind = nn.Linear(2, D, bias=False)
 
-    def forward(self, hist, wind, lengths, static):  # hist (B,K,H,W), wind (B,K,2), static (B,C,H,W)
-        P, K = self.P, hist.shape[1]
-        f = self.fire(to_patches(hist, P))  # (B, N, K, D)
-        s = self.static(to_patches(static, P).flatten(2))  # (B, N, D): C*P*P static pixels per patch
-        age = (lengths[:, None] - 1 - torch.arange(K, device=hist.device)).clamp(min=0)  # (B, K), 0 = frame t
-        tw = self.wind(wind) + age_encoding(age, f.shape[-1])  # (B, K, D)
-        return f + s[:, :, None] + tw[:, None]  # (B, N, K, D)
+    def frame_tokens(self, wind, lengths):  # wind (B, K, 2) -> (B, K, D): the part every patch shares
+        K = wind.shape[1]
+        age = (lengths[:, None] - 1 - torch.arange(K, device=wind.device)).clamp(min=0)  # (B, K), 0 = frame t
+        return self.wind(wind) + age_encoding(age, self.fire.out_features)
+
+    def static_tokens(self, static):  # (B, C, H, W) -> (B, N, D): C*P*P static pixels per patch
+        return self.static(to_patches(static, self.P).flatten(2))
 
 
 class TemporalBlock(nn.Module):
@@ -138,11 +166,14 @@ class TemporalBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(D, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, D))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, keep):  # x (M, K, D); keep (M, 1, 1, K) bool, True = real frame
+    def forward(self, x, keep, last=None):  # x (M, K, D); keep (M, 1, 1, K) bool, True = real frame; last (M,)
         M, K, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(M, K, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if last is not None:  # only frame `last` is read after this block: its query alone gives the same output
+            rows = torch.arange(M, device=x.device)
+            x, q = x[rows, last][:, None], q[rows, :, last][:, :, None]  # (M, 1, D), (M, heads, 1, D/heads)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(M, K, D)))
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(M, -1, D)))
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
@@ -150,17 +181,13 @@ class TemporalTransformer(nn.Module):
     def __init__(self, dim, heads, layers, ffn, dropout):
         super().__init__()
         self.blocks = nn.ModuleList(TemporalBlock(dim, heads, ffn, dropout) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim)  # applied by EmberFormer after the static tokens are added
 
-    def forward(self, x, lengths):  # x (B, N, K, D) -> (B, N, D) at each sample's last real frame
-        B, N, K, D = x.shape
-        keep = torch.arange(K, device=x.device)[None] < lengths[:, None]  # (B, K)
-        keep = keep.repeat_interleave(N, 0)[:, None, None, :]  # (B*N, 1, 1, K): one history per patch
-        x = x.reshape(B * N, K, D)
-        for blk in self.blocks:
+    def forward(self, x, lengths):  # x (M, K, D) right-padded histories -> (M, D) at each one's last real frame
+        keep = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None])[:, None, None]  # (M, 1, 1, K)
+        for blk in self.blocks[:-1]:
             x = blk(x, keep)
-        x = x.view(B, N, K, D)[torch.arange(B, device=x.device), :, lengths - 1]  # (B, N, D): position L-1
-        return self.norm(x)
+        return self.blocks[-1](x, keep, last=lengths - 1)[:, 0]  # position L-1, not K-1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,26 +249,46 @@ class MixFFN(nn.Module):
         return self.fc2(F.gelu(y))
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): in training, a residual branch is dropped for a random fraction p
+    of the samples and scaled by 1/(1-p) for the others; identity in eval, so eval output is deterministic."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):  # (B, ...)
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty(x.shape[0], *[1] * (x.ndim - 1)).bernoulli_(1 - self.p)  # (B, 1, ...)
+        return x * keep / (1 - self.p)
+
+
 class MiTBlock(nn.Module):
-    def __init__(self, C, heads, sr):
+    def __init__(self, C, heads, sr, mlp_ratio, drop_path):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(C), nn.LayerNorm(C)
-        self.attn, self.ffn = EfficientAttention(C, heads, sr), MixFFN(C, MLP_RATIO)
+        self.attn, self.ffn = EfficientAttention(C, heads, sr), MixFFN(C, mlp_ratio)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x, H, W):
-        x = x + self.attn(self.ln1(x), H, W)
-        return x + self.ffn(self.ln2(x), H, W)
+        x = x + self.drop_path(self.attn(self.ln1(x), H, W))
+        return x + self.drop_path(self.ffn(self.ln2(x), H, W))
 
 
 class MiTEncoder(nn.Module):
     """Four Mix-Transformer stages; returns the four feature maps (strides 1, 2, 4, 8 on the patch grid)."""
 
-    def __init__(self, cin):
+    def __init__(self, cin, arch):
         super().__init__()
+        rates = torch.linspace(0, arch.drop_path, sum(arch.mit_depths)).tolist()  # one per block, 0 first
         self.embeds, self.stages, self.norms = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for i, (C, depth, heads, sr) in enumerate(zip(MIT_DIMS, MIT_DEPTHS, MIT_HEADS, MIT_SR)):
-            self.embeds.append(OverlapEmbed(cin if i == 0 else MIT_DIMS[i - 1], C, 1 if i == 0 else 2))
-            self.stages.append(nn.ModuleList(MiTBlock(C, heads, sr) for _ in range(depth)))
+        dims = arch.mit_dims
+        for i, (C, depth, heads, sr) in enumerate(zip(dims, arch.mit_depths, arch.mit_heads, arch.mit_sr)):
+            self.embeds.append(OverlapEmbed(cin if i == 0 else dims[i - 1], C, 1 if i == 0 else 2))
+            first = sum(arch.mit_depths[:i])
+            self.stages.append(nn.ModuleList(MiTBlock(C, heads, sr, arch.mlp_ratio, rates[first + j])
+                                             for j in range(depth)))
             self.norms.append(nn.LayerNorm(C))
 
     def forward(self, x):  # (B, 96, Hp, Wp)
@@ -258,12 +305,12 @@ class MiTEncoder(nn.Module):
 class DecodeHead(nn.Module):
     """All-MLP head: each stage -> 256 channels, bilinear to the stage-1 grid, concat, 1x1 fuse, classify."""
 
-    def __init__(self):
+    def __init__(self, dims, D):
         super().__init__()
-        self.proj = nn.ModuleList(nn.Conv2d(C, DECODE_DIM, 1) for C in MIT_DIMS)  # per-pixel linear layers
-        self.fuse = nn.Sequential(nn.Conv2d(4 * DECODE_DIM, DECODE_DIM, 1, bias=False), nn.BatchNorm2d(DECODE_DIM),
+        self.proj = nn.ModuleList(nn.Conv2d(C, D, 1) for C in dims)  # per-pixel linear layers
+        self.fuse = nn.Sequential(nn.Conv2d(len(dims) * D, D, 1, bias=False), nn.BatchNorm2d(D),
                                   nn.ReLU(inplace=True), nn.Dropout2d(0.1))
-        self.cls = nn.Conv2d(DECODE_DIM, 1, 1)
+        self.cls = nn.Conv2d(D, 1, 1)
 
     def forward(self, feats):
         size = feats[0].shape[-2:]
@@ -275,41 +322,67 @@ class Refine(nn.Module):
     """Light full-resolution refinement: adds a correction to the upsampled coarse logits from
     [coarse logits, last fire frame, static channels, wind] through two 3x3 conv layers."""
 
-    def __init__(self, cin):
+    def __init__(self, cin, D):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(cin, REFINE_DIM, 3, 1, 1, bias=False), nn.BatchNorm2d(REFINE_DIM),
-                                 nn.ReLU(inplace=True),
-                                 nn.Conv2d(REFINE_DIM, REFINE_DIM, 3, 1, 1, bias=False), nn.BatchNorm2d(REFINE_DIM),
-                                 nn.ReLU(inplace=True), nn.Conv2d(REFINE_DIM, 1, 1))
+        self.net = nn.Sequential(nn.Conv2d(cin, D, 3, 1, 1, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
+                                 nn.Conv2d(D, D, 3, 1, 1, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
+                                 nn.Conv2d(D, 1, 1))
 
     def forward(self, coarse, last, static, wind):  # coarse/last (B,1,H,W), static (B,C,H,W), wind (B,2)
         w = wind[:, :, None, None].expand(-1, -1, *last.shape[-2:])
         return coarse + self.net(torch.cat([coarse, last, static, w], 1))
 
 
+def init_linear(m):
+    if isinstance(m, nn.Linear):  # as SegFormer / ViT
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def init_conv_fan_out(m):
+    if isinstance(m, nn.Conv2d):  # as SegFormer's MiT: normal with std sqrt(2 / fan_out)
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 class EmberFormer(nn.Module):
-    def __init__(self, n_static, patch, wind_scale=10.0):
+    """target 'new': cells burning at frame t get BURNING_LOGIT (a constant: no gradient), the network only
+    predicts ignition of the others; 'full': the network predicts the whole next mask."""
+
+    def __init__(self, n_static, patch, wind_scale=10.0, target="full", arch=Arch()):
         super().__init__()
-        D = TEMPORAL["dim"]
-        self.patch = patch
-        self.embed = Embedder(patch, n_static, D)
-        self.temporal = TemporalTransformer(**TEMPORAL)
-        self.encoder = MiTEncoder(D)
-        self.decode = DecodeHead()
-        self.refine = Refine(2 + n_static + 2)
+        self.patch, self.target = patch, target
+        self.embed = Embedder(patch, n_static, arch.dim)
+        self.temporal = TemporalTransformer(arch.dim, arch.heads, arch.layers, arch.ffn, arch.dropout)
+        self.encoder = MiTEncoder(arch.dim, arch)
+        self.decode = DecodeHead(arch.mit_dims, arch.decode_dim)
+        self.refine = Refine(2 + n_static + 2, arch.refine_dim)
         # input scaling: train-split per-channel static statistics and the wind scale (m/s) are buffers,
         # so they travel in every checkpoint
         self.register_buffer("wind_scale", torch.tensor(float(wind_scale)))
         self.register_buffer("static_mean", torch.zeros(n_static))
         self.register_buffer("static_std", torch.ones(n_static))
-        self.apply(self._init)
+        self.apply(init_linear)
+        self.encoder.apply(init_conv_fan_out)  # decode head and refinement keep PyTorch's default conv init
 
-    @staticmethod
-    def _init(m):
-        if isinstance(m, nn.Linear):  # as SegFormer / ViT
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    def temporal_features(self, hist, wind, lengths):
+        """hist (B, K, H, W) right-padded, H, W multiples of P -> (B, N, D) temporal output at each patch's last
+        real frame (before the static tokens and the norm). Only patches with fire somewhere in their history
+        run the transformer, plus ONE all-zero history per sample standing for all its never-burned patches:
+        their tokens are identical (no static in the token), so this is the same function at a fraction of
+        the cost (~89% of the default data's (sample, patch) histories never burned)."""
+        B = hist.shape[0]
+        patches = to_patches(hist, self.patch)  # (B, N, K, P*P)
+        frame = self.embed.frame_tokens(wind, lengths)  # (B, K, D)
+        b, n = patches.flatten(2).amax(2).nonzero(as_tuple=True)  # (M,), (M,): patches that ever burned
+        quiet = self.embed.fire(patches.new_zeros(1, 1, patches.shape[-1])) + frame  # (B, K, D)
+        burnt = self.embed.fire(patches[b, n]) + frame[b]  # (M, K, D)
+        out = self.temporal(torch.cat([quiet, burnt]), torch.cat([lengths, lengths[b]]))  # (B + M, D)
+        feat = out[:B, None].repeat(1, patches.shape[1], 1)  # (B, N, D): every patch as never burned...
+        return feat.index_put((b, n), out[B:])  # ...then the ones that burned
 
     def forward(self, hist, wind, lengths, static):
         """hist (B,K,H,W) 0/1 right-padded, wind (B,K,2) m/s, lengths (B,), static (B,C,H,W) raw -> logits (B,H,W)."""
@@ -318,15 +391,18 @@ class EmberFormer(nn.Module):
         static = (static - self.static_mean[:, None, None]) / self.static_std[:, None, None]
         wind = wind / self.wind_scale
         pad = (0, -W % P, 0, -H % P)  # zero-pad bottom/right to whole patches; cropped off at the end
-        tok = self.embed(F.pad(hist, pad), wind, lengths, F.pad(static, pad))  # (B, N, K, 96)
-        feat = self.temporal(tok, lengths)  # (B, N, 96)
+        feat = self.temporal_features(F.pad(hist, pad), wind, lengths)  # (B, N, D)
+        feat = self.temporal.norm(feat + self.embed.static_tokens(F.pad(static, pad)))  # (B, N, D)
         Hp, Wp = (H + pad[3]) // P, (W + pad[1]) // P
-        feat = feat.transpose(1, 2).reshape(B, -1, Hp, Wp)  # (B, 96, Hp, Wp)
+        feat = feat.transpose(1, 2).reshape(B, -1, Hp, Wp)  # (B, D, Hp, Wp)
         coarse = self.decode(self.encoder(feat))  # (B, 1, Hp, Wp)
         coarse = F.interpolate(coarse, size=(Hp * P, Wp * P), mode="bilinear", align_corners=False)[..., :H, :W]
         idx = torch.arange(B, device=hist.device)
         last = hist[idx, lengths - 1][:, None]  # (B, 1, H, W): the current frame t
-        return self.refine(coarse, last, static, wind[idx, lengths - 1])[:, 0]  # (B, H, W)
+        logits = self.refine(coarse, last, static, wind[idx, lengths - 1])[:, 0]  # (B, H, W)
+        if self.target == "new":  # cumulative masks: burning at t is burning at t+1, whatever the network says
+            logits = logits.masked_fill(last[:, 0] > 0.5, BURNING_LOGIT)
+        return logits
 
 
 def part_params(model):
@@ -351,12 +427,24 @@ def check_groups(model, groups):
 
 
 def make_optimizer(model):
+    """AdamW, four groups: the temporal part (learns from scratch, higher LR) and the spatial part, each split
+    into weight matrices / kernels (decayed) and norms and biases (ndim <= 1, not decayed, as SegFormer and
+    MAE). Every group carries a 'name': logs read LRs by name (group_lr), never by position."""
     lt, ls = (lr, lr) if lr > 0 else (lr_temporal, lr_spatial)
-    groups = [dict(params=[*model.embed.parameters(), *model.temporal.parameters()], lr=lt, base_lr=lt),
-              dict(params=[*model.encoder.parameters(), *model.decode.parameters(), *model.refine.parameters()],
-                   lr=ls, base_lr=ls)]
+    parts = dict(temporal=(lt, [model.embed, model.temporal]), spatial=(ls, [model.encoder, model.decode, model.refine]))
+    groups = []
+    for name, (base, modules) in parts.items():
+        params = [p for m in modules for p in m.parameters()]
+        groups.append(dict(name=name, params=[p for p in params if p.ndim > 1], lr=base, base_lr=base,
+                           weight_decay=weight_decay))
+        groups.append(dict(name=name + "_no_decay", params=[p for p in params if p.ndim <= 1], lr=base,
+                           base_lr=base, weight_decay=0.0))
     check_groups(model, groups)
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups)
+
+
+def group_lr(opt, name):
+    return next(g["lr"] for g in opt.param_groups if g["name"] == name)
 
 
 def get_lr(step, total_steps):
@@ -377,16 +465,20 @@ def batch_counts(pred, target, current):
     return torch.stack([losses.confusion_counts(pred, tgt), losses.confusion_counts(pred, tgt, ~current)])
 
 
-def scores(counts):
-    """counts (2, 4) summed over batches -> precision, recall, f1, iou, accuracy + new-burn precision/recall/f1."""
+def scores(counts, pr=None):
+    """counts (2, 4) summed over batches -> precision, recall, f1, iou, accuracy + the new-burn ones.
+    new_ap: average precision on new-burn cells from the summed PR histogram `pr`; for a hard mask (pr None,
+    the baselines) it is precision x recall at its single operating point."""
     out, new = losses.seg_metrics(counts[0]), losses.seg_metrics(counts[1])
-    out.update(new_precision=new["precision"], new_recall=new["recall"], new_f1=new["f1"])
+    ap = new["precision"] * new["recall"] if pr is None else losses.average_precision(pr)
+    out.update(new_precision=new["precision"], new_recall=new["recall"], new_f1=new["f1"], new_iou=new["iou"],
+               new_ap=ap)
     return out
 
 
-def summarize(sums, counts, n):
+def summarize(sums, counts, pr, n):
     """sums: tensor [loss, bce, dice] summed over n samples -> dict of every metric in METRICS."""
-    return dict(zip(("loss", "bce", "dice"), (sums / max(n, 1)).tolist()), **scores(counts))
+    return dict(zip(("loss", "bce", "dice"), (sums / max(n, 1)).tolist()), **scores(counts, pr))
 
 
 NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]  # (drow, dcol)
@@ -425,44 +517,63 @@ def baselines(D, s, t):
 # ----------------------------------------------------------------------------------------------
 # data flow: whole dataset on the device, batches by indexing
 
+def split_fires(n_seq, path):
+    """Whole sequences -> (train, val, test) index arrays. Val comes first in the seeded permutation, so it
+    holds the same fires whatever --test_frac is; test fires are never used for stopping or choosing."""
+    perm = np.random.default_rng(seed).permutation(n_seq)
+    n_val, n_test = max(1, int(round(val_frac * n_seq))), int(round(test_frac * n_seq))
+    if n_val + n_test >= n_seq:
+        raise data.DataError(f"{path}: {n_seq} sequence(s) leave no training fire after --val_frac {val_frac} "
+                             f"({n_val}) and --test_frac {test_frac} ({n_test})")
+    return np.sort(perm[n_val + n_test:]), np.sort(perm[:n_val]), np.sort(perm[n_val:n_val + n_test])
+
+
 def load_data(dev):
     path = data_path or data.default_fire_path()
     d = data.load_fire(path)
     S, T = d["fire"].shape[:2]
-    if S < 2:
-        raise data.DataError(f"{path}: {S} sequence(s); need at least 2 to split train/val by sequence")
-    train_seq, val_seq = data.split_sequences(S, val_frac, seed)
+    train_seq, val_seq, test_seq = split_fires(S, path)
     train_s, train_t = data.fire_sample_index(train_seq, T)
     if max_samples > 0:
         train_s, train_t = train_s[:max_samples], train_t[:max_samples]
-    val_s, val_t = data.fire_sample_index(val_seq, T)
     st = torch.from_numpy(d["static"][train_seq]).double()  # per-channel statistics from the TRAIN split only
     mean, std = st.mean((0, 2, 3)).float(), st.std((0, 2, 3)).float().clamp(min=1e-6)
     return dict(fire=torch.from_numpy(d["fire"]).to(dev), static=torch.from_numpy(d["static"]).to(dev),
                 wind=torch.from_numpy(d["wind"]).to(dev), channels=d["channels"], path=path,
-                train=(train_s, train_t), val=(val_s, val_t), mean=mean, std=std)
+                train=(train_s, train_t), val=data.fire_sample_index(val_seq, T),
+                test=data.fire_sample_index(test_seq, T), mean=mean, std=std)
 
 
 def forward_batch(model, D, s, t, amp):
-    hist, wind, lengths, target = data.fire_batch(D["fire"], D["wind"], s, t, history)
+    """-> loss (the --target objective), [loss, bce, dice] * batch, confusion counts (2, 4), new-burn PR
+    histogram (2, bins), logits (B, H, W)."""
+    hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s, t, history)
     with torch.autocast(D["fire"].device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        logits = model(hist, wind, lengths, D["static"][s.to(hist.device)])
-    loss, bce, dice = losses.bce_dice_loss(logits.float(), target, bce_weight, dice_weight,
-                                           pos_weight if pos_weight > 0 else None)
-    pred = torch.sigmoid(logits.float()) > pred_thresh
-    current = hist[torch.arange(len(lengths), device=hist.device), lengths - 1] > 0.5
-    return loss, torch.stack([loss, bce, dice]).detach() * len(s), batch_counts(pred, target, current), logits
+        logits = model(hist, wind, lengths, D["static"][s.to(hist.device)]).float()
+    current = hist[torch.arange(len(lengths), device=hist.device), lengths - 1] > 0.5  # (B, H, W) burning at t
+    loss, bce, dice = losses.bce_dice_loss(logits, nxt, bce_weight, dice_weight, pos_weight if pos_weight > 0 else None,
+                                           mask=~current if target == "new" else None)
+    counts = batch_counts(torch.sigmoid(logits) > pred_thresh, nxt, current)
+    pr = losses.pr_histogram(logits, nxt, ~current)  # new-burn cells only
+    return loss, torch.stack([loss, bce, dice]).detach() * len(s), counts, pr, logits
 
 
 def train_epoch(model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch):
+    """One pass over the training samples. Non-finite losses are counted on the device and looked at every
+    CHECK_EVERY steps and at the end (no sync per step): the run stops (data.NonFiniteLoss) before anything
+    of this epoch is saved; with a GradScaler (fp16) only a window in which every step overflowed does."""
     model.train()
     s_all, t_all = D["train"]
-    sums, counts = 0, 0
-    for idx in data.batch_indices(len(s_all), batch_size, shuffle=True, generator=gen):
+    sums, counts, prs = 0, 0, 0
+    bad = torch.zeros((), dtype=torch.long, device=D["fire"].device)  # non-finite losses since the last check
+    checked, seen = step, 0
+    batches = data.batch_indices(len(s_all), batch_size, shuffle=True, generator=gen)
+    progress = data.Progress(len(batches), f"epoch {epoch}")
+    for i, idx in enumerate(batches):
         mult = get_lr(step, total_steps)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        loss, s3, c, _ = forward_batch(model, D, s_all[idx], t_all[idx], amp)
+        loss, s3, c, pr, _ = forward_batch(model, D, s_all[idx], t_all[idx], amp)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -470,24 +581,41 @@ def train_epoch(model, opt, scaler, D, gen, step, total_steps, amp, step_rows, e
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(opt)
         scaler.update()
-        step += 1
-        sums, counts = sums + s3, counts + c
+        step, seen = step + 1, seen + len(idx)
+        finite = torch.isfinite(s3[0])
+        bad += ~finite
+        sums, counts, prs = sums + torch.where(finite, s3, 0.0), counts + c, prs + pr
+        if step % CHECK_EVERY == 0:
+            check_finite(bad, step - checked, scaler.is_enabled(), epoch, checked + 1, step)
+            bad.zero_()
+            checked = step
+        progress.update(i + 1, seen, lambda: (sums[0] / seen).item())
         if step % log_every == 0:
             s3 = (s3 / len(idx)).tolist()
-            step_rows.append(dict(step=step, epoch=epoch, lr_temporal=opt.param_groups[0]["lr"],
-                                  lr_spatial=opt.param_groups[1]["lr"], loss=s3[0], bce=s3[1], dice=s3[2]))
-    return summarize(sums, counts, len(s_all)), step
+            step_rows.append(dict(step=step, epoch=epoch, lr_temporal=group_lr(opt, "temporal"),
+                                  lr_spatial=group_lr(opt, "spatial"), loss=s3[0], bce=s3[1], dice=s3[2]))
+    progress.close()
+    if step > checked:
+        check_finite(bad, step - checked, scaler.is_enabled(), epoch, checked + 1, step)
+    return summarize(sums, counts, prs, len(s_all)), step
+
+
+def check_finite(bad, window, scaler_on, epoch, first_step, last_step):
+    """Stop on non-finite losses among the last `window` steps (with a GradScaler: only if all were)."""
+    n_bad = int(bad.item())
+    if n_bad == window or (n_bad > 0 and not scaler_on):
+        raise data.NonFiniteLoss(data.nonfinite_message(f"emberformer.py, epoch {epoch}", first_step, last_step))
 
 
 @torch.no_grad()
-def evaluate(model, D, amp):
+def evaluate(model, D, amp, split="val"):
     model.eval()
-    s_all, t_all = D["val"]
-    sums, counts = 0, 0
+    s_all, t_all = D[split]
+    sums, counts, prs = 0, 0, 0
     for idx in data.batch_indices(len(s_all), batch_size, shuffle=False):
-        _, s3, c, _ = forward_batch(model, D, s_all[idx], t_all[idx], amp)
-        sums, counts = sums + s3, counts + c
-    return summarize(sums, counts, len(s_all))
+        _, s3, c, pr, _ = forward_batch(model, D, s_all[idx], t_all[idx], amp)
+        sums, counts, prs = sums + s3, counts + c, prs + pr
+    return summarize(sums, counts, prs, len(s_all))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +667,7 @@ def plot_preview(model, D, sample, amp, path):
     import matplotlib.pyplot as plt
     model.eval()
     s, t = sample
-    _, _, _, logits = forward_batch(model, D, s, t, amp)
+    logits = forward_batch(model, D, s, t, amp)[-1]
     hist, wind, lengths, target = data.fire_batch(D["fire"], D["wind"], s, t, history)
     prob = torch.sigmoid(logits.float()).cpu()
     fig, axes = plt.subplots(2, 5, figsize=(16, 6.6), gridspec_kw=dict(left=0.01, right=0.99, bottom=0.01, top=0.95,
@@ -585,7 +713,7 @@ def plot_curves(log_path, base, path):
     a.plot(ep, col("val_loss"), label="val")
     a.set(xlabel="epoch", ylabel="BCE+Dice loss")
     a.legend()
-    for k in ("val_f1", "val_iou", "val_new_f1", "train_f1"):
+    for k in ("val_f1", "val_iou", "val_new_f1", "val_new_ap", "train_new_f1"):
         b.plot(ep, col(k), label=k)
     b.axhline(base["dilation"]["new_f1"], ls="--", c="gray", label="wind dilation new_f1")
     b.axhline(base["dilation"]["f1"], ls=":", c="gray", label="wind dilation f1")
@@ -648,21 +776,104 @@ def pick_device(name):
 
 
 def check_config(cfg):
-    if cfg["monitor"] not in ("val/f1", "val/iou", "val/new_f1", "val/loss"):
-        raise data.DataError(f"--monitor {cfg['monitor']}: choose val/f1, val/iou, val/new_f1 or val/loss")
+    if cfg["monitor"] not in MONITORS:
+        raise data.DataError(f"--monitor {cfg['monitor']}: choose " + ", ".join(MONITORS))
+    if cfg["target"] not in ("new", "full"):
+        raise data.DataError(f"--target {cfg['target']}: choose new or full")
     for k in ("epochs", "batch_size", "history", "patch_size", "log_every"):
         if cfg[k] < 1:
             raise data.DataError(f"--{k} {cfg[k]}: must be >= 1")
     for k in ("val_frac", "pred_thresh"):
         if not 0 < cfg[k] < 1:
             raise data.DataError(f"--{k} {cfg[k]}: must be between 0 and 1")
+    if not 0 <= cfg["test_frac"] < 1:
+        raise data.DataError(f"--test_frac {cfg['test_frac']}: must be in [0, 1)")
     if cfg["wind_scale"] <= 0 or cfg["grad_clip"] < 0:
         raise data.DataError("--wind_scale must be > 0 and --grad_clip >= 0")
+
+
+def build_model(D, dev):
+    model = EmberFormer(len(D["channels"]), patch_size, wind_scale, target).to(dev)
+    model.static_mean.copy_(D["mean"])
+    model.static_std.copy_(D["std"])
+    return model
+
+
+def maybe_resume(cfg, model, opt, scaler, gen):
+    """Load --resume into model, optimizer, scaler and RNGs -> (epoch, best, best_epoch, bad_epochs);
+    a fresh run starts at (0, worst, 0, 0)."""
+    if not resume:
+        return 0, -math.inf if monitor != "val/loss" else math.inf, 0, 0
+    ckpt = data.load_checkpoint(resume)  # on CPU: RNG states must stay CPU tensors
+    if not {"model", "optimizer", "epoch", "config", "rng"} <= set(ckpt):
+        raise data.DataError(f"{resume}: not an emberformer checkpoint (keys {sorted(ckpt)[:6]})")
+    if "target" not in ckpt["config"]:  # its model re-predicted burning cells and its optimizer had 2 groups
+        raise data.DataError(f"{resume}: checkpoint predates --target (new-burn target, test split); "
+                             "it cannot be resumed, start a new run")
+    diff = [k for k in cfg if k not in FREE_ON_RESUME and ckpt["config"].get(k) != cfg[k]]
+    if diff:
+        raise data.DataError(f"{resume}: checkpoint was made with different " + ", ".join(
+            f"--{k} ({ckpt['config'].get(k)!r}, now {cfg[k]!r})" for k in diff))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise data.DataError(f"{resume}: model weights do not fit ({str(e).splitlines()[0]})") from None
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], gen)
+    return ckpt["epoch"], ckpt["best"], ckpt["best_epoch"], ckpt["bad_epochs"]
+
+
+def report_test(D, dev, amp):
+    """best.pth on the test fires beside the baselines on the identical samples -> test_metrics.json + one line.
+    The test split chose nothing: not the epoch, not the stopping point."""
+    ckpt = data.load_checkpoint(os.path.join(out_dir, "checkpoints", "best.pth"))
+    model = build_model(D, dev)
+    model.load_state_dict(ckpt["model"])
+    result = dict(model=evaluate(model, D, amp, "test"), **baselines(D, *D["test"]), best_epoch=ckpt["epoch"],
+                  test_samples=len(D["test"][0]), target=target, note="new_ap of the baselines = precision x "
+                  "recall at their single operating point; the model's = average precision over new-burn cells")
+    with open(os.path.join(out_dir, "test_metrics.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    m, dil, per = result["model"], result["dilation"], result["persistence"]
+    print(f"test ({result['test_samples']} samples, best.pth epoch {ckpt['epoch']}): new_f1 {m['new_f1']:.3f} "
+          f"new_ap {m['new_ap']:.3f} f1 {m['f1']:.3f} | wind dilation new_f1 {dil['new_f1']:.3f} new_ap* "
+          f"{dil['new_ap']:.3f} | persistence new_f1 {per['new_f1']:.3f} new_ap* {per['new_ap']:.3f} "
+          f"(* precision x recall)")
+
+
+def prepare_logs(start):
+    """Create and lock out_dir. A fresh run starts fresh logs; a resumed one continues them, trimmed back to
+    its checkpoint's epoch."""
+    data.claim_out_dir(out_dir)
+    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    for name in ("log.csv", "log_steps.csv"):
+        path = os.path.join(out_dir, name)
+        if resume:
+            trim_csv(path, start)  # resuming an older checkpoint re-runs the later epochs
+        elif os.path.isfile(path):
+            os.remove(path)
+
+
+def print_epoch(epoch, tr, va, base):
+    print(f"[Epoch {epoch}/{epochs}] BCE+Dice | train: loss={tr['loss']:.4f} new_f1={tr['new_f1']:.3f} "
+          f"| val: loss={va['loss']:.4f} f1={va['f1']:.3f} prec={va['precision']:.3f} iou={va['iou']:.3f} "
+          f"new_f1={va['new_f1']:.3f} new_ap={va['new_ap']:.3f} (dilation new_f1 {base['dilation']['new_f1']:.3f})")
+
+
+def write_epoch_outputs(row, step_rows, model, D, sample, amp, base):
+    """The epoch's rows in log.csv and log_steps.csv, its preview plot and the updated curves."""
+    append_csv(os.path.join(out_dir, "log.csv"), [row])
+    append_csv(os.path.join(out_dir, "log_steps.csv"), step_rows)
+    plot_preview(model, D, sample, amp, os.path.join(out_dir, "plots", f"preview_epoch_{row['epoch']:03d}.png"))
+    plot_curves(os.path.join(out_dir, "log.csv"), base, os.path.join(out_dir, "curves.png"))
 
 
 def train(cfg):
     globals().update(cfg)  # the constants above now hold this run's values
     check_config(cfg)
+    data.check_out_dir(out_dir)  # unwritable, or held by a live run: refused before any work
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
@@ -672,50 +883,24 @@ def train(cfg):
     dev = pick_device(device)
     amp = amp_dtype_for(dev)
     D = load_data(dev)
-    model = EmberFormer(len(D["channels"]), patch_size, wind_scale).to(dev)
-    model.static_mean.copy_(D["mean"])
-    model.static_std.copy_(D["std"])
+    model = build_model(D, dev)
     opt = make_optimizer(model)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp is torch.float16)
     steps_per_epoch = math.ceil(len(D["train"][0]) / batch_size)
     total_steps = epochs * steps_per_epoch
-    mode_max = monitor != "val/loss"
-    start, best, best_epoch, bad = 0, -math.inf if mode_max else math.inf, 0, 0
-    ckpt_dir, plot_dir = os.path.join(out_dir, "checkpoints"), os.path.join(out_dir, "plots")
-    if resume:
-        ck = data.load_checkpoint(resume)  # on CPU: RNG states must stay CPU tensors
-        if not {"model", "optimizer", "epoch", "config", "rng"} <= set(ck):
-            raise data.DataError(f"{resume}: not an emberformer checkpoint (keys {sorted(ck)[:6]})")
-        diff = [k for k in cfg if k not in FREE_ON_RESUME and ck["config"].get(k) != cfg[k]]
-        if diff:
-            raise data.DataError(f"{resume}: checkpoint was made with different " + ", ".join(
-                f"--{k} ({ck['config'].get(k)!r}, now {cfg[k]!r})" for k in diff))
-        try:
-            model.load_state_dict(ck["model"])
-        except RuntimeError as e:
-            raise data.DataError(f"{resume}: model weights do not fit ({str(e).splitlines()[0]})") from None
-        opt.load_state_dict(ck["optimizer"])
-        if ck["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
-            scaler.load_state_dict(ck["scaler"])
-        start, best, best_epoch, bad = ck["epoch"], ck["best"], ck["best_epoch"], ck["bad_epochs"]
-        set_rng_state(ck["rng"], gen)
-    os.makedirs(plot_dir, exist_ok=True)
-    for name in ("log.csv", "log_steps.csv"):  # a fresh run starts fresh logs; a resumed one continues them
-        path = os.path.join(out_dir, name)
-        if resume:
-            trim_csv(path, start)  # resuming an older checkpoint re-runs the later epochs
-        elif os.path.isfile(path):
-            os.remove(path)
-    n_train, n_val = len(D["train"][0]), len(D["val"][0])
-    print(f"data: {D['path']}  fire {tuple(D['fire'].shape)}  static {D['channels']}  "
-          f"train {n_train} / val {n_val} samples  device {dev}  amp {amp}")
+    start, best, best_epoch, bad = maybe_resume(cfg, model, opt, scaler, gen)
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    prepare_logs(start)
+    n_train, n_val, n_test = len(D["train"][0]), len(D["val"][0]), len(D["test"][0])
+    print(f"data: {D['path']}  fire {tuple(D['fire'].shape)}  static {D['channels']}  train {n_train} / val {n_val}"
+          f" / test {n_test} samples  device {dev}  amp {amp}  target {target}")
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in part_params(model).items()))
     base = baselines(D, *D["val"])
     for k, m in base.items():
         print(f"baseline {k:<11} val: f1={m['f1']:.3f} prec={m['precision']:.3f} iou={m['iou']:.3f} "
-              f"new_f1={m['new_f1']:.3f}")
+              f"new_f1={m['new_f1']:.3f} new_ap(precision x recall)={m['new_ap']:.3f}")
     sample = preview_samples(D)
-    step = start * steps_per_epoch
+    step, stopped_early = start * steps_per_epoch, False
     for epoch in range(start + 1, epochs + 1):
         t0, step_rows = time.time(), []
         tr, step = train_epoch(model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch)
@@ -724,38 +909,34 @@ def train(cfg):
         va = evaluate(model, D, amp)
         t2 = time.time()
         print(f"  val:   {n_val} samples in {t2 - t1:.1f}s ({n_val / (t2 - t1):.1f} samples/s)")
-        print(f"[Epoch {epoch}/{epochs}] BCE+Dice | train: loss={tr['loss']:.4f} f1={tr['f1']:.3f} "
-              f"prec={tr['precision']:.3f} | val: loss={va['loss']:.4f} f1={va['f1']:.3f} prec={va['precision']:.3f} "
-              f"iou={va['iou']:.3f} new_f1={va['new_f1']:.3f} (dilation {base['dilation']['new_f1']:.3f})")
+        print_epoch(epoch, tr, va, base)
         value = va[monitor.split("/")[1]]
-        improved = value > best + min_delta if mode_max else value < best - min_delta
+        improved = value > best + min_delta if monitor != "val/loss" else value < best - min_delta
         if improved:
             best, best_epoch, bad = value, epoch, 0
         else:
             bad += 1
-        row = dict(epoch=epoch, step=step, lr_temporal=opt.param_groups[0]["lr"], lr_spatial=opt.param_groups[1]["lr"])
-        row.update({f"train_{k}": tr[k] for k in METRICS})
-        row.update({f"val_{k}": va[k] for k in METRICS})
-        row["time_s"] = round(t2 - t0, 2)
-        append_csv(os.path.join(out_dir, "log.csv"), [row])
-        append_csv(os.path.join(out_dir, "log_steps.csv"), step_rows)
-        plot_preview(model, D, sample, amp, os.path.join(plot_dir, f"preview_epoch_{epoch:03d}.png"))
-        plot_curves(os.path.join(out_dir, "log.csv"), base, os.path.join(out_dir, "curves.png"))
+        row = dict(epoch=epoch, step=step, lr_temporal=group_lr(opt, "temporal"), lr_spatial=group_lr(opt, "spatial"),
+                   **{f"train_{k}": tr[k] for k in METRICS}, **{f"val_{k}": va[k] for k in METRICS}, time_s=round(t2 - t0, 2))
+        write_epoch_outputs(row, step_rows, model, D, sample, amp, base)
         # checkpoints last: latest.pth then marks an epoch whose logs and plots are complete
-        ck = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                  best=best, best_epoch=best_epoch, bad_epochs=bad, rng=rng_state(gen), config=cfg,
-                  channels=D["channels"], baselines=base, val_metrics=va)
+        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                    best=best, best_epoch=best_epoch, bad_epochs=bad, rng=rng_state(gen), config=cfg,
+                    channels=D["channels"], baselines=base, val_metrics=va)
         if improved:
-            data.atomic_torch_save(ck, os.path.join(ckpt_dir, "best.pth"))
-        data.atomic_torch_save(ck, os.path.join(ckpt_dir, "latest.pth"))
+            data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
+        data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
         if early_stop and bad >= patience:
             print(f"early stopping at epoch {epoch}: best {monitor}={best:.4f} at epoch {best_epoch}")
             break
         if stop_after and epoch - start >= stop_after:
             print(f"stopping after {stop_after} epoch(s) as asked; continue with --resume {ckpt_dir}/latest.pth")
+            stopped_early = True
             break
-    print(f"best {monitor}={best:.4f} at epoch {best_epoch} | baselines new_f1: persistence "
+    print(f"best {monitor}={best:.4f} at epoch {best_epoch} | val baselines new_f1: persistence "
           f"{base['persistence']['new_f1']:.3f}, wind dilation {base['dilation']['new_f1']:.3f}")
+    if n_test and not stopped_early:  # a paused run is reported when it finishes
+        report_test(D, dev, amp)
 
 
 def main(argv=None):
@@ -765,6 +946,9 @@ def main(argv=None):
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except data.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

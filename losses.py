@@ -20,19 +20,49 @@ def masked_mse(pred, target, mask, norm_pix=False):
     return (per_patch * mask).sum() / mask.sum().clamp(min=1)
 
 
-def bce_dice_loss(logits, target, bce_weight=0.5, dice_weight=0.5, pos_weight=None, smooth=1.0):
+def bce_dice_loss(logits, target, bce_weight=0.5, dice_weight=0.5, pos_weight=None, smooth=1.0, mask=None):
     """bce_weight * BCE + dice_weight * soft Dice loss. logits, target (B, H, W) (any trailing shape).
     pos_weight (float or None) up-weights positive pixels in BCE, for sparse fire fronts.
     Dice is computed per sample and averaged; `smooth` keeps an empty target with an empty prediction
-    at Dice loss 0 instead of 0/0. Returns (loss, bce, dice)."""
+    at Dice loss 0 instead of 0/0. `mask` (bool, like target) keeps only those pixels in both terms (BCE
+    is their mean, Dice sees only them): pixels outside get no loss and no gradient. Returns (loss, bce, dice)."""
     target = target.to(logits.dtype)
+    keep = torch.ones_like(target) if mask is None else mask.to(logits.dtype)
     pw = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
-    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw)
-    p = torch.sigmoid(logits).flatten(1)  # (B, H*W)
-    t = target.flatten(1)
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=pw, reduction="none")
+    bce = (bce * keep).sum() / keep.sum().clamp(min=1)
+    p = (torch.sigmoid(logits) * keep).flatten(1)  # (B, H*W)
+    t = (target * keep).flatten(1)
     inter = (p * t).sum(1)
     dice = 1 - ((2 * inter + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
     return bce_weight * bce + dice_weight * dice, bce, dice
+
+
+def pr_histogram(logits, target, mask, bins=4000, lim=16.0):
+    """(2, bins) long [negatives, positives] per logit bin, for average_precision. Bins are equal steps of
+    the logit clamped to [-lim, lim] (0.008 wide by default: finer than any threshold anyone would pick,
+    and ranking by logit is ranking by probability). Counts add up over batches on the inputs' device,
+    so an epoch's AP is exact up to ties inside a bin. logits, target, mask (bool) of equal shape. A NaN
+    logit (a diverged model, stopped by the stage's non-finite check) counts in the lowest bin, not a crash."""
+    logits = torch.nan_to_num(logits.detach().float(), nan=-lim)
+    idx = ((logits.clamp(-lim, lim) + lim) * ((bins - 1) / (2 * lim))).round().long()
+    idx = idx + bins * (target > 0.5).long()  # positives in the second row
+    counts = torch.zeros(2 * bins, dtype=torch.long, device=logits.device)
+    return counts.scatter_add_(0, idx.flatten(), mask.flatten().long()).view(2, bins)
+
+
+def average_precision(hist):
+    """Area under the precision-recall curve (step-wise, as sklearn's average_precision_score) from a
+    (2, bins) [negatives, positives] histogram: sum over thresholds, highest first, of precision there
+    times the recall gained; a bin is one threshold (its cells tie). No positives at all -> 1.0 (nothing
+    to find, as seg_metrics)."""
+    neg, pos = hist.double().flip(1)  # highest scores first
+    n_pos = pos.sum()
+    if n_pos == 0:
+        return 1.0
+    tp, fp = pos.cumsum(0), neg.cumsum(0)
+    precision = tp / (tp + fp).clamp(min=1)
+    return float((precision * pos).sum() / n_pos)
 
 
 def regression_metrics(pred, true):
@@ -76,3 +106,38 @@ def seg_metrics(counts):
         iou=ratio(tp, tp + fp + fn, True),
         accuracy=ratio(tp + tn, tp + fp + fn + tn, True),
     )
+
+
+def block_bootstrap_diff(y, pred_a, pred_b, groups, order, n_boot=1000, block=20, seed=0):
+    """Paired difference of pooled R^2, method a minus method b on the same test frames, with a
+    percentile-bootstrap 95% interval. Returns (diff, lo, hi) as floats.
+    y, pred_a, pred_b (N,): targets and the two methods' predictions, one per frame; groups (N,): the
+    flight of each frame; order (N,): its position in time (frame index).
+    Neighbouring frames are not independent (CBH along a flight is strongly autocorrelated), so frames
+    are resampled in blocks: sorted by (group, order), each group is cut into contiguous blocks of
+    `block` frames (a group's last block may be shorter; no block spans two groups), and n_boot
+    resamples draw as many blocks as there are, with replacement. Both R^2 are recomputed on the same
+    resample, so what the methods share (hard frames, a hard flight) cancels in the difference.
+    block=20: labels in the embedded data are ~60 frames apart, so 20 labelled frames span ~1200
+    frames, the lag past which CBH autocorrelation is ~0; ~1000 test frames then give ~50 blocks.
+    For other data, pick block so that one block spans that decorrelation lag.
+    Identical predictions give exactly (0.0, 0.0, 0.0)."""
+    y, a, b = (np.asarray(v, np.float64).ravel() for v in (y, pred_a, pred_b))
+    if block < 1:
+        raise ValueError("block must be >= 1")
+    idx = np.lexsort((np.asarray(order).ravel(), np.asarray(groups).ravel()))  # by group, then time
+    g = np.asarray(groups).ravel()[idx]
+    first = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])  # first frame of each group
+    pos = np.arange(len(y)) - np.repeat(first, np.diff(np.r_[first, len(y)]))  # position within its group
+    starts = np.flatnonzero(pos % block == 0)  # first frame of each block
+    yc = y - y.mean()  # centred: R^2 is unchanged and the sums below lose no precision
+    per_frame = np.stack([np.ones_like(yc), yc, yc ** 2, (a - y) ** 2, (b - y) ** 2], 1)[idx]  # (N, 5)
+    sums = np.add.reduceat(per_frame, starts, axis=0)  # (n_blocks, 5) per-block sums
+    nb = len(starts)
+    pick = np.random.default_rng(seed).integers(0, nb, (n_boot, nb))  # (n_boot, n_blocks) drawn blocks
+    times = np.bincount((pick + nb * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * nb)
+    tot = np.concatenate([sums.sum(0, keepdims=True), times.reshape(n_boot, nb) @ sums])  # (1 + n_boot, 5)
+    ss_tot = tot[:, 2] - tot[:, 1] ** 2 / tot[:, 0]
+    diff = (tot[:, 4] - tot[:, 3]) / ss_tot  # R2_a - R2_b = (SS_res_b - SS_res_a) / SS_tot
+    lo, hi = np.percentile(diff[1:], [2.5, 97.5])
+    return float(diff[0]), float(lo), float(hi)
