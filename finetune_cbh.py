@@ -44,13 +44,22 @@ import mae
 data_path = ''  # labelled HDF5 (images, metadata, cbh_km); '' = the embedded synthetic labelled file
 out_dir = 'outputs/finetune_cbh'  # results.csv, predictions.csv, log.csv, plots/, checkpoints/
 pretrained = 'outputs/mae_pretrain/mae_encoder_pretrained.pth'  # encoder exported by mae.py, or 'none'
-methods = 'finetune,scratch,probe,trees'  # comma list of finetune, scratch, probe, trees (run on identical folds)
+input = 'raw'  # raw | contrast | both: the networks' input (data.profile_channels); must match the encoder's
+methods = 'finetune,scratch,probe,trees,physics'  # comma list of the methods to compare on identical folds
+final = ''  # train ONE model of this method (e.g. finetune) on the labelled flights and write out_dir/cbh_model.pth
+predict = ''  # HDF5 cloud file (labelled or not): write out_dir/cbh_pred_<stem>.h5 and per-flight plots (with --model)
+model = ''  # a cbh_model.pth written by --final, for --predict
 split = 'lofo'  # lofo (leave one flight out) | blocked (time blocks with a gap) | random (leaky, comparison only)
 n_blocks = 5  # blocked: time blocks per flight (one fold each); random: number of folds
-gap = 100  # blocked: training frames within this many frames (frame_idx) of a test block are dropped
-val_frac = 0.15  # early-stopping validation = the last val_frac of each training flight's labelled frames
-val_gap = 100  # training frames within this many frames before the validation tail are dropped
-use_angles = False  # concat scaled sza/saa to the CLS embedding; off: angles track time of day, a shortcut
+val_mode = 'flight'  # lofo: early stopping on a held-out training flight (flight) or on a time tail of each (tail)
+gap = 'auto'  # blocked: drop training frames within this many frames of a test block; auto = from the labels' ACF
+val_frac = 0.15  # tail validation: the last val_frac of each training flight's labelled frames
+val_gap = 'auto'  # tail validation: drop training frames within this many frames before it; auto = from the ACF
+acf_threshold = 0.2  # auto gaps: the lag where the training labels' autocorrelation first falls below this
+seeds = 3  # repeats of every network (method, fold) with other init/shuffle seeds; trees/physics: one run
+use_angles = False  # concat scaled sza/saa to the pooled embedding; off: angles track time of day, a shortcut
+pool = 'cls'  # what the head reads: cls (the CLS token) or mean (the mean of the patch tokens, as in MAE's fine-tuning)
+drop_path = 0.1  # stage 2 stochastic depth: the last encoder block's drop rate, rising linearly from 0
 model_size = 'small'  # encoder size for --pretrained none (a key of mae.MODEL_SIZES)
 head_hidden = 128  # hidden units of the MLP head (finetune, scratch); the probe's head is linear
 head_dropout = 0.1  # dropout in the MLP head
@@ -59,7 +68,7 @@ epochs = 40  # stage 2 epochs: all trained (finetune, scratch); full default com
 batch_size = 32  # ~600-800 training labels: small batches give enough optimizer steps
 lr = 1e-3  # stage 1 peak LR (head only)
 ft_lr = 2e-4  # stage 2 peak LR, lower so the pre-trained features are adjusted, not overwritten
-layer_decay = 0.75  # stage 2: LR scale = layer_decay^(depth - layer), embeddings smallest; 1.0 = off
+layer_decay = 0.75  # stage 2: LR scale = layer_decay^(depth + 1 - layer) as MAE (head 1, last block 0.75); 1.0 = off
 weight_decay = 0.05  # AdamW weight decay (not on biases, norms, embeddings)
 warmup_epochs = 1  # linear warmup at the start of each stage
 min_lr_frac = 0.01  # cosine decays to this fraction of the peak LR
@@ -73,13 +82,14 @@ tree_lr = 0.1  # shrinkage per tree
 tree_min_leaf = 1  # minimum samples per leaf (scikit-learn's default)
 tree_bins = 255  # split candidates per feature: exact midpoints when a feature has fewer unique values
 device = 'auto'  # auto (cuda > mps > cpu) | cpu | cuda | mps
-cpu_bf16 = True  # bf16 autocast on CPUs with AMX-bf16 units (~1.6x faster here, see amp_policy); others: fp32
+cpu_bf16 = 'auto'  # CPU precision: on = bf16 autocast, off = fp32, auto = time a few steps of both, take the faster
 seed = 1337  # every (method, fold) unit is seeded from this, so units do not depend on run order
 resume = ''  # path to checkpoints/latest.pth of an interrupted run with the same settings
 max_samples = 0  # use only the first N labelled samples (0 = all)
 num_threads = 0  # torch CPU threads (0 = torch default)
 # --- end config ---
-METHODS = ("finetune", "scratch", "probe", "trees")
+METHODS = ("finetune", "scratch", "probe", "trees", "physics")
+NETWORKS = ("finetune", "scratch", "probe")  # trained with seeds; trees and physics are deterministic
 
 
 def str2bool(v):
@@ -113,15 +123,15 @@ def parse_config(argv=None):
 # model: encoder from mae.py + regression head on the CLS embedding
 
 class CBHNet(nn.Module):
-    def __init__(self, encoder, n_angles, hidden, dropout):
+    def __init__(self, encoder, n_angles, hidden, dropout, pool="cls"):
         super().__init__()
-        self.encoder = encoder
+        self.encoder, self.pool = encoder, pool
         d = encoder.embed_dim + n_angles
         self.head = (nn.Linear(d, 1) if hidden == 0 else
                      nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)))
 
-    def forward(self, x, ang):  # x (B, W) normalised profiles, ang (B, n_angles) -> (B,) standardised CBH
-        h = self.encoder.features(x).float()  # (B, D)
+    def forward(self, x, ang):  # x (B, C, W) normalised profiles, ang (B, n_angles) -> (B,) standardised CBH
+        h = self.encoder.features(x, self.pool).float()  # (B, D)
         if ang.shape[1]:
             h = torch.cat([h, ang], 1)  # (B, D + n_angles)
         with torch.autocast(x.device.type, enabled=False):  # tiny head in fp32: a bf16 output is only ~3 digits
@@ -129,10 +139,11 @@ class CBHNet(nn.Module):
 
 
 def param_groups(model, wd, decay):
-    """AdamW groups. Layer-wise LR decay: patch/CLS/position embeddings are layer 0, block i is layer
-    i + 1, the final norm and the head are layer depth (scale 1). No weight decay on biases, norms
-    (1-D tensors) and the CLS/position embeddings. Frozen parameters are left out."""
-    depth = len(model.encoder.blocks)
+    """AdamW groups. Layer-wise LR decay as MAE's param_groups_lrd: patch/CLS/position embeddings are layer
+    0, block i is layer i + 1, the final norm and the head are layer depth + 1; scale = decay^(depth + 1 -
+    layer), so the head trains at the full LR and the last block at decay x it. No weight decay on biases,
+    norms (1-D tensors) and the CLS/position embeddings. Frozen parameters are left out."""
+    top = len(model.encoder.blocks) + 1  # the layer id of the final norm and the head
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -143,9 +154,9 @@ def param_groups(model, wd, decay):
         elif name.startswith("encoder.") and not name.startswith("encoder.norm"):
             layer = 0
         else:
-            layer = depth
+            layer = top
         no_wd = p.ndim < 2 or "pos" in name or "cls" in name
-        scale = decay ** (depth - layer)
+        scale = decay ** (top - layer)
         g = groups.setdefault((layer, no_wd), dict(params=[], lr_scale=scale, weight_decay=0.0 if no_wd else wd))
         g["params"].append(p)
     return list(groups.values())
@@ -162,12 +173,10 @@ def get_lr(step, total, warmup, peak, min_frac):
 # ----------------------------------------------------------------------------------------------
 # classical baseline: hand-crafted features + gradient-boosted regression trees in numpy
 
-def profile_features(images, flight, frame, sza, saa, angles):
-    """Per-frame features (N, F). Intensity: mean, std, min, max, percentiles, range, skewness; cross-track
-    gradients; 4 segment means; temporal differences to the neighbouring frames, where neighbour = the
-    previous / next frame of the same flight IN THE LABELLED FILE (by frame_idx; labels are sparse, so
-    these can be many frames apart: the frame gap is a feature too), all zero when there is none;
-    optionally solar angles. Neighbour features use only images, never labels."""
+def profile_features(images, sza, saa, angles):
+    """Per-frame features (N, F) of one profile each: intensity mean, std, min, max, percentiles, range,
+    skewness; cross-track gradients; 4 segment means; optionally solar angles. A frame's features depend
+    on that frame only, so a trained model sees the same features in any file (labelled or dense)."""
     x = np.asarray(images, np.float64)  # (N, W)
     pct = np.percentile(x, [5, 10, 25, 50, 75, 90, 95], axis=1).T  # (N, 7)
     mean, std = x.mean(1), x.std(1) + 1e-9
@@ -175,30 +184,15 @@ def profile_features(images, flight, frame, sza, saa, angles):
     g = np.diff(x, axis=1)  # (N, W-1) cross-track gradient
     g2 = np.diff(x, 2, axis=1)
     seg = np.stack([s.mean(1) for s in np.array_split(x, 4, axis=1)], 1)  # (N, 4) cross-track shape
-    own = [mean, std, x.min(1), x.max(1), *pct.T, pct[:, 6] - pct[:, 0], skew,
-           np.abs(g).mean(1), g.std(1), np.abs(g).max(1), np.abs(g2).mean(1), *seg.T]
-    summary = np.stack([mean, pct[:, 1], std], 1)  # what we difference against the neighbours
-    order = np.lexsort((frame, flight))  # time order within each flight
-    temporal = []
-    for shift in (1, -1):  # previous, next
-        nb = np.full(len(x), -1)
-        pos = np.arange(len(order))
-        j = pos - shift
-        ok = (j >= 0) & (j < len(order))
-        ok[ok] &= flight[order[j[ok]]] == flight[order[ok]]
-        nb[order[ok]] = order[j[ok]]
-        has = nb >= 0
-        d = np.where(has[:, None], summary - summary[nb], 0.0)  # (N, 3)
-        pix = np.where(has, np.abs(x - x[nb]).mean(1), 0.0)  # mean absolute profile change
-        dt = np.where(has, np.abs(frame - frame[nb]), 0)
-        temporal += [*d.T, pix, dt]
-    cols = own + temporal + ([sza, saa] if angles else [])
-    return np.stack(cols, 1).astype(np.float64)
+    cols = [mean, std, x.min(1), x.max(1), *pct.T, pct[:, 6] - pct[:, 0], skew,
+            np.abs(g).mean(1), g.std(1), np.abs(g).max(1), np.abs(g2).mean(1), *seg.T]
+    return np.stack(cols + ([sza, saa] if angles else []), 1).astype(np.float64)
 
 
 def fit_bins(X, max_bins):
-    """Split candidates per feature: midpoints between sorted unique values (exact, as scikit-learn)
-    when there are at most max_bins of them, else midpoints between max_bins + 1 quantiles."""
+    """Bin edges per feature. With at most max_bins + 1 unique values: the midpoints between them, so
+    every partition scikit-learn's exact splitter can make is a candidate. Else midpoints between
+    max_bins + 1 quantiles: fewer candidate partitions than scikit-learn (see gbrt_fit)."""
     edges = []
     for col in X.T:
         u = np.unique(col)
@@ -217,16 +211,35 @@ def gbrt_fit(X, y, n_trees=100, depth=5, lr=0.1, min_leaf=1, max_bins=255):
     """Gradient boosting, squared loss, histogram splits, grown level by level for all nodes at once.
     Trees are complete heaps of `depth` levels: a node that cannot split sends all its samples left
     (its child cannot split either: same samples), so every leaf sits on the last level and prediction
-    is `depth` vectorised steps per tree."""
-    X, y = np.asarray(X, np.float64), np.asarray(y, np.float64)
+    is `depth` vectorised steps per tree.
+    Splits follow scikit-learn's GradientBoostingRegressor (its exact splitter):
+    - the gain is the drop in squared error: its 'squared_error' (all that scikit-learn >= 1.9 uses;
+      `criterion` is deprecated there) and, for unit weights, also its older default 'friedman_mse',
+      whose improvement n_l n_r / n * (mean_l - mean_r)^2 is the same number;
+    - bins that are empty in a node give tied gains; the threshold is stored as a value, the midpoint
+      between the node's largest value going left and its smallest value going right, and a sample
+      goes right when x > threshold, at fit and predict time alike;
+    - X is rounded to float32 as scikit-learn's trees do, so a value lying exactly on a threshold goes
+      the same way in both.
+    With at most max_bins + 1 unique values per feature, held-out predictions then equal scikit-learn's
+    to float error (test_all.py pins it), except where two features split a node's samples identically:
+    scikit-learn breaks that tie by a random feature order (its own predictions change with
+    random_state), we by the lower feature index; such ties are common in nodes of a few samples and
+    rare once min_leaf is ~10. With more unique values the quantile bins offer fewer thresholds, so
+    trees differ; held-out R2 on test_all.py's continuous toy problem, n=2000, 70/30 split, min_leaf 1,
+    data seeds 0/1/2: ours 0.968/0.968/0.969, scikit-learn 0.966/0.961/0.966 (no measurable loss)."""
+    X, y = np.asarray(X, np.float32).astype(np.float64), np.asarray(y, np.float64)
     edges = fit_bins(X, max_bins)
     xb = apply_bins(X, edges)  # (N, F)
     n, nf = xb.shape
     nb = max(len(e) for e in edges) + 1  # bins per feature (fewer than max_bins + 1 on small data)
     flat = xb + np.arange(nf) * nb  # (N, F) positions in one node's (F, nb) histogram
     rows = np.arange(n)
+    lo, hi = np.full((nf, nb), np.inf), np.full((nf, nb), -np.inf)  # (F, nb) smallest, largest value per bin
+    np.minimum.at(lo, (np.arange(nf), xb), X)
+    np.maximum.at(hi, (np.arange(nf), xb), X)
     feat = np.full((n_trees, 2 ** depth - 1), -1)  # per internal node; -1 = no split (go left)
-    thr = np.zeros((n_trees, 2 ** depth - 1), np.int64)
+    thr = np.zeros((n_trees, 2 ** depth - 1))  # split value: x > thr goes right
     leaf = np.zeros((n_trees, 2 ** depth))
     base = y.mean()
     pred = np.full(n, base)
@@ -248,25 +261,27 @@ def gbrt_fit(X, y, n_trees=100, depth=5, lr=0.1, min_leaf=1, max_bins=255):
             best = gain.argmax(1)
             bf, bb = np.divmod(best, nb - 1)
             can = gain[np.arange(k), best] > 1e-12
+            # bins bb+1 .. nxt-1 are empty in the node (they tie): cut midway between bins bb and nxt
+            nxt = ((np.arange(nb) > bb[:, None]) & (c[np.arange(k), bf] > 0)).argmax(1)  # (k,)
             feat[t, first:first + k] = np.where(can, bf, -1)
-            thr[t, first:first + k] = bb
+            thr[t, first:first + k] = np.where(can, hi[bf, bb] / 2 + lo[bf, nxt] / 2, 0.0)
             node = 2 * node + 1 + (can[local] & (xb[rows, bf[local]] > bb[local]))
         local = node - (2 ** depth - 1)
         leaf[t] = np.bincount(local, r, 2 ** depth) / np.maximum(np.bincount(local, None, 2 ** depth), 1)
         pred += lr * leaf[t, local]
-    return dict(edges=edges, base=base, lr=lr, feat=feat, thr=thr, leaf=leaf)
+    return dict(base=base, lr=lr, feat=feat, thr=thr, leaf=leaf)
 
 
 def gbrt_predict(m, X):
-    xb = apply_bins(np.asarray(X, np.float64), m["edges"])
-    rows = np.arange(len(xb))
+    X = np.asarray(X, np.float32).astype(np.float64)  # float32 as at fit time
+    rows = np.arange(len(X))
     depth = m["feat"].shape[1].bit_length()
-    out = np.full(len(xb), m["base"])
+    out = np.full(len(X), m["base"])
     for feat, thr, leaf in zip(m["feat"], m["thr"], m["leaf"]):
-        node = np.zeros(len(xb), np.int64)
+        node = np.zeros(len(X), np.int64)
         for _ in range(depth):
             f = feat[node]
-            node = 2 * node + 1 + ((f >= 0) & (xb[rows, np.maximum(f, 0)] > thr[node]))
+            node = 2 * node + 1 + ((f >= 0) & (X[rows, np.maximum(f, 0)] > thr[node]))
         out += m["lr"] * leaf[node - (2 ** depth - 1)]
     return out
 
@@ -294,45 +309,117 @@ def split_val(train, flight, frame, frac, gap_):
     return cat(fit), cat(val)
 
 
-def make_folds(d, cfg):
-    """[dict(name, fit, val, test)] index arrays into the labelled set; every method sees the same."""
+def decorrelation_lag(y, flight, frame, threshold):
+    """Lag in frames after which labels y along a flight are no longer correlated: the autocorrelation,
+    estimated on the irregular (sparse) label series from every pair of labelled frames of the same flight
+    (values centred on their flight's mean, lags binned by the median label spacing), first falls below
+    `threshold`. Returns the upper edge of that lag bin (the largest lag seen if it never falls)."""
+    prods, lags = [], []
+    for fl in np.unique(flight):
+        sel = flight == fl
+        yc, fr = y[sel] - y[sel].mean(), frame[sel]
+        i, j = np.triu_indices(len(yc), 1)  # every pair once
+        prods.append(yc[i] * yc[j])
+        lags.append(np.abs(fr[i] - fr[j]))
+    prods, lags = np.concatenate(prods), np.concatenate(lags)
+    var = np.mean(np.concatenate([y[flight == fl] - y[flight == fl].mean() for fl in np.unique(flight)]) ** 2)
+    if len(lags) == 0 or var == 0:
+        return 0
+    spacing = max(1, int(np.median(np.concatenate([np.diff(np.sort(frame[flight == fl]))
+                                                   for fl in np.unique(flight)] + [[1]]))))
+    b = lags // spacing  # lag bin of every pair
+    acf = np.bincount(b, prods) / np.maximum(np.bincount(b), 1) / var  # (n_bins,)
+    below = np.flatnonzero((acf < threshold) & (np.bincount(b) > 0))
+    return int((below[0] + 1) * spacing) if len(below) else int(lags.max())
+
+
+def gap_for(setting, train, d, cfg):
+    """A gap in frames: the number given, or 'auto' = the decorrelation lag of the training labels."""
+    if setting != "auto":
+        return int(setting)
+    return decorrelation_lag(d["cbh_km"][train], d["flight"][train], d["frame"][train], cfg["acf_threshold"])
+
+
+def flight_val(train, test, flight):
+    """Validation by flight: the training flight that follows the test flight in flight order (cyclic)
+    is held out whole for early stopping, so stopping rewards what transfers to an unseen flight. The
+    rotation gives every flight the validation role once over the folds, and no choice depends on labels."""
+    train_fl = np.unique(flight[train])
+    test_fl = int(flight[test][0])
+    val_fl = train_fl[np.searchsorted(train_fl, test_fl) % len(train_fl)]
+    return train[flight[train] != val_fl], train[flight[train] == val_fl]
+
+
+def raw_folds(d, cfg):
+    """[(name, train, test)] for the chosen split; blocked leaves an (auto) gap around each test block."""
     flight, frame = d["flight"], d["frame"]
     if cfg["split"] == "lofo":
         if len(np.unique(flight)) < 2:
             raise data.DataError("--split lofo needs at least 2 flights in the labelled file")
-        raw = [(f"flight {fl}", tr, te) for fl, tr, te in data.split_lofo(flight)]
-    elif cfg["split"] == "blocked":
-        raw = [(f"block {k}", *data.split_blocked(flight, frame, cfg["n_blocks"], k, cfg["gap"]))
-               for k in range(cfg["n_blocks"])]
-    elif cfg["split"] == "random":
+        return [(f"flight {fl}", tr, te) for fl, tr, te in data.split_lofo(flight)]
+    if cfg["split"] == "blocked":
+        out = []
+        for k in range(cfg["n_blocks"]):
+            gap = gap_for(cfg["gap"], data.split_blocked(flight, frame, cfg["n_blocks"], k, 0)[0], d, cfg)
+            out.append((f"block {k} (gap {gap})", *data.split_blocked(flight, frame, cfg["n_blocks"], k, gap)))
+        return out
+    if cfg["split"] == "random":
         print("warning: --split random puts neighbouring, strongly correlated frames in train and test; "
               "its scores are optimistic (kept only to compare with the seed's protocol)")
-        raw = [(f"fold {k}", tr, te) for k, (tr, te) in
-               enumerate(data.split_random(len(flight), cfg["n_blocks"], cfg["seed"]))]
-    else:
-        raise data.DataError(f"--split {cfg['split']!r}: expected lofo, blocked or random")
+        return [(f"fold {k}", tr, te) for k, (tr, te) in
+                enumerate(data.split_random(len(flight), cfg["n_blocks"], cfg["seed"]))]
+    raise data.DataError(f"--split {cfg['split']!r}: expected lofo, blocked or random")
+
+
+def make_folds(d, cfg):
+    """[dict(name, fit, val, test)] index arrays into the labelled set; every method sees the same.
+    Validation (early stopping, best epoch) always comes from the training side: a whole held-out
+    training flight (lofo, val_mode flight) or a time tail of every training flight after a gap."""
     folds = []
-    for name, train, test in raw:
-        fit, val = split_val(train, flight, frame, cfg["val_frac"], cfg["val_gap"])
+    for name, train, test in raw_folds(d, cfg):
+        if cfg["split"] == "lofo" and cfg["val_mode"] == "flight":
+            if len(np.unique(d["flight"][train])) < 2:
+                raise data.DataError("--val_mode flight needs at least 3 flights; use --val_mode tail")
+            fit, val = flight_val(train, test, d["flight"])
+            how = f"val flight {d['flight'][val][0]}"
+        else:
+            val_gap = gap_for(cfg["val_gap"], train, d, cfg)
+            fit, val = split_val(train, d["flight"], d["frame"], cfg["val_frac"], val_gap)
+            how = f"val tail, gap {val_gap}"
         if min(len(fit), len(val), len(test)) == 0:
             raise data.DataError(f"{name}: too few labelled frames for train/validation/test "
                                  f"({len(fit)}/{len(val)}/{len(test)}); use more data or another --split")
-        folds.append(dict(name=name, fit=fit, val=val, test=test))
+        folds.append(dict(name=name, fit=fit, val=val, test=test, how=how))
     return folds
 
 
 # ----------------------------------------------------------------------------------------------
 # training one network on one fold
 
-def amp_policy(dev, cpu_bf16):
-    """(autocast dtype or None, use GradScaler). CUDA: bf16 where supported, else fp16 + GradScaler.
-    CPU: bf16 autocast only with cpu_bf16 on a CPU with AMX-bf16 units. Measured (small encoder, 640
-    profiles, batch 32, torch 2.13, 2-core Xeon with AMX, 1 thread: the shared box made 2-thread timings
-    noise): stage-2 epoch fp32 2.3-2.6 s CPU time, bf16 1.5-1.6 s; stage-1 epoch 0.8 s vs 0.5 s.
-    CPUs without AMX emulate bf16 and get slower, so they stay fp32."""
+def amp_policy(dev, cfg, folds, t, enc, stored=None):
+    """(autocast dtype or None, use GradScaler). CUDA: bf16 where supported, else fp16 + GradScaler. CPU:
+    `stored` ('bf16'/'fp32', what a resumed run chose), else mae.choose_cpu_dtype(cpu_bf16), which under
+    auto times a few full training steps of the network (all of it trainable, as in stage 2) both ways."""
     if dev.type == "cuda":
         return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-    return (torch.bfloat16, False) if dev.type == "cpu" and cpu_bf16 and mae.cpu_has_amx_bf16() else (None, False)
+    if dev.type != "cpu":
+        return None, False
+    if stored:
+        return (torch.bfloat16 if stored == "bf16" else None), False
+    x, y, _ = fold_inputs(folds[0], t, enc, dev)
+    net = build_network("scratch", enc, cfg, 0).to(dev)
+    opt = torch.optim.AdamW(net.parameters())
+    idx = torch.as_tensor(folds[0]["fit"][:cfg["batch_size"]], device=dev)
+
+    def step(dtype):
+        with torch.autocast(dev.type, dtype or torch.float32, enabled=dtype is not None):
+            loss = F.mse_loss(net(x[idx], t["ang"][idx][:, :0]).float(), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    dtype, msg = mae.choose_cpu_dtype(cfg["cpu_bf16"], step)  # random draws here do not matter: units reseed
+    print(msg)
+    return dtype, False
 
 
 def rng_state(gen):
@@ -352,48 +439,99 @@ def set_rng_state(s, gen):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def train_network(method, fold, t, enc, cfg, dev, unit_seed, log, save, ck=None):
-    """Two-stage training of one network on one fold; returns test predictions in km.
-    t: tensors on dev (x raw profiles (N, W), ang (N, 2), y km (N,)); enc: dict(config, state (None without
-    a pre-trained encoder), norm_mean, norm_std (None: statistics of this fold's training frames)).
-    save(state) writes the checkpoint after every epoch; ck = that state when resuming this unit."""
-    fit, val, test = (torch.as_tensor(fold[k], device=dev) for k in ("fit", "val", "test"))
+def fold_inputs(fold, t, enc, dev):
+    """Normalised inputs (N, C, W) and standardised targets (N,) for one fold, plus dict(y_mean, y_std,
+    norm_mean, norm_std) to go back to km and to normalise new profiles alike. The target statistics come
+    from the fold's fit frames only; the input statistics are the encoder's (computed by mae.py on
+    unlabelled profiles) or, without one, the fit frames' own."""
+    fit = torch.as_tensor(fold["fit"], device=dev)
     mean, std = enc["norm_mean"], enc["norm_std"]
-    if mean is None:  # --pretrained none: normalise with this fold's training frames
+    if mean is None:  # --pretrained none
         mean, std = data.norm_stats(t["x"][fit].cpu().numpy())
-    x = (t["x"] - mean) / std  # (N, W)
-    ang = t["ang"] if cfg["use_angles"] else t["ang"][:, :0]  # (N, 2) or (N, 0)
-    y_mean, y_std = t["y"][fit].mean(), t["y"][fit].std() + 1e-6
-    y = (t["y"] - y_mean) / y_std  # standardised targets; metrics go back to km
+    stats = dict(norm_mean=list(mean), norm_std=list(std), y_mean=float(t["y"][fit].mean()),
+                 y_std=float(t["y"][fit].std()) + 1e-6)
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=dev)[:, None] for v in (mean, std))  # (C, 1)
+    return (t["x"] - mean) / std, (t["y"] - stats["y_mean"]) / stats["y_std"], stats
 
-    encoder = mae.build_encoder(enc["config"])
+
+def build_network(method, enc, cfg, n_angles):
+    """CBHNet on the pre-trained encoder (finetune, probe) or on a random one of the same size (scratch)."""
+    encoder = mae.build_encoder(enc["config"], drop_path=cfg["drop_path"])
     if method != "scratch":
         encoder.load_state_dict(enc["state"])
-    model = CBHNet(encoder, ang.shape[1], 0 if method == "probe" else cfg["head_hidden"],
-                   cfg["head_dropout"]).to(dev)
-    # (epochs, peak LR, train the encoder). scratch runs the same two stages as finetune (stage 1 then fits
-    # a head on random features), so initial weights are the only difference between the two.
-    stages = ([(cfg["head_epochs"] + cfg["epochs"], cfg["lr"], False)] if method == "probe" else
-              [(cfg["head_epochs"], cfg["lr"], False), (cfg["epochs"], cfg["ft_lr"], True)])
-    amp_dtype, use_scaler = amp_policy(dev, cfg["cpu_bf16"])
+    hidden = 0 if method == "probe" else cfg["head_hidden"]
+    return CBHNet(encoder, n_angles, hidden, cfg["head_dropout"], cfg["pool"])
+
+
+def train_epoch(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where):
+    """One pass over the fit frames. inputs = (x (N, C, W), ang (N, A), y (N,)); lr_at(i) is the LR of
+    step i of this epoch; where = 'method fold seed stage epoch' for messages. A non-finite loss stops the
+    run before its step is taken (with a GradScaler, fp16, only 20 in a row: the scaler skips single
+    overflowing steps by design). Returns (mean training loss, last LR)."""
+    x, ang, y = inputs
+    dev = x.device
+    total, count, bad_run = 0.0, 0, 0
+    for i, b in enumerate(data.batch_indices(len(fit), cfg["batch_size"], True, gen)):
+        lr_now = lr_at(i)
+        for g in opt.param_groups:
+            g["lr"] = lr_now * g["lr_scale"]
+        idx = fit[b.to(dev)]
+        xb = x[idx]  # (B, C, W)
+        if cfg["flip"]:
+            xb = torch.where(torch.rand(len(b), 1, 1, generator=gen).to(dev) < 0.5, xb.flip(-1), xb)
+        with torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
+            loss = F.mse_loss(model(xb, ang[idx]).float(), y[idx])
+        value = loss.item()  # the running mean needs it anyway: checking it costs no extra sync
+        bad_run = 0 if math.isfinite(value) else bad_run + 1
+        if bad_run > (20 if scaler.is_enabled() else 0):
+            raise data.NonFiniteLoss(data.nonfinite_message(f"finetune_cbh.py, {where}", i - bad_run + 2, i + 1))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
+        scaler.step(opt)
+        scaler.update()
+        if math.isfinite(value):
+            total, count = total + value * len(b), count + len(b)
+    return total / max(count, 1), lr_now
+
+
+def stages(method, cfg):
+    """[(epochs, peak LR, train the encoder)]. scratch runs the same two stages as finetune (stage 1 then
+    fits a head on random features), so initial weights are the only difference between the two."""
+    if method == "probe":
+        return [(cfg["head_epochs"] + cfg["epochs"], cfg["lr"], False)]
+    return [(cfg["head_epochs"], cfg["lr"], False), (cfg["epochs"], cfg["ft_lr"], True)]
+
+
+def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=None):
+    """Two-stage training of one network on one fold; returns (test predictions in km, the model with its
+    best weights, the fold_inputs statistics).
+    t: tensors on dev (x raw input channels (N, C, W), ang (N, 2), y km (N,)); enc: dict(config, state (None
+    without a pre-trained encoder), norm_mean, norm_std (None: statistics of this fold's fit frames)).
+    amp = (autocast dtype or None, use a GradScaler). save(state) writes the checkpoint after every epoch;
+    ck = that state when resuming this unit."""
+    fit, val, test = (torch.as_tensor(fold[k], device=dev) for k in ("fit", "val", "test"))
+    x, y, stats = fold_inputs(fold, t, enc, dev)
+    ang = t["ang"] if cfg["use_angles"] else t["ang"][:, :0]  # (N, 2) or (N, 0)
+    model = build_network(method, enc, cfg, ang.shape[1]).to(dev)
+    amp_dtype, use_scaler = amp  # from amp_policy
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     gen = torch.Generator().manual_seed(unit_seed)  # shuffling and flips
-    best_val, best_state = float("inf"), None
-    spe = math.ceil(len(fit) / cfg["batch_size"])  # steps per epoch
+    best_val, best_state, start_stage = float("inf"), None, 0
+    steps_per_epoch = math.ceil(len(fit) / cfg["batch_size"])
 
-    def evaluate(idx):
+    def predict(idx):
         model.eval()
         with torch.no_grad(), torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
             return model(x[idx], ang[idx]).float()
 
-    start_stage = 0
     if ck is not None:
         model.load_state_dict(ck["model"])
         best_val, best_state, start_stage = ck["best_val"], ck["best_state"], ck["stage"]
-    for si, (n_ep, peak, train_enc) in enumerate(stages):
-        if si < start_stage:
-            continue
-        encoder.requires_grad_(train_enc)  # stage 1: the encoder is frozen (and gets no optimizer state)
+    for si, (n_ep, peak, train_enc) in enumerate(stages(method, cfg)[start_stage:], start_stage):
+        model.encoder.requires_grad_(train_enc)  # stage 1: the encoder is frozen (and gets no optimizer state)
         opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["layer_decay"] if train_enc else 1.0),
                                 lr=peak, betas=(0.9, 0.999))
         start_epoch, bad = 0, 0
@@ -408,44 +546,41 @@ def train_network(method, fold, t, enc, cfg, dev, unit_seed, log, save, ck=None)
                 break
             t0 = time.time()
             model.train()
-            encoder.train(train_enc)  # frozen encoder in eval mode (no dropout / norm statistics updates)
-            total, count = 0.0, 0
-            for i, b in enumerate(data.batch_indices(len(fit), cfg["batch_size"], True, gen)):
-                lr_now = get_lr(epoch * spe + i, n_ep * spe, cfg["warmup_epochs"] * spe, peak, cfg["min_lr_frac"])
-                for g in opt.param_groups:
-                    g["lr"] = lr_now * g["lr_scale"]
-                idx = fit[b.to(dev)]
-                xb = x[idx]  # (B, W)
-                if cfg["flip"]:
-                    xb = torch.where(torch.rand(len(b), 1, generator=gen).to(dev) < 0.5, xb.flip(1), xb)
-                with torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
-                    loss = F.mse_loss(model(xb, ang[idx]).float(), y[idx])
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg["grad_clip"] > 0:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
-                scaler.step(opt)
-                scaler.update()
-                total, count = total + loss.item() * len(b), count + len(b)
-            val_loss = F.mse_loss(evaluate(val), y[val]).item()
+            model.encoder.train(train_enc)  # a frozen encoder stays in eval mode (no dropout, no drop path)
+            lr_at = lambda i: get_lr(epoch * steps_per_epoch + i, n_ep * steps_per_epoch,
+                                     cfg["warmup_epochs"] * steps_per_epoch, peak, cfg["min_lr_frac"])
+            where = f"{method} {fold['name']} seed {unit_seed} stage {si + 1} epoch {epoch + 1}"
+            train_loss, lr_now = train_epoch(model, opt, scaler, (x, ang, y), fit, cfg, gen, amp_dtype, lr_at, where)
+            val_loss = F.mse_loss(predict(val), y[val]).item()
             improved = val_loss < best_val
             if improved:
                 best_val, bad = val_loss, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             else:
                 bad += 1
-            secs = time.time() - t0
-            log(dict(method=method, fold=fold["name"], stage=si + 1, epoch=epoch + 1, train_loss=total / count,
-                     val_loss=val_loss, lr=lr_now, seconds=secs))
-            print(f"  {method} {fold['name']} stage {si + 1} epoch {epoch + 1}/{n_ep} train {total / count:.4f} "
-                  f"val {val_loss:.4f} lr {lr_now:.2e} {secs:.1f}s{' best' if improved else ''}")
+            log(dict(method=method, fold=fold["name"], seed=unit_seed, stage=si + 1, epoch=epoch + 1,
+                     train_loss=train_loss, val_loss=val_loss, lr=lr_now, seconds=time.time() - t0))
             save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                       stage=si, epoch=epoch, best_val=best_val, best_state=best_state, bad_epochs=bad,
                       rng=rng_state(gen)))
         if best_state is not None:  # the next stage (and the test) starts from the best model so far
             model.load_state_dict(best_state)
-    return (evaluate(test) * y_std + y_mean).cpu().numpy()
+    return (predict(test) * stats["y_std"] + stats["y_mean"]).cpu().numpy(), model, stats
+
+
+def physics_feature(images):
+    """Warmest minus coldest pixel of the centre 400 px of each raw profile (N,): the surface-to-cloud-top
+    contrast, which the lapse rate turns into cloud-top height (and, with the thickness, base height)."""
+    W = images.shape[1]
+    lo = max(0, (W - 400) // 2)
+    centre = np.asarray(images, np.float64)[:, lo:lo + 400]
+    return centre.max(1) - centre.min(1)
+
+
+def fit_physics(feature, y, fit, test):
+    """The `physics` row: a straight line CBH = a * feature + b, least squares on the fit frames."""
+    a, b = np.polyfit(feature[fit], y[fit], 1)
+    return a * feature[test] + b
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,51 +599,81 @@ def write_csv(path, rows, mode="w"):
         os.replace(target, path)
 
 
-def results_table(done, folds, y, names):
-    """Per-fold rows, then mean and std over folds and the pooled score (all test frames at once) per method."""
-    rows = []
+def pooled(done, folds, m, seed=None):
+    """All test indices of method m over the folds and its predictions there: one seed's, or (seed=None)
+    the mean over its seeds (each test frame once per fold)."""
+    tests, preds = [], []
+    for k, f in enumerate(folds):
+        p = [u["pred"] for u in done if u["method"] == m and u["fold"] == k and seed in (None, u["seed"])]
+        if p:
+            tests.append(f["test"])
+            preds.append(np.mean(p, axis=0))
+    return np.concatenate(tests), np.concatenate(preds)
+
+
+def score_row(method, seed, fold, pred, true, **extra):
+    s = losses.regression_metrics(pred, true)
+    return dict(method=method, seed=seed, fold=fold, n_test=len(true), r2=s["r2"], mae_km=s["mae"],
+                rmse_km=s["rmse"], r2_lo="", r2_hi="", **extra)
+
+
+def results_table(done, folds, d, names):
+    """Rows of results.csv. Per method: every (seed, fold); every seed's pooled score (all test frames at
+    once); the mean and std over seeds of the pooled scores; the mean and std over folds of the per-fold
+    scores (seed-averaged predictions). Then paired differences of pooled R2 (see paired_rows)."""
+    y, rows = d["cbh_km"], []
     for m in names:
-        per = []
-        for u in (u for u in done if u["method"] == m):
-            f = folds[u["fold"]]
-            s = losses.regression_metrics(u["pred"], y[f["test"]])
-            per.append(s)
-            rows.append(dict(method=m, fold=f["name"], n_fit=len(f["fit"]), n_val=len(f["val"]),
-                             n_test=len(f["test"]), r2=s["r2"], mae_km=s["mae"], rmse_km=s["rmse"]))
-        if not per:
+        seeds = sorted({u["seed"] for u in done if u["method"] == m})
+        rows += [score_row(m, u["seed"], folds[u["fold"]]["name"], u["pred"], y[folds[u["fold"]]["test"]])
+                 for u in done if u["method"] == m]
+        per_seed = [score_row(m, s, "pooled", p, y[test]) for s in seeds for test, p in [pooled(done, folds, m, s)]]
+        rows += per_seed
+        per_fold = [losses.regression_metrics(np.mean([u["pred"] for u in done if (u["method"], u["fold"]) == (m, k)],
+                                                      axis=0), y[f["test"]]) for k, f in enumerate(folds)]
+        spread = lambda a: float(np.std(a, ddof=1)) if len(a) > 1 else 0.0
+        for stat, fn in (("mean", np.mean), ("std", spread)):
+            rows.append(dict(method=m, seed=stat, fold="pooled", n_test=per_seed[0]["n_test"],
+                             **{c: float(fn([r[c] for r in per_seed])) for c in ("r2", "mae_km", "rmse_km")},
+                             r2_lo="", r2_hi=""))
+            rows.append(dict(method=m, seed="mean", fold=f"fold {stat}", n_test="",
+                             **{c: float(fn([s[k] for s in per_fold])) for c, k in
+                                (("r2", "r2"), ("mae_km", "mae"), ("rmse_km", "rmse"))}, r2_lo="", r2_hi=""))
+    return rows + paired_rows(done, folds, d, names)
+
+
+def paired_rows(done, folds, d, names):
+    """finetune vs scratch and finetune vs trees (and physics): the difference of pooled R2 on identical
+    test frames, each method's predictions averaged over its seeds, with a 95% bootstrap interval that
+    resamples the test frames in contiguous blocks along each flight (neighbouring frames are correlated,
+    so frame-by-frame resampling would make the interval too narrow)."""
+    rows = []
+    for a, b in (("finetune", "scratch"), ("finetune", "trees"), ("finetune", "physics")):
+        if a not in names or b not in names:
             continue
-        for stat, fn in (("mean", np.nanmean), ("std", lambda a: np.nanstd(a, ddof=1) if len(a) > 1 else 0.0)):
-            rows.append(dict(method=m, fold=stat, n_fit="", n_val="", n_test="",
-                             **{c: float(fn([s[k] for s in per])) for c, k in
-                                (("r2", "r2"), ("mae_km", "mae"), ("rmse_km", "rmse"))}))
-        test, pred = pooled(done, folds, m)
-        s = losses.regression_metrics(pred, y[test])
-        rows.append(dict(method=m, fold="pooled", n_fit="", n_val="", n_test=len(test),
-                         r2=s["r2"], mae_km=s["mae"], rmse_km=s["rmse"]))
+        test, pa = pooled(done, folds, a)
+        _, pb = pooled(done, folds, b)
+        diff, lo, hi = losses.block_bootstrap_diff(d["cbh_km"][test], pa, pb, d["flight"][test], d["frame"][test])
+        rows.append(dict(method=f"{a} - {b}", seed="mean", fold="pooled", n_test=len(test), r2=diff, mae_km="",
+                         rmse_km="", r2_lo=lo, r2_hi=hi))
     return rows
 
 
-def pooled(done, folds, m):
-    """All test indices and predictions of method m over the folds (each test frame once per fold)."""
-    units = [u for u in done if u["method"] == m]
-    return (np.concatenate([folds[u["fold"]]["test"] for u in units]),
-            np.concatenate([u["pred"] for u in units]))
-
-
 def print_table(rows):
-    print(f"{'method':<9} {'fold':<10} {'R2':>7} {'MAE km':>8} {'RMSE km':>8}")
-    summary = {}
+    """The summary: pooled scores (mean +- std over seeds), per-fold R2 (mean +- std over folds), paired
+    differences with their intervals."""
+    get = lambda m, seed, fold: next((r for r in rows if (r["method"], r["seed"], r["fold"]) == (m, seed, fold)),
+                                     None)
+    print(f"{'method':<9} {'pooled R2':>16} {'MAE km':>16} {'RMSE km':>16} {'per-flight R2':>16}")
+    for m in dict.fromkeys(r["method"] for r in rows if " - " not in r["method"]):
+        mu, sd = get(m, "mean", "pooled"), get(m, "std", "pooled")
+        fm, fs = get(m, "mean", "fold mean"), get(m, "mean", "fold std")
+        cells = [f"{mu[c]:.3f} +- {sd[c]:.3f}" for c in ("r2", "mae_km", "rmse_km")]
+        cells.append(f"{fm['r2']:.3f} +- {fs['r2']:.3f}")
+        print(f"{m:<9} " + " ".join(f"{c:>16}" for c in cells))
     for r in rows:
-        if r["fold"] == "std":
-            summary[r["method"]] = r
-            continue
-        print(f"{r['method']:<9} {r['fold']:<10} {r['r2']:>7.3f} {r['mae_km']:>8.4f} {r['rmse_km']:>8.4f}")
-    print("mean +- std over folds:")
-    for r in rows:
-        if r["fold"] == "mean":
-            s = summary[r["method"]]
-            print(f"{r['method']:<9} R2 {r['r2']:.3f} +- {s['r2']:.3f}   MAE {r['mae_km']:.4f} +- {s['mae_km']:.4f} km"
-                  f"   RMSE {r['rmse_km']:.4f} +- {s['rmse_km']:.4f} km")
+        if " - " in r["method"]:
+            print(f"{r['method']}: pooled R2 difference {r['r2']:+.3f} (95% block bootstrap {r['r2_lo']:+.3f} .. "
+                  f"{r['r2_hi']:+.3f})")
 
 
 def plot_results(done, folds, d, names, plot_dir):
@@ -553,15 +718,19 @@ def plot_results(done, folds, d, names, plot_dir):
 
 def load_encoder_source(cfg, names, width):
     """Where the networks' encoder comes from. Returns (methods to run, dict(config, state, norm_mean,
-    norm_std)). --pretrained none: finetune and probe are skipped (nothing to fine-tune or probe) and
-    scratch builds the encoder from model_size, normalised with each fold's own training statistics."""
-    if not any(m != "trees" for m in names):
+    norm_std)). The encoder's input mode must be this run's --input. --pretrained none: finetune and probe
+    are skipped (nothing to fine-tune or probe) and scratch builds the encoder from model_size, normalised
+    with each fold's own training statistics."""
+    if not any(m in NETWORKS for m in names):
         return names, None
     if cfg["pretrained"] != "none":
         encoder, meta = mae.load_encoder(cfg["pretrained"])
         if meta["config"].get("width", width) != width:
             raise data.DataError(f"{cfg['pretrained']}: encoder expects profiles of width "
                                  f"{meta['config']['width']}, the labelled file has {width}")
+        if meta["input"] != cfg["input"]:
+            raise data.DataError(f"{cfg['pretrained']}: encoder was pre-trained on --input {meta['input']}, this run "
+                                 f"uses --input {cfg['input']}; pass --input {meta['input']} or pre-train again")
         return names, dict(config=meta["config"], state=encoder.state_dict(),
                            norm_mean=meta["norm_mean"], norm_std=meta["norm_std"])
     skipped = [m for m in names if m in ("finetune", "probe")]
@@ -569,21 +738,31 @@ def load_encoder_source(cfg, names, width):
         print(f"note: --pretrained none: skipping {', '.join(skipped)} (they need a pre-trained encoder)")
     if cfg["model_size"] not in mae.MODEL_SIZES:
         raise data.DataError(f"--model_size {cfg['model_size']!r}: expected one of {', '.join(mae.MODEL_SIZES)}")
-    enc_cfg = mae.encoder_config(dict(mae.MODEL_SIZES[cfg["model_size"]], width=width))
+    in_chans = 2 if cfg["input"] == "both" else 1
+    enc_cfg = mae.encoder_config(dict(mae.MODEL_SIZES[cfg["model_size"]], width=width, in_chans=in_chans))
     return [m for m in names if m not in skipped], dict(config=enc_cfg, state=None, norm_mean=None, norm_std=None)
 
 
 def check_config(cfg):
     """Flags a user can get wrong, refused before anything is read or written."""
-    problems = [(min(cfg["batch_size"], cfg["patience"], cfg["n_trees"], cfg["tree_depth"], cfg["tree_bins"]) < 1,
-                 "--batch_size, --patience, --n_trees, --tree_depth and --tree_bins must be >= 1"),
-                (min(cfg["epochs"], cfg["head_epochs"], cfg["gap"], cfg["val_gap"], cfg["warmup_epochs"]) < 0,
-                 "--epochs, --head_epochs, --gap, --val_gap and --warmup_epochs must be >= 0"),
+    gap_ok = lambda v: v == "auto" or v.isdigit()
+    problems = [(min(cfg["batch_size"], cfg["patience"], cfg["n_trees"], cfg["tree_depth"], cfg["tree_bins"],
+                     cfg["seeds"]) < 1,
+                 "--batch_size, --patience, --n_trees, --tree_depth, --tree_bins and --seeds must be >= 1"),
+                (min(cfg["epochs"], cfg["head_epochs"], cfg["warmup_epochs"]) < 0,
+                 "--epochs, --head_epochs and --warmup_epochs must be >= 0"),
+                (not (gap_ok(str(cfg["gap"])) and gap_ok(str(cfg["val_gap"]))),
+                 "--gap and --val_gap must be auto or a whole number of frames >= 0"),
                 (cfg["epochs"] + cfg["head_epochs"] < 1, "--epochs plus --head_epochs must be >= 1"),
                 (cfg["n_blocks"] < 2, f"--n_blocks {cfg['n_blocks']}: must be >= 2"),
                 (not 0 < cfg["val_frac"] < 1, f"--val_frac {cfg['val_frac']}: must be between 0 and 1"),
                 (cfg["lr"] <= 0 or cfg["ft_lr"] <= 0 or cfg["grad_clip"] < 0,
-                 "--lr and --ft_lr must be > 0, --grad_clip >= 0")]
+                 "--lr and --ft_lr must be > 0, --grad_clip >= 0"),
+                (cfg["val_mode"] not in ("flight", "tail"), f"--val_mode {cfg['val_mode']!r}: use flight or tail"),
+                (cfg["pool"] not in ("cls", "mean"), f"--pool {cfg['pool']!r}: use cls or mean"),
+                (cfg["input"] not in data.INPUT_MODES, f"--input {cfg['input']!r}: use {', '.join(data.INPUT_MODES)}"),
+                (cfg["cpu_bf16"] not in ("auto", "on", "off"), f"--cpu_bf16 {cfg['cpu_bf16']!r}: use auto, on or off"),
+                (not 0 <= cfg["drop_path"] < 1, f"--drop_path {cfg['drop_path']}: must be in [0, 1)")]
     for bad, msg in problems:
         if bad:
             raise data.DataError(msg)
@@ -609,15 +788,11 @@ def trim_rows(path, n):
     os.replace(path + ".tmp", path)
 
 
-def compare(cfg):
-    t_start = time.time()
-    check_config(cfg)
-    if cfg["num_threads"] > 0:
-        torch.set_num_threads(cfg["num_threads"])
-    dev = mae.pick_device(cfg["device"])
+def load_inputs(cfg, dev):
+    """Labelled data, folds, the methods to run and the encoder source; the tensors every unit shares:
+    x (N, C, W) raw input channels (each unit normalises), ang (N, 2) scaled solar angles, y (N,) km."""
     names = [m.strip() for m in cfg["methods"].split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
+    if not names or any(m not in METHODS for m in names):
         raise data.DataError(f"--methods {cfg['methods']!r}: expected a comma list of {', '.join(METHODS)}")
     path = cfg["data_path"] or data.default_cloud_paths()[1]
     d = data.load_clouds(path, labelled=True, max_samples=cfg["max_samples"])
@@ -626,70 +801,281 @@ def compare(cfg):
     if not names:
         raise data.DataError("nothing to run: every requested method needs a pre-trained encoder")
     print(f"{len(d['cbh_km'])} labelled profiles from {path}, {len(np.unique(d['flight']))} flights, "
-          f"split {cfg['split']} ({len(folds)} folds), methods {', '.join(names)}, device {dev}")
+          f"split {cfg['split']} ({len(folds)} folds: " + "; ".join(f"{f['name']} {f['how']}" for f in folds) +
+          f"), methods {', '.join(names)}, input {cfg['input']}, device {dev}")
+    t = dict(x=torch.as_tensor(data.profile_channels(d["images"], cfg["input"]), device=dev),
+             ang=torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev),  # ~[-2, 2]
+             y=torch.as_tensor(d["cbh_km"], device=dev))
+    return d, folds, names, enc, t
 
+
+def maybe_resume(cfg, log_path):
+    """(checkpoint or None, finished units). A fresh run starts a fresh log; --resume trims the log back to
+    the rows its checkpoint accounts for and skips the units it finished."""
+    same = lambda c: {k: v for k, v in c.items() if k not in ("resume", "device", "num_threads", "out_dir")}
+    if not cfg["resume"]:
+        if os.path.isfile(log_path):
+            os.remove(log_path)
+        return None, []
+    ck = data.load_checkpoint(cfg["resume"])
+    if "done" not in ck or same(ck.get("config", {})) != same(cfg):
+        raise data.DataError(f"{cfg['resume']}: not a finetune_cbh checkpoint of a run with these settings")
+    trim_rows(log_path, ck.get("log_rows", 0))
+    return ck, ck["done"]
+
+
+def units(names, folds, cfg):
+    """Every (method, fold index, seed) to run: networks once per seed, trees and physics once."""
+    return [(m, k, s) for m in names for s in range(cfg["seeds"] if m in NETWORKS else 1) for k in range(len(folds))]
+
+
+def run_unit(unit, folds, d, t, enc, cfg, dev, amp, log, save, ck):
+    """Test predictions (km) of one (method, fold, seed). Each unit is seeded on its own, so units do not
+    depend on the order they run in, and seed 0 of a network keeps the seeding of single-seed runs."""
+    m, k, s = unit
+    fold = folds[k]
+    unit_seed = cfg["seed"] + 100 * k + METHODS.index(m) + 10_000 * s
+    torch.manual_seed(unit_seed)
+    np.random.seed(unit_seed)
+    random.seed(unit_seed)
+    if m == "trees":
+        feats = profile_features(d["images"], d["sza"], d["saa"], cfg["tree_angles"])
+        tree = gbrt_fit(feats[fold["fit"]], d["cbh_km"][fold["fit"]], cfg["n_trees"], cfg["tree_depth"],
+                        cfg["tree_lr"], cfg["tree_min_leaf"], cfg["tree_bins"])
+        return gbrt_predict(tree, feats[fold["test"]])
+    if m == "physics":
+        return fit_physics(physics_feature(d["images"]), d["cbh_km"], fold["fit"], fold["test"])
+    unit_ck = ck if ck is not None and tuple(ck.get("unit") or ()) == unit else None
+    return train_network(m, fold, t, enc, cfg, dev, amp, unit_seed, log, save, unit_ck)[0]
+
+
+def log_epoch(log_path, row):
+    write_csv(log_path, [row], mode="a")
+    print(f"  {row['method']} {row['fold']} seed {row['seed']} stage {row['stage']} epoch {row['epoch']} "
+          f"train {row['train_loss']:.4f} val {row['val_loss']:.4f} lr {row['lr']:.2e} {row['seconds']:.1f}s")
+
+
+def report(done, folds, d, names, out_dir):
+    """results.csv (see results_table), predictions.csv (one row per method and test frame: the mean over
+    seeds and its spread), plots/."""
+    rows = results_table(done, folds, d, names)
+    print_table(rows)
+    write_csv(os.path.join(out_dir, "results.csv"), rows)
+    preds = []
+    for m in names:
+        for k, f in enumerate(folds):
+            p = np.array([u["pred"] for u in done if (u["method"], u["fold"]) == (m, k)])  # (seeds, n_test)
+            preds += [dict(method=m, fold=f["name"], flight=int(d["flight"][i]), frame=int(d["frame"][i]),
+                           cbh_km=float(d["cbh_km"][i]), pred_km=float(p[:, j].mean()),
+                           pred_seed_std_km=float(p[:, j].std()), n_seeds=len(p)) for j, i in enumerate(f["test"])]
+    write_csv(os.path.join(out_dir, "predictions.csv"), preds)
+    plot_results(done, folds, d, names, os.path.join(out_dir, "plots"))
+
+
+def compare(cfg, dev):
+    t_start = time.time()
+    d, folds, names, enc, t = load_inputs(cfg, dev)
     ckpt_path = os.path.join(cfg["out_dir"], "checkpoints", "latest.pth")
     log_path = os.path.join(cfg["out_dir"], "log.csv")
-    same = lambda c: {k: v for k, v in c.items() if k not in ("resume", "device", "num_threads", "out_dir")}
-    ck, done = None, []
-    if cfg["resume"]:
-        ck = data.load_checkpoint(cfg["resume"])
-        if "done" not in ck or same(ck.get("config", {})) != same(cfg):
-            raise data.DataError(f"{cfg['resume']}: not a finetune_cbh checkpoint of a run with these settings")
-        done = ck["done"]
-        trim_rows(log_path, ck.get("log_rows", 0))
-    elif os.path.isfile(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log; --resume appends
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    log = lambda row: write_csv(log_path, [row], mode="a")
-
-    t = dict(x=torch.as_tensor(d["images"], device=dev),  # (N, W) raw; each unit normalises
-             ang=torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev),  # (N, 2) ~[-2, 2]
-             y=torch.as_tensor(d["cbh_km"], device=dev))  # (N,) km
-    feats = (profile_features(d["images"], d["flight"], d["frame"], d["sza"], d["saa"], cfg["tree_angles"])
-             if "trees" in names else None)
-    for m in names:
-        for k, fold in enumerate(folds):
-            if any(u["method"] == m and u["fold"] == k for u in done):
-                continue  # finished before the interruption
-            unit_seed = cfg["seed"] + 100 * k + METHODS.index(m)
-            torch.manual_seed(unit_seed)
-            np.random.seed(unit_seed)
-            random.seed(unit_seed)
-            t0 = time.time()
-            save = lambda st: data.atomic_torch_save(dict(config=cfg, done=done, unit=(m, k),
-                                                          log_rows=count_rows(log_path), **st), ckpt_path)
-            if m == "trees":
-                tree = gbrt_fit(feats[fold["fit"]], d["cbh_km"][fold["fit"]], cfg["n_trees"], cfg["tree_depth"],
-                                cfg["tree_lr"], cfg["tree_min_leaf"], cfg["tree_bins"])
-                pred = gbrt_predict(tree, feats[fold["test"]])
-            else:
-                unit_ck = ck if ck is not None and tuple(ck.get("unit") or ()) == (m, k) else None
-                pred = train_network(m, fold, t, enc, cfg, dev, unit_seed, log, save, unit_ck)
-            done.append(dict(method=m, fold=k, pred=np.asarray(pred, np.float64)))
-            data.atomic_torch_save(dict(config=cfg, done=done, unit=None, log_rows=count_rows(log_path)), ckpt_path)
-            s = losses.regression_metrics(pred, d["cbh_km"][fold["test"]])
-            print(f"{m} {fold['name']}: R2 {s['r2']:.3f} MAE {s['mae']:.4f} km RMSE {s['rmse']:.4f} km "
-                  f"({time.time() - t0:.1f}s)")
-
-    rows = results_table(done, folds, d["cbh_km"], names)
-    print_table(rows)
-    write_csv(os.path.join(cfg["out_dir"], "results.csv"), rows)
-    preds = [dict(method=u["method"], fold=folds[u["fold"]]["name"], flight=int(d["flight"][i]),
-                  frame=int(d["frame"][i]), cbh_km=float(d["cbh_km"][i]), pred_km=float(p))
-             for u in done for i, p in zip(folds[u["fold"]]["test"], u["pred"])]
-    write_csv(os.path.join(cfg["out_dir"], "predictions.csv"), preds)
-    plot_results(done, folds, d, names, os.path.join(cfg["out_dir"], "plots"))
+    ck, done = maybe_resume(cfg, log_path)
+    data.claim_out_dir(cfg["out_dir"])
+    amp = amp_policy(dev, cfg, folds, t, enc, ck.get("cpu_autocast") if ck else None) if enc else (None, False)
+    cpu_autocast = ("bf16" if amp[0] else "fp32") if dev.type == "cpu" else None
+    for unit in units(names, folds, cfg):
+        if any((u["method"], u["fold"], u["seed"]) == unit for u in done):
+            continue  # finished before the interruption
+        t0 = time.time()
+        save = lambda st: data.atomic_torch_save(dict(config=cfg, done=done, unit=unit, cpu_autocast=cpu_autocast,
+                                                      log_rows=count_rows(log_path), **st), ckpt_path)
+        pred = run_unit(unit, folds, d, t, enc, cfg, dev, amp, lambda row: log_epoch(log_path, row), save, ck)
+        m, k, s = unit
+        done.append(dict(method=m, fold=k, seed=s, pred=np.asarray(pred, np.float64)))
+        data.atomic_torch_save(dict(config=cfg, done=done, unit=None, cpu_autocast=cpu_autocast,
+                                    log_rows=count_rows(log_path)), ckpt_path)
+        sc = losses.regression_metrics(pred, d["cbh_km"][folds[k]["test"]])
+        print(f"{m} {folds[k]['name']} seed {s}: R2 {sc['r2']:.3f} MAE {sc['mae']:.4f} km "
+              f"RMSE {sc['rmse']:.4f} km ({time.time() - t0:.1f}s)")
+    report(done, folds, d, names, cfg["out_dir"])
     print(f"wrote {cfg['out_dir']}/results.csv, predictions.csv, log.csv, plots/ in {time.time() - t_start:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------------
+# the final model (--final) and CBH for new files (--predict)
+
+def final_fold(d, cfg):
+    """--final: networks train on every labelled flight but the last in flight order, which sets the
+    stopping epoch (as a flight flown after the others would: the held-out-flight validation of the
+    comparison); trees and physics, which need no stopping, train on all flights."""
+    last = int(d["flight"].max())
+    if cfg["final"] not in NETWORKS:
+        everything = np.arange(len(d["flight"]))
+        return dict(name="final (all flights)", fit=everything, val=everything[:1], test=everything[:1], how="")
+    if len(np.unique(d["flight"])) < 2:
+        raise data.DataError(f"--final {cfg['final']} needs at least 2 flights (one sets the stopping epoch)")
+    val = np.flatnonzero(d["flight"] == last)
+    return dict(name=f"final (stopping flight {last})", fit=np.flatnonzero(d["flight"] != last), val=val,
+                test=val, how=f"val flight {last}")
+
+
+def cross_validated(cfg, method):
+    """The method's pooled LOFO scores from a comparison run in the same out_dir, if that run used the same
+    data, split, input settings and epochs; else 'not cross-validated'."""
+    ckpt_path, res_path = (os.path.join(cfg["out_dir"], p) for p in ("checkpoints/latest.pth", "results.csv"))
+    if not (os.path.isfile(ckpt_path) and os.path.isfile(res_path)):
+        return "not cross-validated"
+    run = data.load_checkpoint(ckpt_path).get("config", {})
+    keys = ("data_path", "max_samples", "pretrained", "input", "split", "val_mode", "gap", "val_gap", "use_angles",
+            "tree_angles", "pool", "drop_path", "head_epochs", "epochs", "lr", "ft_lr", "layer_decay")
+    with open(res_path) as f:
+        row = next((r for r in csv.DictReader(f) if (r["method"], r["seed"], r["fold"]) == (method, "mean", "pooled")),
+                   None)
+    if row is None or any(run.get(k) != cfg[k] for k in keys):
+        return "not cross-validated"
+    return dict(split=run["split"], r2=float(row["r2"]), mae_km=float(row["mae_km"]), rmse_km=float(row["rmse_km"]))
+
+
+def train_final(cfg, dev):
+    """Train one model (one seed) of method --final and write out_dir/cbh_model.pth: everything --predict
+    needs (weights or trees or line, encoder config, input mode and normalisation, target standardisation,
+    precision) and its cross-validated scores. The comparison's own files are never touched."""
+    method = cfg["final"]
+    if method not in METHODS:
+        raise data.DataError(f"--final {method!r}: expected one of {', '.join(METHODS)}")
+    path = cfg["data_path"] or data.default_cloud_paths()[1]
+    d = data.load_clouds(path, labelled=True, max_samples=cfg["max_samples"])
+    fold = final_fold(d, cfg)
+    _, enc = load_encoder_source(cfg, [method], d["images"].shape[1])
+    if method in ("finetune", "probe") and enc["state"] is None:
+        raise data.DataError(f"--final {method} needs a pre-trained encoder (--pretrained)")
+    saved = dict(kind="cbh_model", method=method, input=cfg["input"], width=d["images"].shape[1],
+                 use_angles=cfg["use_angles"], tree_angles=cfg["tree_angles"], cv=cross_validated(cfg, method),
+                 data_path=path, flights=sorted(int(f) for f in np.unique(d["flight"][fold["fit"]])), fold=fold["name"])
+    if method == "trees":
+        feats = profile_features(d["images"], d["sza"], d["saa"], cfg["tree_angles"])
+        saved["trees"] = gbrt_fit(feats, d["cbh_km"], cfg["n_trees"], cfg["tree_depth"], cfg["tree_lr"],
+                                  cfg["tree_min_leaf"], cfg["tree_bins"])
+    elif method == "physics":
+        saved["line"] = np.polyfit(physics_feature(d["images"]), d["cbh_km"], 1).tolist()
+    else:
+        t = dict(x=torch.as_tensor(data.profile_channels(d["images"], cfg["input"]), device=dev),
+                 ang=torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev),
+                 y=torch.as_tensor(d["cbh_km"], device=dev))
+        amp = amp_policy(dev, cfg, [fold], t, enc)
+        torch.manual_seed(cfg["seed"])
+        _, net, stats = train_network(method, fold, t, enc, cfg, dev, amp, cfg["seed"],
+                                      lambda row: print(f"  {method} {fold['name']} stage {row['stage']} epoch "
+                                                        f"{row['epoch']} val {row['val_loss']:.4f}"), lambda st: None)
+        saved.update(state=net.state_dict(), encoder_config=enc["config"], pool=cfg["pool"],
+                     head_hidden=0 if method == "probe" else cfg["head_hidden"], head_dropout=cfg["head_dropout"],
+                     cpu_autocast="bf16" if amp[0] is torch.bfloat16 else "fp32", **stats)
+    out = os.path.join(cfg["out_dir"], "cbh_model.pth")
+    data.claim_out_dir(cfg["out_dir"])
+    data.atomic_torch_save(saved, out)
+    print(f"wrote {out}: {method} on flights {saved['flights']} ({fold['name']}); cross-validated: {saved['cv']}")
+
+
+def load_cbh_model(path):
+    m = data.load_checkpoint(path)
+    if m.get("kind") != "cbh_model":
+        raise data.DataError(f"{path}: not a CBH model (write one with `python finetune_cbh.py --final METHOD`)")
+    return m
+
+
+def predict_km(m, d, dev):
+    """CBH (km) of every frame of d with the saved model m, clipped to the schema's 0..20 km. Networks run
+    in batches of 4096 resident frames under the precision the model was trained with."""
+    if m["method"] == "trees":
+        pred = gbrt_predict(m["trees"], profile_features(d["images"], d["sza"], d["saa"], m["tree_angles"]))
+    elif m["method"] == "physics":
+        pred = np.polyval(m["line"], physics_feature(d["images"]))
+    else:
+        net = CBHNet(mae.build_encoder(m["encoder_config"]), 2 if m["use_angles"] else 0, m["head_hidden"],
+                     m["head_dropout"], m["pool"]).to(dev).eval()
+        net.load_state_dict(m["state"])
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=dev)[:, None] for v in (m["norm_mean"], m["norm_std"]))
+        x = (torch.as_tensor(data.profile_channels(d["images"], m["input"]), device=dev) - mean) / std  # (N, C, W)
+        ang = torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev)  # (N, 2)
+        ang = ang if m["use_angles"] else ang[:, :0]
+        bf16 = dev.type == "cuda" or m.get("cpu_autocast") == "bf16"
+        with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16 and dev.type != "mps"):
+            pred = torch.cat([net(x[i:i + 4096], ang[i:i + 4096]).float() for i in range(0, len(x), 4096)])
+        pred = (pred * m["y_std"] + m["y_mean"]).cpu().numpy()
+    return np.clip(pred, 0.0, data.MAX_CBH_KM).astype(np.float32)
+
+
+def predict_file(cfg, dev):
+    """--predict FILE --model cbh_model.pth: out_dir/cbh_pred_<stem>.h5 (cbh_pred_km (N,) and a copy of
+    metadata, one row per frame of FILE) and one plot per flight. FILE is only read."""
+    if not cfg["model"]:
+        raise data.DataError("--predict needs --model PATH (a cbh_model.pth written by --final)")
+    m = load_cbh_model(cfg["model"])
+    path = cfg["predict"]
+    d = data.load_clouds(path, labelled=data.has_dataset(path, "cbh_km"))
+    if d["images"].shape[1] != m["width"]:
+        raise data.DataError(f"{path}: profiles are {d['images'].shape[1]} px wide, the model {cfg['model']} "
+                             f"was trained on {m['width']} px")
+    t0 = time.time()
+    pred = predict_km(m, d, dev)
+    secs = time.time() - t0
+    stem = os.path.splitext(os.path.basename(path))[0]
+    out = os.path.join(cfg["out_dir"], f"cbh_pred_{stem}.h5")
+    if os.path.abspath(out) == os.path.abspath(path):
+        raise data.DataError(f"{path}: the output would overwrite the input; pass another --out_dir")
+    data.claim_out_dir(cfg["out_dir"])
+    data.write_cbh_predictions(out, pred, d["metadata"])
+    plot_flights(d, pred, m, stem, os.path.join(cfg["out_dir"], "plots"))
+    print(f"wrote {out}: {len(pred)} frames in {secs:.2f}s ({m['method']} model {cfg['model']}), plots in "
+          f"{cfg['out_dir']}/plots/cbh_{stem}_flight_*.png")
+
+
+def plot_flights(d, pred, m, stem, plot_dir):
+    """Predicted CBH along each flight (frame index), lidar CBH where the file has it, and the model's
+    cross-validated MAE as a band, so nobody reads the final model as better than its LOFO score."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(plot_dir, exist_ok=True)
+    cv = m["cv"]
+    band = cv["mae_km"] if isinstance(cv, dict) else None
+    for fl in np.unique(d["flight"]):
+        sel = np.flatnonzero(d["flight"] == fl)
+        sel = sel[np.argsort(d["frame"][sel], kind="stable")]
+        fig, ax = plt.subplots(figsize=(10, 3.5))
+        ax.plot(d["frame"][sel], pred[sel], lw=0.8, color="tab:blue", label=f"predicted ({m['method']})")
+        if band is not None:
+            ax.fill_between(d["frame"][sel], pred[sel] - band, pred[sel] + band, color="tab:blue", alpha=0.2,
+                            lw=0, label=f"+- cross-validated MAE {band:.3f} km")
+        if "cbh_km" in d:
+            ax.plot(d["frame"][sel], d["cbh_km"][sel], ".", ms=3, color="k", label="lidar CBH")
+        score = (f"{cv['split']} cross-validated R2 {cv['r2']:.2f}, MAE {cv['mae_km']:.3f} km" if band is not None
+                 else "not cross-validated")
+        ax.set(xlabel="frame", ylabel="cloud base height (km)", title=f"{stem}, flight {fl}: {score}")
+        ax.legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+        fig.savefig(os.path.join(plot_dir, f"cbh_{stem}_flight_{fl}.png"), dpi=100)
+        plt.close(fig)
 
 
 def main(argv=None):
     cfg = parse_config(argv)
     try:
-        compare(cfg)
+        check_config(cfg)
+        data.check_out_dir(cfg["out_dir"])  # unwritable, or held by a live run: refused before any work
+        dev = mae.pick_device(cfg["device"])
+        if cfg["num_threads"] > 0:
+            torch.set_num_threads(cfg["num_threads"])
+        if cfg["predict"]:
+            predict_file(cfg, dev)
+        elif cfg["final"]:
+            train_final(cfg, dev)
+        else:
+            compare(cfg, dev)
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except data.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Every constant below is also a command-line flag (`python mae.py -h`).
 """
 import argparse
 import contextlib
+import copy
 import csv
 import math
 import os
@@ -33,6 +34,7 @@ import losses
 
 # --- config ---
 data_path = ''  # unlabelled cloud-profile HDF5 file ('' = the embedded synthetic dataset)
+input = 'raw'  # raw | contrast (profile minus its own warm reference) | both (2 channels): data.profile_channels
 out_dir = 'outputs/mae_pretrain'  # checkpoints/, plots/, log.csv and the exported encoder go here
 epochs = 100  # training epochs; the cosine schedule spans all of them
 batch_size = 64  # profiles per step; if you change it, scale lr linearly (lr = 1e-3 * batch_size / 64)
@@ -66,19 +68,14 @@ plot_every = 10  # reconstruction figure every this many epochs (and after the f
 n_plot = 4  # val profiles in the reconstruction figures (always the same ones)
 device = 'auto'  # auto (cuda > mps > cpu) | cpu | cuda | mps
 amp = True  # CUDA mixed precision: bf16 autocast, or fp16 + GradScaler where bf16 is unsupported
-cpu_bf16 = True  # bf16 autocast on CPUs with AMX-bf16 units (1.5-1.9x faster here, see note); others: fp32
+cpu_bf16 = 'auto'  # CPU precision: on = bf16 autocast, off = fp32, auto = time a few steps of both, take the faster
 seed = 1337  # seeds model init, shuffling, masks and augmentations
 resume = ''  # checkpoint to continue from exactly (e.g. outputs/mae_pretrain/checkpoints/latest.pth)
 max_samples = 0  # use only the first N profiles (0 = all): quick trials and tests
 num_threads = 0  # torch CPU threads (0 = torch default)
 # --- end config ---
-# cpu_bf16 note: `small`, one full train step (augment, forward, backward, clip, AdamW), torch 2.13, 2-core
-# Xeon with AMX (Sapphire Rapids), 1 thread (the box was shared, so 2-thread timings were noise):
-#   batch 256: fp32 643-672 samples/s, bf16 autocast 1254-1306 (1.9x)
-#   batch  64: fp32 374-408 samples/s, bf16 autocast  558-635 (1.5x)
-# With F.scaled_dot_product_attention instead of the explicit attention below, bf16 gained far less.
-# CPUs without AMX emulate bf16 and get slower, so autocast stays off on them.
 
+CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite losses (a sync each time)
 # settings that may change on --resume: they do not alter the run's losses, only where and how it reports
 FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "save_every", "plot_every", "n_plot", "patience")
 
@@ -115,23 +112,32 @@ def parse_args(argv=None):
     return vars(p.parse_args(argv))
 
 
-def model_config(cfg, width):
+def model_config(cfg, width, in_chans=1):
     """MAE constructor kwargs for the chosen size (custom: from the constants block)."""
     keys = ("embed_dim", "depth", "num_heads", "dec_dim", "dec_depth", "dec_heads", "patch_size")
     size = MODEL_SIZES.get(cfg["model_size"]) or {k: cfg[k] for k in keys}
     mlp = cfg["mlp_ratio"] if cfg["model_size"] == "custom" else 4.0
-    return dict(size, width=width, mlp_ratio=mlp)
+    return dict(size, width=width, mlp_ratio=mlp, in_chans=in_chans)
 
 
 # ----------------------------------------------------------------------------------------------
 # model
 
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+def drop_path(x, p, training):
+    """Stochastic depth: during training, drop a residual branch x (B, ...) for a random fraction p of the
+    samples and scale the kept ones by 1/(1-p), so the expected output is unchanged; identity in eval."""
+    if p == 0.0 or not training:
+        return x
+    keep = (torch.rand(x.shape[0], *(1,) * (x.dim() - 1), device=x.device) >= p).to(x.dtype)
+    return x * keep / (1 - p)
 
-    def __init__(self, dim, heads, mlp_ratio):
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x)); drop_path > 0 = stochastic depth."""
+
+    def __init__(self, dim, heads, mlp_ratio, drop_path=0.0):
         super().__init__()
-        self.heads = heads
+        self.heads, self.drop_path = heads, drop_path
         self.ln1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -147,8 +153,8 @@ class Block(nn.Module):
         # SDPA's CPU bf16 backward was ~8x slower than its fp32 one in our profile (see cpu_bf16)
         att = (q @ k.transpose(-2, -1)) * (D // self.heads) ** -0.5  # (B, H, L, L)
         a = att.softmax(dim=-1) @ v  # (B, H, L, D/H)
-        x = x + self.proj(a.transpose(1, 2).reshape(B, L, D))
-        return x + self.mlp(self.ln2(x))
+        x = x + drop_path(self.proj(a.transpose(1, 2).reshape(B, L, D)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.ln2(x)), self.drop_path, self.training)
 
 
 def init_weights(module):
@@ -160,28 +166,32 @@ def init_weights(module):
 
 
 class Encoder(nn.Module):
-    """ViT encoder over 1D patches. With mask_ratio > 0 it only ever sees the visible patches."""
+    """ViT encoder over 1D patches of C-channel profiles. With mask_ratio > 0 it only ever sees the visible
+    patches. drop_path: stochastic-depth rate of the last block, rising linearly from 0 (for fine-tuning)."""
 
-    def __init__(self, width=440, patch_size=16, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0):
+    def __init__(self, width=440, patch_size=16, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0, in_chans=1,
+                 drop_path=0.0):
         super().__init__()
-        self.width, self.patch_size, self.embed_dim = width, patch_size, embed_dim
+        self.width, self.patch_size, self.embed_dim, self.in_chans = width, patch_size, embed_dim, in_chans
         self.num_patches = width // patch_size  # 440 // 16 = 27
         self.crop = (width - self.num_patches * patch_size) // 2  # centre crop; edges are vignetted anyway
-        self.patch_embed = nn.Linear(patch_size, embed_dim)  # = Conv1d(1, D, kernel=stride=patch_size)
+        self.patch_embed = nn.Linear(in_chans * patch_size, embed_dim)  # = Conv1d(C, D, kernel=stride=P)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))  # learned, 0 = CLS
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim)
         init_weights(self)
         for p in (self.cls_token, self.pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
 
-    def patchify(self, x):  # (B, W) full-width profiles -> (B, N, P)
+    def patchify(self, x):  # (B, C, W) full-width profiles -> (B, N, C*P), a patch's channels side by side
         N, P = self.num_patches, self.patch_size
-        return x[:, self.crop:self.crop + N * P].reshape(len(x), N, P)
+        x = x[..., self.crop:self.crop + N * P].reshape(len(x), -1, N, P)  # (B, C, N, P)
+        return x.transpose(1, 2).reshape(len(x), N, -1)
 
     def forward(self, x, mask_ratio=0.0, generator=None):
-        patches = self.patchify(x)  # (B, N, P)
+        patches = self.patchify(x)  # (B, N, C*P)
         B, N, P = patches.shape
         n_keep = int(N * (1 - mask_ratio))
         if mask_ratio > 0:  # per-sample random masking: sort uniform noise, keep the n_keep lowest
@@ -193,7 +203,7 @@ class Encoder(nn.Module):
         ids_keep = ids_shuffle[:, :n_keep]  # (B, n_keep)
         mask = (ids_restore >= n_keep).float()  # (B, N) 1 = masked, in patch order
         # gather the visible patches BEFORE embedding: hidden pixels never enter the network
-        vis = torch.gather(patches, 1, ids_keep[..., None].expand(-1, -1, P))  # (B, n_keep, P)
+        vis = torch.gather(patches, 1, ids_keep[..., None].expand(-1, -1, P))  # (B, n_keep, C*P)
         h = self.patch_embed(vis) + self.pos_embed[0, 1:][ids_keep]  # (B, n_keep, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)  # (B, 1, D)
         h = torch.cat([cls, h], dim=1)  # (B, 1 + n_keep, D)
@@ -201,30 +211,31 @@ class Encoder(nn.Module):
             h = blk(h)
         return self.norm(h), mask, ids_restore
 
-    def features(self, x):  # (B, W) -> (B, D): CLS embedding, no masking (what a CBH head uses)
-        return self.forward(x)[0][:, 0]
+    def features(self, x, pool="cls"):  # (B, C, W) -> (B, D), no masking: what a CBH head reads
+        h = self.forward(x)[0]  # (B, 1 + N, D)
+        return h[:, 0] if pool == "cls" else h[:, 1:].mean(1)  # CLS token, or the mean of the patch tokens
 
 
 class MAE(nn.Module):
     """Encoder + light decoder: a shared mask token fills the hidden patches, a linear head predicts pixels."""
 
     def __init__(self, width=440, patch_size=16, embed_dim=192, depth=4, num_heads=3,
-                 dec_dim=96, dec_depth=2, dec_heads=3, mlp_ratio=4.0):
+                 dec_dim=96, dec_depth=2, dec_heads=3, mlp_ratio=4.0, in_chans=1):
         super().__init__()
-        self.encoder = Encoder(width, patch_size, embed_dim, depth, num_heads, mlp_ratio)
+        self.encoder = Encoder(width, patch_size, embed_dim, depth, num_heads, mlp_ratio, in_chans)
         n = self.encoder.num_patches
         self.dec_embed = nn.Linear(embed_dim, dec_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec_dim))
         self.dec_pos_embed = nn.Parameter(torch.zeros(1, 1 + n, dec_dim))  # the decoder's own, learned
         self.dec_blocks = nn.ModuleList(Block(dec_dim, dec_heads, mlp_ratio) for _ in range(dec_depth))
         self.dec_norm = nn.LayerNorm(dec_dim)
-        self.head = nn.Linear(dec_dim, patch_size)
+        self.head = nn.Linear(dec_dim, in_chans * patch_size)
         for m in (self.dec_embed, self.dec_blocks, self.head):
             init_weights(m)
         for p in (self.mask_token, self.dec_pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
 
-    def forward(self, x, mask_ratio=0.75, generator=None):  # x (B, W) normalised profiles
+    def forward(self, x, mask_ratio=0.75, generator=None):  # x (B, C, W) normalised profiles
         latent, mask, ids_restore = self.encoder(x, mask_ratio, generator)  # (B, 1 + n_keep, D)
         h = self.dec_embed(latent)  # (B, 1 + n_keep, Dd)
         B, N = mask.shape
@@ -234,22 +245,24 @@ class MAE(nn.Module):
         h = torch.cat([h[:, :1], tokens], dim=1) + self.dec_pos_embed  # (B, 1 + N, Dd)
         for blk in self.dec_blocks:
             h = blk(h)
-        return self.head(self.dec_norm(h))[:, 1:], mask  # (B, N, P) predicted pixels, (B, N)
+        return self.head(self.dec_norm(h))[:, 1:], mask  # (B, N, C*P) predicted pixels, (B, N)
 
 
 def encoder_config(model_cfg):
     """The kwargs that rebuild the Encoder (stored in the exported file)."""
     return dict(width=model_cfg.get("width", 440), patch_size=model_cfg["patch_size"],
                 embed_dim=model_cfg["embed_dim"], depth=model_cfg["depth"],
-                num_heads=model_cfg["num_heads"], mlp_ratio=model_cfg.get("mlp_ratio", 4.0))
+                num_heads=model_cfg["num_heads"], mlp_ratio=model_cfg.get("mlp_ratio", 4.0),
+                in_chans=model_cfg.get("in_chans", 1))
 
 
-def build_encoder(enc_cfg):
-    return Encoder(**enc_cfg)
+def build_encoder(enc_cfg, drop_path=0.0):
+    return Encoder(**enc_cfg, drop_path=drop_path)
 
 
 def load_encoder(path, map_location="cpu"):
-    """Rebuild the exported encoder. Returns (Encoder, dict(config=, norm_mean=, norm_std=))."""
+    """Rebuild the exported encoder. Returns (Encoder, dict(config=, input=, norm_mean=, norm_std=)), the
+    normalisation as one (mean, std) per input channel. Files from before input modes are raw, 1 channel."""
     if not os.path.isfile(path):
         raise data.DataError(f"{path}: pre-trained encoder not found; run `python mae.py` first, "
                              "or pass --pretrained none")
@@ -261,7 +274,9 @@ def load_encoder(path, map_location="cpu"):
         enc.load_state_dict(ck["encoder"])
     except (TypeError, RuntimeError) as e:
         raise data.DataError(f"{path}: encoder weights do not match its config ({type(e).__name__})") from None
-    return enc, dict(config=ck["config"], norm_mean=float(ck["norm_mean"]), norm_std=float(ck["norm_std"]))
+    per_channel = lambda v: [float(s) for s in np.atleast_1d(v)]
+    return enc, dict(config=ck["config"], input=ck.get("input", "raw"), norm_mean=per_channel(ck["norm_mean"]),
+                     norm_std=per_channel(ck["norm_std"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,26 +315,60 @@ def pick_device(name):
     return torch.device(name)
 
 
-def cpu_has_amx_bf16():
-    """True on (Linux) CPUs with AMX bf16 tiles, where bf16 matmuls are several times faster than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
 def amp_policy(device, cfg):
-    """-> (autocast dtype or None, whether a GradScaler is needed)."""
+    """-> (autocast dtype or None, whether a GradScaler is needed) on CUDA; None on other devices (the CPU
+    precision is chosen by choose_cpu_dtype)."""
     if device.type == "cuda" and cfg["amp"]:
         return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-    if device.type == "cpu" and cfg["cpu_bf16"] and cpu_has_amx_bf16():
-        return torch.bfloat16, False
     return None, False
 
 
+def choose_cpu_dtype(setting, time_step, timer=time.perf_counter, warmup=2, timed=3):
+    """CPU precision for cpu_bf16 = on | off | auto -> (torch.bfloat16 or None, a one-line message).
+    auto: time_step(dtype) runs one real training step of the stage's model and batch shape; after `warmup`
+    untimed steps, `timed` steps are timed in fp32 and in bf16 autocast and the faster wins. Whether bf16
+    pays depends on the CPU (AMX, AVX512-BF16 or neither), the model and the batch, so one CPU flag cannot
+    decide it. A CPU where bf16 autocast fails falls back to fp32 with a notice."""
+    if setting != "auto":
+        on = setting == "on"
+        return (torch.bfloat16 if on else None), f"cpu_bf16 {setting}: {'bf16' if on else 'fp32'}"
+    secs = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        try:
+            for _ in range(warmup):
+                time_step(dtype)
+            t0 = timer()
+            for _ in range(timed):
+                time_step(dtype)
+            secs[name] = (timer() - t0) / timed
+        except RuntimeError as e:
+            if dtype is None:
+                raise
+            return None, f"cpu_bf16 auto: bf16 autocast failed on this CPU ({type(e).__name__}); using fp32"
+    pick = "bf16" if secs["bf16"] < secs["fp32"] else "fp32"
+    return (torch.bfloat16 if pick == "bf16" else None), (
+        f"cpu_bf16 auto: fp32 {1 / secs['fp32']:.1f} steps/s, bf16 {1 / secs['bf16']:.1f} steps/s -> {pick}")
+
+
+def step_timer(model, cfg, X, dev):
+    """time_step(dtype) for choose_cpu_dtype: one full training step (augment, forward, backward, clip,
+    AdamW) on a throw-away copy of the model with its own generator, so timing never changes the run."""
+    trial = copy.deepcopy(model)
+    opt = make_optimizer(trial, cfg, dev)
+    gen = torch.Generator(dev).manual_seed(0)
+    x = X[:cfg["batch_size"]]  # (B, C, W)
+
+    def step(dtype):
+        loss = loss_fn(trial, data.augment_profiles(x, gen), cfg, gen, dtype)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trial.parameters(), 1.0)
+        opt.step()
+    return step
+
+
 def loss_fn(model, x, cfg, generator, dtype):
-    """Masked-patch MSE of one batch x (B, W); the loss itself is computed in fp32."""
+    """Masked-patch MSE of one batch x (B, C, W); the loss itself is computed in fp32."""
     ctx = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with ctx:
         pred, mask = model(x, cfg["mask_ratio"], generator)  # (B, N, P), (B, N)
@@ -359,8 +408,9 @@ def set_rng_state(s, shuffle_gen, gen):
 # plots
 
 def plot_reconstruction(model, x, cfg, norm, path, epoch, dtype):
-    """Original, visible (encoder input) and reconstructed hidden patches for fixed val profiles x (n, W),
-    in raw signal units, with a fixed mask so figures from different epochs compare."""
+    """Original, visible (encoder input) and reconstructed hidden patches for fixed val profiles x (n, C, W),
+    one panel per profile and channel, in input units (before normalisation), with a fixed mask so figures
+    from different epochs compare."""
     model.eval()
     with torch.no_grad():
         gen = torch.Generator(x.device).manual_seed(cfg["seed"] + 2)
@@ -368,23 +418,30 @@ def plot_reconstruction(model, x, cfg, norm, path, epoch, dtype):
         with ctx:
             pred, mask = model(x, cfg["mask_ratio"], gen)
     model.train()
-    target = model.encoder.patchify(x)  # (n, N, P)
+    target = model.encoder.patchify(x)  # (n, N, C*P)
     pred = pred.float()
     if cfg["norm_pix_loss"]:  # the model predicts per-patch normalised pixels: undo with the true stats
         pred = pred * (target.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
-    hidden = mask[..., None].bool().expand_as(target)  # (n, N, P)
-    raw = lambda t: (t.reshape(len(x), -1) * norm[1] + norm[0]).cpu().numpy()  # (n, N*P) raw units
-    orig = raw(target)
-    visible = raw(target.masked_fill(hidden, float("nan")))
-    recon = raw(pred.masked_fill(~hidden, float("nan")))
+    hidden = mask[..., None].bool().expand_as(target)  # (n, N, C*P)
     enc = model.encoder
-    px = np.arange(enc.crop, enc.crop + enc.num_patches * enc.patch_size)
-    fig, axes = plt.subplots(len(x), 1, figsize=(10, 2.2 * len(x)), sharex=True, squeeze=False)
-    for i, ax in enumerate(axes[:, 0]):
-        ax.plot(px, orig[i], color="0.6", lw=1, label="original")
-        ax.plot(px, visible[i], color="tab:blue", lw=1.5, label="masked input (visible patches)")
-        ax.plot(px, recon[i], color="tab:red", lw=1.5, label="reconstruction (hidden patches)")
-        ax.set_ylabel("signal")
+    n, N, C, P = len(x), enc.num_patches, enc.in_chans, enc.patch_size
+    mean, std = (torch.tensor(v, device=x.device)[:, None] for v in norm)  # (C, 1) each
+
+    def unpatch(t):  # (n, N, C*P) normalised -> (n, C, N*P) input units
+        return (t.reshape(n, N, C, P).transpose(1, 2).reshape(n, C, N * P) * std + mean).cpu().numpy()
+
+    orig = unpatch(target)
+    visible = unpatch(target.masked_fill(hidden, float("nan")))
+    recon = unpatch(pred.masked_fill(~hidden, float("nan")))
+    px = np.arange(enc.crop, enc.crop + N * P)
+    names = dict(raw=["signal"], contrast=["contrast"], both=["signal", "contrast"])[cfg["input"]]
+    fig, axes = plt.subplots(n * C, 1, figsize=(10, 2.2 * n * C), sharex=True, squeeze=False)
+    for k, ax in enumerate(axes[:, 0]):
+        i, c = divmod(k, C)
+        ax.plot(px, orig[i, c], color="0.6", lw=1, label="original")
+        ax.plot(px, visible[i, c], color="tab:blue", lw=1.5, label="masked input (visible patches)")
+        ax.plot(px, recon[i, c], color="tab:red", lw=1.5, label="reconstruction (hidden patches)")
+        ax.set_ylabel(names[c])
     axes[0, 0].legend(loc="upper right", fontsize=7, ncol=3)
     axes[0, 0].set_title(f"MAE reconstruction, epoch {epoch}, mask ratio {cfg['mask_ratio']}")
     axes[-1, 0].set_xlabel("pixel")
@@ -442,14 +499,140 @@ def check_config(cfg):
         (cfg["val_blocks"] < 2, "--val_blocks must be >= 2"),
         (min(cfg["patch_size"], cfg["n_plot"]) < 1 or cfg["val_gap"] < 0,
          "--patch_size and --n_plot must be >= 1, --val_gap >= 0"),
+        (cfg["input"] not in data.INPUT_MODES, f"--input {cfg['input']!r}: use {', '.join(data.INPUT_MODES)}"),
+        (cfg["cpu_bf16"] not in ("auto", "on", "off"), f"--cpu_bf16 {cfg['cpu_bf16']!r}: use auto, on or off"),
     ]
     for bad, msg in problems:
         if bad:
             raise data.DataError(msg)
 
 
+def load_data(cfg, dev):
+    """The whole set as input channels, normalised and resident on the device; batches are gathered by
+    indexing. Returns (X_train (N_train, C, W), X_val (N_val, C, W), per-channel (means, stds), path)."""
+    path = cfg["data_path"] or data.default_cloud_paths()[0]
+    d = data.load_clouds(path, labelled=False, max_samples=cfg["max_samples"])
+    images = data.profile_channels(d["images"], cfg["input"])  # (N, C, W)
+    # val = the last of val_blocks contiguous time blocks of every flight, with val_gap frames removed from
+    # train on its edge: random frames would leave near-identical neighbours on both sides of the split
+    train_idx, val_idx = data.split_blocked(d["flight"], d["frame"], cfg["val_blocks"], cfg["val_blocks"] - 1,
+                                            cfg["val_gap"])
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise data.DataError(f"{path}: too few profiles for a train/val split ({len(d['images'])} profiles)")
+    norm = data.norm_stats(images[train_idx])  # per channel, train split only; stored with the encoder
+    mean, std = (np.array(v, np.float32)[:, None] for v in norm)  # (C, 1)
+    X_train, X_val = (torch.from_numpy((images[i] - mean) / std).float().to(dev) for i in (train_idx, val_idx))
+    return X_train, X_val, norm, path
+
+
+def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen):
+    """Load a --resume checkpoint into the model, optimizer, scaler and generators. Returns
+    (epochs done, best val loss, epochs without improvement, the CPU precision the run chose: 'bf16' or
+    'fp32'); (0, inf, 0, None) for a fresh run."""
+    if not cfg["resume"]:
+        return 0, float("inf"), 0, None
+    ckpt = data.load_checkpoint(cfg["resume"])
+    if not {"model", "optimizer", "scaler", "epoch", "best_val", "bad_epochs", "rng"} <= ckpt.keys():
+        raise data.DataError(f"{cfg['resume']}: not a mae.py training checkpoint")
+    saved = ckpt.get("config", {})
+    diff = [k for k in cfg if k not in FREE_ON_RESUME and saved.get(k) != cfg[k]]
+    if diff:  # another schedule, split or model would not continue the run: it would be a new one
+        raise data.DataError(f"{cfg['resume']}: checkpoint was made with different settings; pass " +
+                             " ".join(f"--{k} {saved.get(k)!r}" for k in diff))
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if ckpt["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], shuffle_gen, gen)
+    print(f"resumed from {cfg['resume']} after epoch {ckpt['epoch']} (best val {ckpt['best_val']:.5f})")
+    return ckpt["epoch"], ckpt["best_val"], ckpt["bad_epochs"], ckpt.get("cpu_autocast")
+
+
+def prepare_outputs(cfg, start_epoch):
+    """Create and lock out_dir; a fresh run starts a fresh log, a resumed one trims it back to its checkpoint."""
+    data.claim_out_dir(cfg["out_dir"])
+    os.makedirs(os.path.join(cfg["out_dir"], "checkpoints"), exist_ok=True)
+    log_path = os.path.join(cfg["out_dir"], "log.csv")
+    if cfg["resume"]:
+        trim_log(log_path, start_epoch)  # resuming an older checkpoint re-runs the later epochs
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+    return log_path
+
+
+def run_epoch(model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step, steps_per_epoch, epoch):
+    """One pass over the shuffled training profiles. Returns (mean loss, next global step, last LR).
+    Non-finite losses are counted on the device and looked at every CHECK_EVERY steps and at the end (no
+    sync per step); the run stops (NonFiniteLoss) before anything of this epoch is saved. With a GradScaler
+    (fp16) a step whose scaled gradients overflow is skipped by design, so only a window in which EVERY
+    step was non-finite stops it."""
+    total = torch.zeros((), device=X_train.device)  # summed on the device: no sync per step
+    bad = torch.zeros((), device=X_train.device, dtype=torch.long)  # non-finite losses since the last check
+    checked, seen = step, 0
+    progress = data.Progress(steps_per_epoch, f"epoch {epoch}")
+    for i, idx in enumerate(data.batch_indices(len(X_train), cfg["batch_size"], shuffle=True, generator=shuffle_gen)):
+        lr = get_lr(step, cfg, steps_per_epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = X_train[idx.to(X_train.device)]  # (B, C, W)
+        if cfg["augment"]:
+            x = data.augment_profiles(x, gen, cfg["aug_flip"], cfg["aug_crop"], cfg["aug_jitter"])
+        loss = loss_fn(model, x, cfg, gen, dtype)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg["grad_clip"] > 0:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        scaler.step(opt)
+        scaler.update()
+        finite = torch.isfinite(loss.detach())
+        bad += ~finite
+        total += torch.where(finite, loss.detach(), 0.0) * len(idx)
+        step, seen = step + 1, seen + len(idx)
+        progress.update(i + 1, seen, lambda: total.item() / seen)
+        if step % CHECK_EVERY == 0:
+            check_finite(bad, step - checked, scaler.is_enabled(), epoch, checked + 1, step)
+            bad.zero_()
+            checked = step
+    progress.close()
+    if step > checked:
+        check_finite(bad, step - checked, scaler.is_enabled(), epoch, checked + 1, step)
+    return total.item() / len(X_train), step, lr
+
+
+def check_finite(bad, window, scaler_on, epoch, first_step, last_step):
+    """Stop on non-finite losses among the last `window` steps (with a GradScaler: only if all were)."""
+    n_bad = int(bad.item())
+    if n_bad == window or (n_bad > 0 and not scaler_on):
+        raise data.NonFiniteLoss(data.nonfinite_message(f"mae.py, epoch {epoch}", first_step, last_step))
+
+
+def save_checkpoints(ckpt, model, cfg, improved, norm):
+    """latest.pth every epoch, best.pth and the exported encoder on improvement, epoch_NNN.pth every
+    save_every epochs; all atomic."""
+    ckpt_dir = os.path.join(cfg["out_dir"], "checkpoints")
+    data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
+    if improved:
+        data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
+        data.atomic_torch_save(dict(encoder=model.encoder.state_dict(), config=encoder_config(ckpt["model_config"]),
+                                    input=cfg["input"], norm_mean=norm[0], norm_std=norm[1]),
+                               os.path.join(cfg["out_dir"], "mae_encoder_pretrained.pth"))
+    if cfg["save_every"] > 0 and ckpt["epoch"] % cfg["save_every"] == 0:
+        data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, f"epoch_{ckpt['epoch']:03d}.pth"))
+
+
+def log_epoch(log_path, n, train_loss, val_loss, lr, secs, rate):
+    new_log = not os.path.exists(log_path)
+    with open(log_path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new_log:
+            w.writerow(["epoch", "train_loss", "val_loss", "lr", "seconds", "samples_per_s"])
+        w.writerow([n, f"{train_loss:.9g}", f"{val_loss:.9g}", f"{lr:.6g}", f"{secs:.2f}", f"{rate:.1f}"])
+
+
 def train(cfg):
     check_config(cfg)
+    data.check_out_dir(cfg["out_dir"])  # unwritable, or held by a live run: refused before any work
     if cfg["num_threads"] > 0:
         torch.set_num_threads(cfg["num_threads"])
     dev = pick_device(cfg["device"])
@@ -457,120 +640,56 @@ def train(cfg):
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     random.seed(cfg["seed"])
-
-    # data: the whole set normalised and resident on the device; batches are gathered by indexing
-    path = cfg["data_path"] or data.default_cloud_paths()[0]
-    d = data.load_clouds(path, labelled=False, max_samples=cfg["max_samples"])
-    # val = the last of val_blocks contiguous time blocks of every flight, with val_gap frames removed from
-    # train on its edge: random frames would leave near-identical neighbours on both sides of the split
-    train_idx, val_idx = data.split_blocked(d["flight"], d["frame"], cfg["val_blocks"], cfg["val_blocks"] - 1,
-                                            cfg["val_gap"])
-    if len(train_idx) == 0 or len(val_idx) == 0:
-        raise data.DataError(f"{path}: too few profiles for a train/val split ({len(d['images'])} profiles)")
-    norm = data.norm_stats(d["images"][train_idx])  # (mean, std) global scalars, stored with the encoder
-    X_train, X_val = (torch.from_numpy((d["images"][i] - norm[0]) / norm[1]).float().to(dev)
-                      for i in (train_idx, val_idx))  # (N_train, W), (N_val, W)
-    width = X_train.shape[1]
-    mcfg = model_config(cfg, width)
-    if mcfg["patch_size"] > width:
-        raise data.DataError(f"{path}: profiles are {width} px, narrower than patch_size {mcfg['patch_size']}")
-
+    X_train, X_val, norm, path = load_data(cfg, dev)
+    mcfg = model_config(cfg, X_train.shape[-1], in_chans=X_train.shape[1])
+    if mcfg["patch_size"] > X_train.shape[-1]:
+        raise data.DataError(f"{path}: profiles are {X_train.shape[-1]} px, narrower than patch_size "
+                             f"{mcfg['patch_size']}")
     model = MAE(**mcfg).to(dev)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_enc = sum(p.numel() for p in model.encoder.parameters())
+    n_params, n_enc = (sum(p.numel() for p in m.parameters()) for m in (model, model.encoder))
     print(f"model {cfg['model_size']}: {n_params:,} parameters (encoder {n_enc:,}, decoder {n_params - n_enc:,}); "
-          f"{model.encoder.num_patches} patches of {mcfg['patch_size']} px")
-    print(f"data {path}: {len(train_idx)} train / {len(val_idx)} val profiles; device {dev}, "
-          f"autocast {dtype if dtype else 'off (fp32)'}")
+          f"{model.encoder.num_patches} patches of {mcfg['patch_size']} px, input {cfg['input']}")
     opt = make_optimizer(model, cfg, dev)
     scaler = torch.amp.GradScaler(dev.type if use_scaler else "cpu", enabled=use_scaler)
     shuffle_gen = torch.Generator().manual_seed(cfg["seed"])  # batch order (CPU)
     gen = torch.Generator(dev).manual_seed(cfg["seed"])  # masks and augmentations (on the device)
-    start_epoch, best_val, bad_epochs = 0, float("inf"), 0
-    if cfg["resume"]:
-        ck = data.load_checkpoint(cfg["resume"])
-        if not {"model", "optimizer", "scaler", "epoch", "best_val", "bad_epochs", "rng"} <= ck.keys():
-            raise data.DataError(f"{cfg['resume']}: not a mae.py training checkpoint")
-        diff = [k for k in cfg if k not in FREE_ON_RESUME and ck.get("config", {}).get(k) != cfg[k]]
-        if diff:  # another schedule, split or model would not continue the run: it would be a new one
-            raise data.DataError(f"{cfg['resume']}: checkpoint was made with different settings; pass " +
-                                 " ".join(f"--{k} {ck.get('config', {}).get(k)!r}" for k in diff))
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if ck["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
-            scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"], shuffle_gen, gen)
-        start_epoch, best_val, bad_epochs = ck["epoch"], ck["best_val"], ck["bad_epochs"]
-        print(f"resumed from {cfg['resume']} after epoch {start_epoch} (best val {best_val:.5f})")
-
-    # outputs: only from here on is anything written
-    out = cfg["out_dir"]
-    ckpt_dir, plot_dir = os.path.join(out, "checkpoints"), os.path.join(out, "plots")
-    log_path = os.path.join(out, "log.csv")
-    os.makedirs(ckpt_dir, exist_ok=True)
-    if cfg["resume"]:
-        trim_log(log_path, start_epoch)  # resuming an older checkpoint re-runs the later epochs
-    elif os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
-    enc_cfg = encoder_config(mcfg)
+    start_epoch, best_val, bad_epochs, cpu_autocast = maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen)
+    if dev.type == "cpu" and cpu_autocast:  # a resumed run keeps the precision it chose: its losses continue
+        dtype = torch.bfloat16 if cpu_autocast == "bf16" else None
+    elif dev.type == "cpu":
+        dtype, msg = choose_cpu_dtype(cfg["cpu_bf16"], step_timer(model, cfg, X_train, dev))
+        print(msg)
+    print(f"data {path}: {len(X_train)} train / {len(X_val)} val profiles; device {dev}, "
+          f"autocast {dtype if dtype else 'off (fp32)'}")
+    log_path = prepare_outputs(cfg, start_epoch)  # only from here on is anything written
+    plot_dir = os.path.join(cfg["out_dir"], "plots")
     plot_x = X_val[torch.linspace(0, len(X_val) - 1, min(cfg["n_plot"], len(X_val))).long().to(dev)]
     steps_per_epoch = math.ceil(len(X_train) / cfg["batch_size"])
     step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg["epochs"]):
+    for n in range(start_epoch + 1, cfg["epochs"] + 1):  # n = the epoch number, from 1
         if bad_epochs >= cfg["patience"]:
             print(f"early stopping: val loss has not improved for {bad_epochs} epochs")
             break
         t0 = time.time()
-        total = torch.zeros((), device=dev)  # summed on the device: no sync per step
-        for idx in data.batch_indices(len(X_train), cfg["batch_size"], shuffle=True, generator=shuffle_gen):
-            lr = get_lr(step, cfg, steps_per_epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x = X_train[idx.to(dev)]  # (B, W)
-            if cfg["augment"]:
-                x = data.augment_profiles(x, gen, cfg["aug_flip"], cfg["aug_crop"], cfg["aug_jitter"])
-            loss = loss_fn(model, x, cfg, gen, dtype)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg["grad_clip"] > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            scaler.step(opt)
-            scaler.update()
-            total += loss.detach() * len(idx)
-            step += 1
-        train_loss = total.item() / len(X_train)
+        train_loss, step, lr = run_epoch(model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step,
+                                         steps_per_epoch, n)
         rate = len(X_train) / (time.time() - t0)  # training samples/s (the val pass is not counted)
         val_loss = evaluate(model, X_val, cfg, dtype)
         secs = time.time() - t0
         improved = val_loss < best_val
         best_val, bad_epochs = (val_loss, 0) if improved else (best_val, bad_epochs + 1)
-
-        ck = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                  epoch=epoch + 1, best_val=best_val, bad_epochs=bad_epochs, rng=rng_state(shuffle_gen, gen),
-                  config=cfg, model_config=mcfg, norm_mean=norm[0], norm_std=norm[1])
-        data.atomic_torch_save(ck, os.path.join(ckpt_dir, "latest.pth"))
-        if improved:
-            data.atomic_torch_save(ck, os.path.join(ckpt_dir, "best.pth"))
-            data.atomic_torch_save(dict(encoder=model.encoder.state_dict(), config=enc_cfg, norm_mean=norm[0],
-                                        norm_std=norm[1]), os.path.join(out, "mae_encoder_pretrained.pth"))
-        if cfg["save_every"] > 0 and (epoch + 1) % cfg["save_every"] == 0:
-            data.atomic_torch_save(ck, os.path.join(ckpt_dir, f"epoch_{epoch + 1:03d}.pth"))
-        new_log = not os.path.exists(log_path)
-        with open(log_path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new_log:
-                w.writerow(["epoch", "train_loss", "val_loss", "lr", "seconds", "samples_per_s"])
-            w.writerow([epoch + 1, f"{train_loss:.9g}", f"{val_loss:.9g}", f"{lr:.6g}", f"{secs:.2f}",
-                        f"{rate:.1f}"])
+        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=n,
+                    best_val=best_val, bad_epochs=bad_epochs, rng=rng_state(shuffle_gen, gen), config=cfg,
+                    model_config=mcfg, norm_mean=norm[0], norm_std=norm[1],
+                    cpu_autocast=("bf16" if dtype else "fp32") if dev.type == "cpu" else None)
+        log_epoch(log_path, n, train_loss, val_loss, lr, secs, rate)  # log first: a kill between the two
+        save_checkpoints(ckpt, model, cfg, improved, norm)  # re-runs epoch n on resume, and trims its row
         plot_losses(log_path, os.path.join(plot_dir, "loss.png"))
-        n = epoch + 1
         if n == 1 or n == cfg["epochs"] or (cfg["plot_every"] > 0 and n % cfg["plot_every"] == 0):
-            fig_path = os.path.join(plot_dir, f"recon_epoch_{n:03d}.png")
-            plot_reconstruction(model, plot_x, cfg, norm, fig_path, n, dtype)
+            plot_reconstruction(model, plot_x, cfg, norm, os.path.join(plot_dir, f"recon_epoch_{n:03d}.png"), n, dtype)
         print(f"epoch {n:3d}/{cfg['epochs']} | train {train_loss:.5f} | val {val_loss:.5f} | lr {lr:.2e} | "
               f"{secs:6.1f}s | {rate:7.0f} samples/s{' | new best, saved' if improved else ''}")
-    print(f"best val loss {best_val:.5f}; encoder in {os.path.join(out, 'mae_encoder_pretrained.pth')}")
+    print(f"best val loss {best_val:.5f}; encoder in {os.path.join(cfg['out_dir'], 'mae_encoder_pretrained.pth')}")
 
 
 def main(argv=None):
@@ -580,6 +699,9 @@ def main(argv=None):
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except data.NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny configs only; no timings."""
 import csv
+import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -447,7 +450,7 @@ def test_seg_metrics_edge_cases_and_accumulation():
 # mae.py: masked-autoencoder pre-training
 
 MAE_TINY = ["--model_size", "tiny", "--batch_size", "32", "--lr", "2e-3", "--warmup_epochs", "1",
-        "--num_threads", "1", "--n_plot", "2"]
+            "--num_threads", "1", "--n_plot", "2", "--cpu_bf16", "off"]  # fixed precision: runs compare exactly
 
 
 @pytest.fixture(scope="module")
@@ -461,7 +464,7 @@ def mae_run4(tiny_clouds, tmp_path_factory):
 
 
 def test_mae_shapes_and_param_counts():
-    x = torch.randn(5, 440)
+    x = torch.randn(5, 1, 440)
     for size, n_params, n_enc, n_patch, patch, dim in [("tiny", 662_036, 600_832, 22, 20, 128),
                                                       ("small", 2_035_408, 1_788_672, 27, 16, 192)]:
         m = mae.MAE(**mae.model_config(dict(model_size=size), 440))
@@ -473,23 +476,60 @@ def test_mae_shapes_and_param_counts():
         assert (mask.sum(1) == n_patch - n_keep).all()
         pred, mask = m(x, 0.75)
         assert pred.shape == (5, n_patch, patch)
-        assert m.encoder.features(x).shape == (5, dim)
+        assert m.encoder.features(x).shape == m.encoder.features(x, "mean").shape == (5, dim)
         assert m.encoder.patchify(x).shape == (5, n_patch, patch)
+
+
+def test_mae_two_channel_input_patches_both_channels_and_predicts_them():
+    """--input both: 2 input channels; a patch holds both channels' pixels of the same columns."""
+    m = mae.MAE(**mae.model_config(dict(model_size="tiny"), 440, in_chans=2))
+    assert m.encoder.patch_embed.in_features == 2 * 20 and m.head.out_features == 2 * 20
+    x = torch.arange(2 * 440.0).reshape(1, 2, 440)
+    p = m.encoder.patchify(x)  # (1, 22, 40); crop of 440 - 22 * 20 = 0 px
+    assert p.shape == (1, 22, 40)
+    assert torch.equal(p[0, 3, :20], x[0, 0, 60:80]) and torch.equal(p[0, 3, 20:], x[0, 1, 60:80])
+    pred, mask = m(x, 0.75)
+    assert pred.shape == (1, 22, 40)
+    assert mae.encoder_config(mae.model_config(dict(model_size="tiny"), 440, in_chans=2))["in_chans"] == 2
+
+
+def test_profile_channels_contrast_drops_the_absolute_level():
+    rng = np.random.default_rng(0)
+    x = rng.normal(10_000, 300, (4, 440)).astype(np.float32)
+    raw, con, both = (data.profile_channels(x, m) for m in ("raw", "contrast", "both"))
+    assert raw.shape == con.shape == (4, 1, 440) and both.shape == (4, 2, 440)
+    np.testing.assert_array_equal(raw[:, 0], x)
+    np.testing.assert_allclose(data.profile_channels(x + 700.0, "contrast"), con, atol=1e-2)  # warmer sea: same
+    assert np.allclose(np.percentile(con[:, 0], data.WARM_PERCENTILE, axis=1), 0, atol=1e-2)
+    np.testing.assert_array_equal(both[:, 0], x) and np.testing.assert_array_equal(both[:, 1], con[:, 0])
+    with pytest.raises(data.DataError, match="--input"):
+        data.profile_channels(x, "brightness")
+
+
+def test_drop_path_only_in_training():
+    torch.manual_seed(0)
+    enc = mae.build_encoder(mae.encoder_config(dict(mae.MODEL_SIZES["tiny"], width=440)), drop_path=0.5)
+    assert [b.drop_path for b in enc.blocks] == [0.0, 0.25, 0.5]
+    x = torch.randn(8, 1, 440)
+    enc.eval()
+    assert torch.equal(enc.features(x), enc.features(x))  # eval: deterministic
+    enc.train()
+    assert not torch.equal(enc.features(x), enc.features(x))  # training: random branches dropped
 
 
 @pytest.mark.parametrize("size", ["tiny", "small"])
 def test_mae_masked_content_cannot_influence_prediction(size):
     torch.manual_seed(0)
     m = mae.MAE(**mae.MODEL_SIZES[size]).eval()
-    x = torch.randn(4, 440)
+    x = torch.randn(4, 1, 440)
     latent, mask, _ = m.encoder(x, 0.75, torch.Generator().manual_seed(7))
     pred, _ = m(x, 0.75, torch.Generator().manual_seed(7))
     enc = m.encoder
     x2 = x.clone()
     hidden = enc.patchify(x2)  # a view into x2's pixels
     hidden[mask.bool()] = 100 * torch.randn_like(hidden[mask.bool()])  # scramble every masked patch
-    x2[:, :enc.crop] = 55.0  # and the pixels cropped away (small: 4 on each side)
-    x2[:, enc.crop + enc.num_patches * enc.patch_size:] = -55.0
+    x2[..., :enc.crop] = 55.0  # and the pixels cropped away (small: 4 on each side)
+    x2[..., enc.crop + enc.num_patches * enc.patch_size:] = -55.0
     assert not torch.equal(x, x2)
     latent2, mask2, _ = m.encoder(x2, 0.75, torch.Generator().manual_seed(7))
     pred2, _ = m(x2, 0.75, torch.Generator().manual_seed(7))
@@ -503,7 +543,7 @@ def test_mae_masked_content_cannot_influence_prediction(size):
 def test_mae_loss_counts_only_masked_patches():
     torch.manual_seed(0)
     m = mae.MAE(**mae.MODEL_SIZES["tiny"])
-    x = torch.randn(4, 440)
+    x = torch.randn(4, 1, 440)
     with torch.no_grad():
         pred, mask = m(x, 0.75)
     target = m.encoder.patchify(x)
@@ -521,7 +561,7 @@ def test_mae_loss_counts_only_masked_patches():
 def test_mae_gradients_reach_every_parameter():
     torch.manual_seed(0)
     m = mae.MAE(**mae.MODEL_SIZES["tiny"])
-    x = torch.randn(16, 440)  # 16 samples: every patch position is visible in some of them
+    x = torch.randn(16, 1, 440)  # 16 samples: every patch position is visible in some of them
     pred, mask = m(x, 0.75, torch.Generator().manual_seed(0))
     losses.masked_mse(pred, m.encoder.patchify(x), mask).backward()
     for name, p in m.named_parameters():
@@ -546,6 +586,66 @@ def test_mae_lr_schedule():
     lrs = [mae.get_lr(s, cfg, 5) for s in range(50)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] > 1e-5
+    # exact cosine values: warmup ends at step 10; half-way through the 40 decay steps the LR is the mean of
+    # lr and min_lr, and one step before the end it is within a hair of min_lr (a flat or linear schedule fails)
+    assert mae.get_lr(30, cfg, 5) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert mae.get_lr(20, cfg, 5) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)))
+    assert mae.get_lr(50, cfg, 5) == pytest.approx(1e-5)
+
+
+def test_mae_training_loss_is_the_masked_mse_on_the_same_mask():
+    """mae.loss_fn (what the loop minimises) = masked_mse over the hidden patches of the same mask; a loss
+    that also counted visible patches would give the all-patch MSE instead, which differs here."""
+    torch.manual_seed(0)
+    m = mae.MAE(**mae.MODEL_SIZES["tiny"])
+    x = torch.randn(8, 1, 440)
+    cfg = dict(mask_ratio=0.75, norm_pix_loss=False)
+    loss = mae.loss_fn(m, x, cfg, torch.Generator().manual_seed(3), None)
+    pred, mask = m(x, 0.75, torch.Generator().manual_seed(3))
+    target = m.encoder.patchify(x)
+    assert loss.item() == pytest.approx(losses.masked_mse(pred, target, mask).item(), rel=1e-6)
+    assert abs(loss.item() - ((pred - target) ** 2).mean().item()) > 1e-3
+
+
+def test_cpu_precision_choice_times_both_and_obeys_on_off():
+    clock = [0.0]
+    ran = []
+
+    def step(dtype):  # a fake training step: bf16 takes 1 s, fp32 3 s on the fake clock
+        ran.append(dtype)
+        clock[0] += 1.0 if dtype is torch.bfloat16 else 3.0
+    dtype, msg = mae.choose_cpu_dtype("auto", step, timer=lambda: clock[0], warmup=1, timed=2)
+    assert dtype is torch.bfloat16 and "fp32 0.3 steps/s, bf16 1.0 steps/s -> bf16" in msg
+    assert ran == [None] * 3 + [torch.bfloat16] * 3  # warm-up and timed steps in each precision
+
+    def slow_bf16(dtype):
+        clock[0] += 5.0 if dtype is torch.bfloat16 else 1.0
+    assert mae.choose_cpu_dtype("auto", slow_bf16, timer=lambda: clock[0])[0] is None
+
+    def no_bf16(dtype):
+        if dtype is torch.bfloat16:
+            raise RuntimeError("bf16 not supported")
+    dtype, msg = mae.choose_cpu_dtype("auto", no_bf16)
+    assert dtype is None and "failed" in msg and "fp32" in msg
+    ran.clear()
+    assert mae.choose_cpu_dtype("on", step)[0] is torch.bfloat16 and mae.choose_cpu_dtype("off", step)[0] is None
+    assert ran == []  # on/off never time anything
+
+
+def test_mae_resume_keeps_the_stored_cpu_precision(mae_run4, tiny_clouds, tmp_path):
+    """A resumed run uses the precision its checkpoint chose (without timing again), whatever auto would
+    pick now: flip the stored choice and the resumed run follows it."""
+    ckpt = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
+    chosen = ckpt["cpu_autocast"]
+    assert chosen in ("bf16", "fp32")
+    ckpt["cpu_autocast"] = "fp32" if chosen == "bf16" else "bf16"
+    data.atomic_torch_save(ckpt, tmp_path / "flipped.pth")
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", tmp_path / "out", "--epochs", "4",
+                   "--save_every", "2", *MAE_TINY, "--resume", tmp_path / "flipped.pth")
+    assert r.returncode == 0, r.stderr
+    assert "cpu_bf16 auto" not in r.stdout
+    assert ("autocast torch.bfloat16" in r.stdout) == (chosen == "fp32"), r.stdout
+    assert data.load_checkpoint(tmp_path / "out/checkpoints/latest.pth")["cpu_autocast"] == ckpt["cpu_autocast"]
 
 
 def test_mae_tiny_run_loss_falls_and_writes_outputs(mae_run4):
@@ -584,15 +684,35 @@ def test_mae_exact_resume(mae_run4, tiny_clouds, tmp_path):
     assert_one_line_error(r, "different settings", "--epochs 4")
 
 
+def test_mae_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(mae_run4, tiny_clouds, tmp_path):
+    """Kill -9 the run as soon as its first latest.pth exists (an event, not a clock: wherever the kill lands,
+    in epoch 2 or later), resume from latest.pth: log.csv equals the uninterrupted 4-epoch run's."""
+    out = tmp_path / "killed"
+    flags = ["--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2", *MAE_TINY]
+    proc = subprocess.Popen([sys.executable, "mae.py", *map(str, flags)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = out / "checkpoints" / "latest.pth"
+    while not latest.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    r = run_script("mae.py", *flags, "--resume", latest)
+    assert r.returncode == 0, r.stderr
+    full, resumed = read_csv(os.path.join(mae_run4, "log.csv")), read_csv(out / "log.csv")
+    assert [(a["epoch"], a["train_loss"], a["val_loss"]) for a in full] == \
+        [(b["epoch"], b["train_loss"], b["val_loss"]) for b in resumed]
+
+
 def test_mae_export_and_reload_encoder(mae_run4, tmp_path):
     enc, meta = mae.load_encoder(os.path.join(mae_run4, "mae_encoder_pretrained.pth"))
     ck = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/best.pth"))
     m = mae.MAE(**ck["model_config"])
     m.load_state_dict(ck["model"])
-    x = torch.randn(3, 440)
+    x = torch.randn(3, 1, 440)
     assert torch.equal(enc.eval().features(x), m.encoder.eval().features(x))
     assert meta["config"] == mae.encoder_config(ck["model_config"]) and meta["config"]["width"] == 440
-    assert meta["norm_mean"] == ck["norm_mean"] and meta["norm_std"] == ck["norm_std"] > 0
+    assert meta["input"] == "raw" and meta["config"]["in_chans"] == 1  # mae.py's default input
+    assert meta["norm_mean"] == ck["norm_mean"] and meta["norm_std"] == ck["norm_std"] and min(meta["norm_std"]) > 0
     assert len(enc.blocks) == 3 and enc.embed_dim == 128 and enc.num_patches == 22 and enc.patch_size == 20
     with pytest.raises(data.DataError, match="python mae.py"):
         mae.load_encoder(str(tmp_path / "missing.pth"))
@@ -612,6 +732,76 @@ def test_mae_bad_inputs_give_one_line_error(tiny_clouds, tmp_path):
         r = run_script("mae.py", "--out_dir", str(out), "--epochs", "1", *MAE_TINY, *flags)  # flags last: they win
         assert_one_line_error(r, words)
         assert not out.exists()  # nothing written on bad input
+
+
+def test_mae_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoints(tiny_clouds, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """A NaN loss in epoch 2 (injected into the training path's loss) stops the run with one line and exit
+    3; latest.pth and best.pth stay those of epoch 1 and load; the log holds epoch 1 only."""
+    real = mae.loss_fn
+    seen = dict(evaluated=False, steps_after=0)
+
+    def nan_in_epoch_2(model, x, cfg, generator, dtype):  # the 3rd training step after the first val pass
+        loss = real(model, x, cfg, generator, dtype)
+        if not model.training:
+            seen["evaluated"] = True
+        elif seen["evaluated"]:
+            seen["steps_after"] += 1
+        return loss * float("nan") if seen["steps_after"] == 3 else loss
+    monkeypatch.setattr(mae, "loss_fn", nan_in_epoch_2)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        mae.main(["--data_path", tiny_clouds[0], "--out_dir", str(out), "--epochs", "3", "--cpu_bf16", "off",
+                  *MAE_TINY])
+    assert e.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite loss" in err[0] and "epoch 2" in err[0] and "--lr" in err[0], err
+    for name in ("latest.pth", "best.pth"):
+        ckpt = data.load_checkpoint(out / "checkpoints" / name)
+        assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert [r["epoch"] for r in read_csv(out / "log.csv")] == ["1"]
+    assert not (out / ".lock").exists() or int((out / ".lock").read_text()) == os.getpid()
+
+
+def test_progress_lines_in_a_file_every_minute_and_in_place_in_a_terminal():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def run(stream):  # 100 steps of one second each (a fake clock), 32 samples a step
+        clock = [0.0]
+        p = data.Progress(100, "epoch 3", stream=stream, clock=lambda: clock[0])
+        for step in range(1, 101):
+            clock[0] += 1.0
+            p.update(step, 32 * step, lambda: 0.5)
+        p.close()
+        return stream.getvalue()
+    in_file = run(io.StringIO())  # one plain line a minute: only at step 60 (the last step prints nothing)
+    assert in_file == "  epoch 3: step 60/100 | loss 0.50000 | 32 samples/s | ETA 40s\n"
+    on_screen = run(Terminal())  # rewritten in place every 2 s (steps 2..98), cleared at the end
+    assert on_screen.count("\r") == 49 + 1 and "\n" not in on_screen and on_screen.endswith("\r\033[K")
+    assert "\r  epoch 3: step 98/100 | loss 0.50000 | 32 samples/s | ETA 2s" in on_screen
+
+
+def test_out_dir_unwritable_or_held_by_a_live_run_is_refused(tiny_clouds, tmp_path):
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", "/proc/nope", "--epochs", "1", *MAE_TINY)
+    assert_one_line_error(r, "/proc/nope", "not a writable folder")
+    out = tmp_path / "held"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getpid()))  # this test process is alive: the folder is taken
+    for script, extra in (("mae.py", MAE_TINY), ("finetune_cbh.py", ["--methods", "physics"])):
+        r = run_script(script, "--data_path", tiny_clouds[int(script != "mae.py")], "--out_dir", out, *extra)
+        assert_one_line_error(r, f"in use by process {os.getpid()}")
+    assert sorted(os.listdir(out)) == [".lock"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(str(dead.pid))  # a lock left by a process that has ended is taken over
+    r = run_script("finetune_cbh.py", "--data_path", tiny_clouds[1], "--out_dir", out, "--methods", "physics",
+                   "--val_gap", "10")
+    assert r.returncode == 0, r.stderr
+    assert "stale lock" in r.stdout and not (out / ".lock").exists()  # released at exit
 
 
 def test_mae_help_lists_every_constant():
@@ -638,21 +828,25 @@ def test_mae_import_runs_no_training(tmp_path):
 # finetune_cbh.py: cloud base height, fine-tuned encoder vs baselines
 
 FT_TINY = ["--head_epochs", "1", "--epochs", "1", "--num_threads", "1", "--n_trees", "20", "--batch_size", "16",
-           "--val_gap", "10"]
+           "--val_gap", "10", "--seeds", "1"]
 
 
 @pytest.fixture(scope="module")
 def ft_tiny(tmp_path_factory):
-    """Tiny labelled file (3 flights x 40 labels) and a tiny random encoder exported in mae.py's format."""
+    """Tiny labelled file (3 flights x 40 labels) and tiny random encoders exported in mae.py's format: enc
+    for the default --input raw, enc_raw as exported before input modes (no 'input', scalar norms)."""
     root = tmp_path_factory.mktemp("cbh")
     unlab, lab = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120)
     data.write_clouds(root / "lab.h5", **lab)
     torch.manual_seed(0)
     enc_cfg = mae.encoder_config(dict(mae.MODEL_SIZES["tiny"], width=440))
+    mean, std = data.norm_stats(data.profile_channels(unlab["images"], "raw"))
+    data.atomic_torch_save(dict(encoder=mae.build_encoder(enc_cfg).state_dict(), config=enc_cfg, input="raw",
+                                norm_mean=mean, norm_std=std), root / "enc.pth")
     mean, std = data.norm_stats(unlab["images"])
     data.atomic_torch_save(dict(encoder=mae.build_encoder(enc_cfg).state_dict(), config=enc_cfg,
-                                norm_mean=mean, norm_std=std), root / "enc.pth")
-    return dict(root=root, lab=str(root / "lab.h5"), enc=str(root / "enc.pth"),
+                                norm_mean=mean, norm_std=std), root / "enc_raw.pth")
+    return dict(root=root, lab=str(root / "lab.h5"), enc=str(root / "enc.pth"), enc_raw=str(root / "enc_raw.pth"),
                 d=data.load_clouds(str(root / "lab.h5"), labelled=True))
 
 
@@ -662,9 +856,22 @@ def ft_cfg(**kw):
     return cfg
 
 
-def test_ft_lofo_no_flight_in_train_and_test_and_val_inside_train(ft_tiny):
+def test_ft_lofo_validation_by_flight_never_trains_on_val_or_test_flights(ft_tiny):
     d = ft_tiny["d"]
-    folds = ft.make_folds(d, ft_cfg(split="lofo", val_gap=30))
+    folds = ft.make_folds(d, ft_cfg(split="lofo", val_mode="flight"))
+    assert len(folds) == 3
+    val_flights = []
+    for f in folds:
+        fit_fl, val_fl, test_fl = (set(d["flight"][f[k]]) for k in ("fit", "val", "test"))
+        assert len(val_fl) == len(test_fl) == 1 and not (fit_fl & val_fl) and not (fit_fl & test_fl)
+        assert not (val_fl & test_fl) and len(f["fit"]) + len(f["val"]) + len(f["test"]) == len(d["flight"])
+        val_flights += list(val_fl)
+    assert sorted(val_flights) == [0, 1, 2]  # the rotation gives every flight the validation role once
+
+
+def test_ft_lofo_tail_validation_inside_train(ft_tiny):
+    d = ft_tiny["d"]
+    folds = ft.make_folds(d, ft_cfg(split="lofo", val_mode="tail", val_gap="30"))
     assert len(folds) == 3
     for f in folds:
         train = np.concatenate([f["fit"], f["val"]])
@@ -679,7 +886,7 @@ def test_ft_lofo_no_flight_in_train_and_test_and_val_inside_train(ft_tiny):
 @pytest.mark.parametrize("gap", [0, 30])
 def test_ft_blocked_leaves_the_gap(ft_tiny, gap):
     d = ft_tiny["d"]
-    folds = ft.make_folds(d, ft_cfg(split="blocked", n_blocks=4, gap=gap, val_gap=5))
+    folds = ft.make_folds(d, ft_cfg(split="blocked", n_blocks=4, gap=str(gap), val_gap="5"))
     assert len(folds) == 4
     checked = 0
     for f in folds:
@@ -694,7 +901,7 @@ def test_ft_blocked_leaves_the_gap(ft_tiny, gap):
 
 
 def test_ft_random_split_warns_about_leakage(ft_tiny, capsys):
-    folds = ft.make_folds(ft_tiny["d"], ft_cfg(split="random", n_blocks=3, val_gap=5))
+    folds = ft.make_folds(ft_tiny["d"], ft_cfg(split="random", n_blocks=3, val_gap="5"))
     assert "warning" in capsys.readouterr().out and len(folds) == 3
     assert sorted(np.concatenate([f["test"] for f in folds])) == list(range(len(ft_tiny["d"]["cbh_km"])))
 
@@ -712,28 +919,89 @@ def test_ft_trees_fit_known_function_and_match_sklearn():
     r2 = 1 - ((ft.gbrt_predict(m, X[700:]) - y[700:]) ** 2).sum() / ((y[700:] - y[700:].mean()) ** 2).sum()
     assert r2 > 0.9
     sklearn = pytest.importorskip("sklearn.ensemble")
-    sk = sklearn.GradientBoostingRegressor(n_estimators=100, max_depth=5, random_state=0).fit(X[:700], y[:700])
-    p = sk.predict(X[700:])
-    r2_sk = 1 - ((p - y[700:]) ** 2).sum() / ((y[700:] - y[700:].mean()) ** 2).sum()
-    assert abs(r2 - r2_sk) < 0.03, (r2, r2_sk)
+    # exact candidate thresholds: features on a 0.02 grid (201 unique values <= max_bins + 1), test points
+    # on the same grid (some lie exactly on a threshold). min_leaf 10 keeps two features from splitting
+    # a node's samples identically, a tie scikit-learn breaks by a random feature order.
+    X = np.round(X / 0.02) * 0.02
+    assert max(len(np.unique(c)) for c in X[:700].T) <= 256
+    m = ft.gbrt_fit(X[:700], y[:700], n_trees=100, depth=5, lr=0.1, min_leaf=10)
+    sk = sklearn.GradientBoostingRegressor(n_estimators=100, max_depth=5, learning_rate=0.1, min_samples_leaf=10,
+                                           random_state=0).fit(X[:700], y[:700])
+    np.testing.assert_allclose(ft.gbrt_predict(m, X[700:]), sk.predict(X[700:]), rtol=0, atol=1e-6)
 
 
-def test_ft_features_use_previous_and_next_labelled_frame_of_the_same_flight():
+def test_ft_trees_threshold_is_the_midpoint_of_the_values_around_the_split_in_the_node():
+    # root splits on x0; in the x0 = 0 node x1 takes 0, 1, 8, 9 (2..7 only occur in the other node), so
+    # every threshold between 1 and 8 ties: the cut must be 4.5, not 1.5 (the lowest tied bin)
+    x1 = np.array([0, 1, 8, 9, 2, 3, 4, 5, 6, 7], float)
+    x0 = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1], float)
+    y = np.where(x0 == 1, 10.0, (x1 > 4.5).astype(float))
+    m = ft.gbrt_fit(np.stack([x0, x1], 1), y, n_trees=1, depth=2, lr=1.0)
+    p = ft.gbrt_predict(m, np.array([[0, 0], [0, 4], [0, 4.4], [0, 4.6], [0, 5], [0, 9.0]]))
+    np.testing.assert_allclose(p, [0, 0, 0, 1, 1, 1], atol=1e-12)
+
+
+def bootstrap_frames(seed, n_flights=5, per_flight=200):
+    """Test frames of a few flights in shuffled order: a smooth CBH-like target and two methods whose
+    errors drift slowly along each flight (autocorrelated, as real errors are)."""
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(n_flights), per_flight)
+    order = np.tile(np.arange(per_flight) * 60, n_flights)
+    y = 2 + np.sin(order / 2000 + groups) + 0.1 * rng.standard_normal(len(groups))
+    drift = lambda: np.repeat(rng.standard_normal(len(groups) // 20), 20) * 0.3  # constant over 20 frames
+    pred_a, pred_b = y + drift(), y + drift()
+    shuffle = rng.permutation(len(groups))
+    return [v[shuffle] for v in (y, pred_a, pred_b, groups, order)]
+
+
+def test_bootstrap_diff_identical_methods_give_exactly_zero():
+    y, a, _, groups, order = bootstrap_frames(0)
+    assert losses.block_bootstrap_diff(y, a, a.copy(), groups, order) == (0.0, 0.0, 0.0)
+
+
+def test_bootstrap_diff_point_is_the_r2_difference_inside_its_interval_and_deterministic():
+    y, a, b, groups, order = bootstrap_frames(1)
+    d, lo, hi = losses.block_bootstrap_diff(y, a, b, groups, order)
+    r2 = lambda p: losses.regression_metrics(p, y)["r2"]
+    assert d == pytest.approx(r2(a) - r2(b), abs=1e-12)
+    assert lo < d < hi
+    assert losses.block_bootstrap_diff(y, a, b, groups, order) == (d, lo, hi)
+    assert losses.block_bootstrap_diff(y, a, b, groups, order, seed=1)[1:] != (lo, hi)
+
+
+def test_bootstrap_diff_clearly_better_method_has_interval_above_zero():
+    y, a, b, groups, order = bootstrap_frames(2)
+    better = y + 0.3 * (a - y)  # a's errors, shrunk
+    d, lo, hi = losses.block_bootstrap_diff(y, better, a, groups, order)
+    assert 0 < lo < d < hi
+
+
+def test_bootstrap_diff_blocks_widen_the_interval_for_autocorrelated_errors():
+    # errors constant over 20 frames: resampling single frames pretends there are 20x more independent
+    # errors than there are, so its interval is much narrower than the block bootstrap's
+    y, a, b, groups, order = bootstrap_frames(3)
+    _, lo1, hi1 = losses.block_bootstrap_diff(y, a, b, groups, order, block=1)
+    _, lo20, hi20 = losses.block_bootstrap_diff(y, a, b, groups, order, block=20)
+    assert hi20 - lo20 > 2 * (hi1 - lo1)
+
+
+def test_ft_tree_features_depend_on_each_frame_alone():
+    """A frame's tree features must not change with the other frames of the file (a dense unlabelled file
+    and the sparse labelled one give the same features), and angles are appended only when asked."""
     rng = np.random.default_rng(0)
-    images = rng.normal(size=(5, 40))
-    flight, frame = np.array([1, 0, 0, 1, 0]), np.array([7, 30, 10, 3, 20])
-    f = ft.profile_features(images, flight, frame, np.zeros(5), np.zeros(5), angles=False)
-    n_own = f.shape[1] - 10  # 2 x (3 summary differences, mean |change|, frame gap)
-    prev_gap, next_gap = f[:, n_own + 4], f[:, n_own + 9]
-    np.testing.assert_array_equal(prev_gap, [4, 10, 0, 0, 10])  # frame 10 is flight 0's first: no neighbour
-    np.testing.assert_array_equal(next_gap, [0, 0, 10, 4, 10])
-    np.testing.assert_allclose(f[4, n_own], images[4].mean() - images[2].mean())  # mean vs previous (frame 10)
+    images, sza, saa = rng.normal(size=(6, 40)), rng.uniform(0, 90, 6), rng.uniform(0, 360, 6)
+    f = ft.profile_features(images, sza, saa, angles=False)
+    np.testing.assert_array_equal(ft.profile_features(images[[4, 1]], sza[[4, 1]], saa[[4, 1]], False), f[[4, 1]])
+    np.testing.assert_allclose(f[:, 0], images.mean(1))
+    fa = ft.profile_features(images, sza, saa, angles=True)
+    assert fa.shape[1] == f.shape[1] + 2 and np.array_equal(fa[:, -2:], np.stack([sza, saa], 1))
 
 
 def one_fold_setup(ft_tiny):
     d = ft_tiny["d"]
-    fold = ft.make_folds(d, ft_cfg(split="lofo", val_gap=0))[0]
-    t = dict(x=torch.as_tensor(d["images"]), ang=torch.zeros(len(d["images"]), 2), y=torch.as_tensor(d["cbh_km"]))
+    fold = ft.make_folds(d, ft_cfg(split="lofo"))[0]
+    t = dict(x=torch.as_tensor(data.profile_channels(d["images"], "raw")), ang=torch.zeros(len(d["images"]), 2),
+             y=torch.as_tensor(d["cbh_km"]))
     encoder, meta = mae.load_encoder(ft_tiny["enc"])
     enc = dict(config=meta["config"], state=encoder.state_dict(), norm_mean=meta["norm_mean"],
                norm_std=meta["norm_std"])
@@ -745,7 +1013,7 @@ def test_ft_stage1_trains_only_the_head_and_stage2_changes_the_encoder(ft_tiny):
     cfg = ft_cfg(head_epochs=2, epochs=2, batch_size=16, patience=100)
     states = []
     save = lambda st: states.append({k: v.clone() for k, v in st["model"].items()} | {"_opt": st["optimizer"]})
-    ft.train_network("finetune", fold, t, enc, cfg, torch.device("cpu"), 0, lambda row: None, save)
+    ft.train_network("finetune", fold, t, enc, cfg, torch.device("cpu"), (None, False), 0, lambda row: None, save)
     enc0 = {"encoder." + k: v for k, v in enc["state"].items()}
     head_keys = [k for k in states[0] if k.startswith("head.")]
     n_head = sum(1 for k in head_keys)
@@ -758,17 +1026,50 @@ def test_ft_stage1_trains_only_the_head_and_stage2_changes_the_encoder(ft_tiny):
         assert sum(len(g["params"]) for g in st["_opt"]["param_groups"]) > n_head
 
 
+def test_ft_lr_schedule_exact_values():
+    """Per stage: linear warmup over 10 steps, then half-cosine from the peak to min_frac * peak."""
+    lrs = [ft.get_lr(s, 110, 10, 1e-3, 0.01) for s in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))  # half-way through the decay
+    assert lrs[110] == pytest.approx(1e-5) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_ft_test_labels_never_reach_training(ft_tiny):
+    """Replacing the test flight's labels by junk leaves every method's test predictions bit-identical, and
+    the fold statistics (input normalisation, target standardisation) come from the fit frames only."""
+    d = ft_tiny["d"]
+    cfg = ft_cfg(head_epochs=1, epochs=1, batch_size=16, seeds=1, n_trees=10, cpu_bf16="off")
+    folds = ft.make_folds(d, cfg)
+    junk = dict(d, cbh_km=d["cbh_km"].copy())
+    junk["cbh_km"][folds[0]["test"]] = 19.0
+    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
+    none_enc = dict(enc, state=None, norm_mean=None, norm_std=None)  # --pretrained none: fit-frame statistics
+    preds = []
+    for dd in (d, junk):
+        t = dict(x=torch.as_tensor(data.profile_channels(dd["images"], "raw")),
+                 ang=torch.zeros(len(dd["images"]), 2), y=torch.as_tensor(dd["cbh_km"]))
+        run = lambda m, e: ft.run_unit((m, 0, 0), folds, dd, t, e, cfg, torch.device("cpu"), (None, False),
+                                       lambda row: None, lambda st: None, None)
+        preds.append([run("finetune", enc), run("scratch", none_enc), run("trees", None), run("physics", None)])
+        junk_x = t["x"].clone().index_fill_(0, torch.as_tensor(folds[0]["test"]), 1e6)
+        stats = ft.fold_inputs(folds[0], dict(t, x=junk_x), none_enc, torch.device("cpu"))[2]
+        assert stats == ft.fold_inputs(folds[0], t, none_enc, torch.device("cpu"))[2]  # test images unused too
+    for a, b in zip(*preds):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_ft_layer_decay_groups():
     enc = mae.build_encoder(mae.encoder_config(dict(mae.MODEL_SIZES["tiny"], width=440)))
     model = ft.CBHNet(enc, 2, 8, 0.0)
     groups = ft.param_groups(model, 0.05, 0.5)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    depth = len(enc.blocks)
-    assert scale[id(enc.patch_embed.weight)] == 0.5 ** depth  # embeddings get the smallest LR
-    assert scale[id(enc.pos_embed)] == 0.5 ** depth and wd[id(enc.pos_embed)] == 0.0
-    assert scale[id(enc.blocks[0].qkv.weight)] == 0.5 ** (depth - 1)
-    assert scale[id(enc.blocks[-1].qkv.weight)] == 1.0 and scale[id(model.head[0].weight)] == 1.0
+    depth = len(enc.blocks)  # 3; MAE's layer ids: embeddings 0, blocks 1..3, final norm and head 4
+    assert scale[id(enc.patch_embed.weight)] == 0.5 ** (depth + 1)  # embeddings get the smallest LR
+    assert scale[id(enc.pos_embed)] == 0.5 ** (depth + 1) and wd[id(enc.pos_embed)] == 0.0
+    assert scale[id(enc.blocks[0].qkv.weight)] == 0.5 ** depth
+    assert scale[id(enc.blocks[-1].qkv.weight)] == 0.5  # the last block is NOT at the full LR (as MAE)
+    assert scale[id(enc.norm.weight)] == 1.0 and scale[id(model.head[0].weight)] == 1.0
     assert wd[id(model.head[0].weight)] == 0.05 and wd[id(model.head[0].bias)] == 0.0
     assert len(scale) == sum(1 for _ in model.parameters())
 
@@ -776,19 +1077,146 @@ def test_ft_layer_decay_groups():
 def test_ft_end_to_end_tiny(ft_tiny, tmp_path):
     out = tmp_path / "out"
     r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
-                   *FT_TINY)
+                   *FT_TINY, "--seeds", "2")
     assert r.returncode == 0, r.stderr
     rows = read_csv(out / "results.csv")
     for m in ft.METHODS:
-        folds = [x["fold"] for x in rows if x["method"] == m]
-        assert folds == ["flight 0", "flight 1", "flight 2", "mean", "std", "pooled"], (m, folds)
+        seeds = ["0", "1"] if m in ft.NETWORKS else ["0"]
+        keys = [(x["seed"], x["fold"]) for x in rows if x["method"] == m]
+        assert keys == [(s, f"flight {k}") for s in seeds for k in range(3)] + [(s, "pooled") for s in seeds] + [
+            ("mean", "pooled"), ("mean", "fold mean"), ("std", "pooled"), ("mean", "fold std")], (m, keys)
         assert all(np.isfinite(float(x["mae_km"])) for x in rows if x["method"] == m)
+    pooled = {x["seed"]: float(x["r2"]) for x in rows if x["method"] == "finetune" and x["fold"] == "pooled"}
+    assert pooled["mean"] == pytest.approx((pooled["0"] + pooled["1"]) / 2)
+    for name in ("finetune - scratch", "finetune - trees", "finetune - physics"):
+        diff = next(x for x in rows if x["method"] == name)
+        assert float(diff["r2_lo"]) <= float(diff["r2"]) <= float(diff["r2_hi"]), diff
     preds = read_csv(out / "predictions.csv")
-    assert len(preds) == 4 * len(ft_tiny["d"]["cbh_km"])  # every frame tested once per method under lofo
+    assert len(preds) == 5 * len(ft_tiny["d"]["cbh_km"])  # every frame tested once per method under lofo
+    assert len({(p["method"], p["frame"], p["flight"]) for p in preds}) == len(preds)
+    assert {p["n_seeds"] for p in preds if p["method"] == "finetune"} == {"2"}
     for p in ("pred_vs_true.png", "per_flight_error.png"):
         assert (out / "plots" / p).stat().st_size > 1000
     log = read_csv(out / "log.csv")
     assert {x["method"] for x in log} == {"finetune", "scratch", "probe"}
+
+
+def test_ft_refuses_an_encoder_of_another_input_mode(ft_tiny, tmp_path):
+    for enc, flag in ((ft_tiny["enc_raw"], "contrast"), (ft_tiny["enc"], "both")):
+        r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", enc, "--input", flag,
+                       "--out_dir", tmp_path / "out", *FT_TINY)
+        assert_one_line_error(r, enc, "--input", flag)
+        assert not (tmp_path / "out").exists()
+    encoder, meta = mae.load_encoder(ft_tiny["enc_raw"])  # a file from before input modes reads as raw
+    assert meta["input"] == "raw" and len(meta["norm_mean"]) == len(meta["norm_std"]) == 1
+
+
+def test_ft_physics_row_is_a_line_on_the_contrast_feature():
+    x = np.full((6, 440), 9000.0)
+    x[:, 200] -= np.arange(6) * 100  # a colder (higher) cloud pixel in the centre
+    x[:, 0] = -1e6  # outside the centre 400 px: ignored
+    feat = ft.physics_feature(x)
+    np.testing.assert_allclose(feat, np.arange(6) * 100)
+    y = 0.5 + 0.002 * feat
+    np.testing.assert_allclose(ft.fit_physics(feat, y, np.arange(4), np.arange(4, 6)), y[4:])
+
+
+def test_ft_decorrelation_lag_of_a_known_process():
+    """AR(1) labels with correlation 0.9 per 10 frames (rho(lag) = 0.9^(lag/10)): it falls below 0.2 at ~153
+    frames; a white-noise series decorrelates within the first lag bin."""
+    rng = np.random.default_rng(0)
+    n, frames = 400, np.arange(0, 4000, 10)  # a label every 10 frames
+    y = np.zeros((3, n))
+    for i in range(1, n):
+        y[:, i] = 0.9 * y[:, i - 1] + np.sqrt(1 - 0.81) * rng.standard_normal(3)
+    flight = np.repeat(np.arange(3), n)
+    lag = ft.decorrelation_lag(y.ravel(), flight, np.tile(frames, 3), 0.2)
+    assert 120 <= lag <= 200, lag
+    assert ft.decorrelation_lag(rng.standard_normal(3 * n), flight, np.tile(frames, 3), 0.2) <= 20
+    d = dict(cbh_km=y.ravel(), flight=flight, frame=np.tile(frames, 3))
+    assert ft.gap_for("auto", np.arange(3 * n), d, dict(acf_threshold=0.2)) == lag
+    assert ft.gap_for("37", np.arange(3 * n), d, dict(acf_threshold=0.2)) == 37
+
+
+def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path):
+    out = tmp_path / "out"
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
+                   "--final", "finetune", *FT_TINY, "--cpu_bf16", "off")  # fp32: comparable to a plain forward
+    assert r.returncode == 0, r.stderr
+    m = ft.load_cbh_model(out / "cbh_model.pth")
+    assert m["cpu_autocast"] == "fp32"
+    assert m["method"] == "finetune" and m["flights"] == [0, 1] and m["cv"] == "not cross-validated"
+    before = open(ft_tiny["lab"], "rb").read()
+    r = run_script("finetune_cbh.py", "--predict", ft_tiny["lab"], "--model", out / "cbh_model.pth", "--out_dir", out)
+    assert r.returncode == 0, r.stderr
+    assert open(ft_tiny["lab"], "rb").read() == before  # the input file is only read
+    with h5py.File(out / "cbh_pred_lab.h5") as f:
+        pred, meta = f["cbh_pred_km"][:], f["metadata"][:]
+    d = ft_tiny["d"]
+    np.testing.assert_array_equal(meta, d["metadata"])
+    # the model's own forward pass, by hand: raw input normalised with the stored statistics
+    net = ft.CBHNet(mae.build_encoder(m["encoder_config"]), 0, m["head_hidden"], m["head_dropout"], m["pool"]).eval()
+    net.load_state_dict(m["state"])
+    x = (torch.as_tensor(d["images"])[:, None] - m["norm_mean"][0]) / m["norm_std"][0]  # (N, 1, W)
+    with torch.no_grad():
+        want = net(x, torch.zeros(len(x), 0)).numpy() * m["y_std"] + m["y_mean"]
+    np.testing.assert_allclose(pred, np.clip(want, 0, 20), rtol=1e-4, atol=1e-4)
+    assert all((out / "plots" / f"cbh_lab_flight_{fl}.png").stat().st_size > 1000 for fl in range(3))
+
+
+def test_ft_final_records_the_cross_validated_score_only_for_matching_settings(ft_tiny, tmp_path):
+    args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", tmp_path, *FT_TINY]
+    assert run_script("finetune_cbh.py", *args, "--methods", "trees,physics").returncode == 0
+    results = read_csv(tmp_path / "results.csv")
+    r = run_script("finetune_cbh.py", *args, "--final", "trees")
+    assert r.returncode == 0, r.stderr
+    cv = ft.load_cbh_model(tmp_path / "cbh_model.pth")["cv"]
+    row = next(x for x in results if (x["method"], x["seed"], x["fold"]) == ("trees", "mean", "pooled"))
+    assert cv["split"] == "lofo" and cv["mae_km"] == pytest.approx(float(row["mae_km"]))
+    assert read_csv(tmp_path / "results.csv") == results  # the comparison's files are left alone
+    assert run_script("finetune_cbh.py", *args, "--final", "trees", "--tree_angles", "false").returncode == 0
+    assert ft.load_cbh_model(tmp_path / "cbh_model.pth")["cv"] == "not cross-validated"
+
+
+def test_ft_predict_bad_inputs_fail_with_one_line_and_write_nothing(ft_tiny, tmp_path):
+    out = tmp_path / "model"
+    assert run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--final", "physics", "--out_dir", out,
+                      "--pretrained", "none").returncode == 0
+    narrow = tmp_path / "narrow.h5"
+    data.write_clouds(narrow, ft_tiny["d"]["images"][:, :400], ft_tiny["d"]["metadata"])
+    cases = [(narrow, out / "cbh_model.pth", ["narrow.h5", "400 px", "440"]),
+             (ft_tiny["lab"], tmp_path / "missing.pth", ["missing.pth", "not found"]),
+             (ft_tiny["lab"], ft_tiny["enc"], ["enc.pth", "not a CBH model"])]
+    for i, (path, model, words) in enumerate(cases):
+        dest = tmp_path / f"pred{i}"
+        r = run_script("finetune_cbh.py", "--predict", path, "--model", model, "--out_dir", dest)
+        assert_one_line_error(r, *words)
+        assert not dest.exists()
+
+
+def test_ft_nonfinite_loss_stops_the_comparison_with_exit_3_and_stays_resumable(ft_tiny, tmp_path, monkeypatch,
+                                                                               capsys):
+    real = ft.CBHNet.forward
+    calls = [0]
+
+    def nan_late(self, x, ang):
+        out = real(self, x, ang)
+        calls[0] += 1
+        return out * float("nan") if self.training and calls[0] == 40 else out
+    monkeypatch.setattr(ft.CBHNet, "forward", nan_late)
+    args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "finetune",
+            "--head_epochs", "2", "--epochs", "2", "--num_threads", "1", "--batch_size", "16", "--seeds", "1",
+            "--cpu_bf16", "off"]
+    with pytest.raises(SystemExit) as e:
+        ft.main(args + ["--out_dir", str(tmp_path)])
+    assert e.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite loss" in err[0] and "finetune flight" in err[0], err
+    ckpt = data.load_checkpoint(tmp_path / "checkpoints" / "latest.pth")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    monkeypatch.setattr(ft.CBHNet, "forward", real)
+    ft.main(args + ["--out_dir", str(tmp_path), "--resume", str(tmp_path / "checkpoints" / "latest.pth")])
+    assert {r["method"] for r in read_csv(tmp_path / "results.csv")} >= {"finetune"}
 
 
 def test_ft_pretrained_none_skips_finetune_and_probe(ft_tiny, tmp_path):
@@ -894,11 +1322,12 @@ def test_ember_output_shapes(H, W, K, lengths):
     assert torch.isfinite(out).all()
 
 
-def test_ember_padding_invariance(ember_fires):
+@pytest.mark.parametrize("target", ["full", "new"])
+def test_ember_padding_invariance(ember_fires, target):
     """A short history gives the same logits alone (unpadded) and beside a longer one (padded to K).
     Gathering position K-1 instead of lengths-1 would read a padded slot and break the equality."""
     torch.manual_seed(0)
-    model = em.EmberFormer(4, 4).eval()
+    model = em.EmberFormer(4, 4, target=target).eval()
     hist, w, lengths, st, _ = ember_batch(ember_fires, [0, 1], [10, 2], K=8)  # lengths 8 and 3
     assert lengths.tolist() == [8, 3]
     with torch.no_grad():
@@ -954,7 +1383,9 @@ def test_ember_wind_dilation_goes_downwind():
     assert north[0, 1, 2] and not north[0, 3, 2]  # v north -> row 0 side
 
 
-EMBER_TINY = ["--epochs", "10", "--patch_size", "8", "--history", "4", "--lr", "2e-3", "--batch_size", "16"]
+# one thread: on a busy 2-core box, torch's default 2 threads made this run ~20x slower (thread oversubscription)
+EMBER_TINY = ["--epochs", "10", "--patch_size", "8", "--history", "4", "--lr", "2e-3", "--batch_size", "16",
+              "--num_threads", "1"]
 
 
 def test_ember_tiny_run_beats_both_baselines_on_new_burn(tiny_fires, tmp_path):
@@ -979,20 +1410,163 @@ def test_ember_tiny_run_beats_both_baselines_on_new_burn(tiny_fires, tmp_path):
 def test_ember_exact_resume(tmp_path):
     path = tmp_path / "f.h5"
     data.write_fire(path, **data.generate_fires(n_seq=8, size=16, n_frames=5, seed=2))
-    flags = ["--data_path", path, "--epochs", "4", "--batch_size", "8", "--lr", "1e-3"]
+    flags = ["--data_path", path, "--epochs", "4", "--batch_size", "8", "--lr", "1e-3", "--num_threads", "1"]
     r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "a")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "b", "--stop_after", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(read_csv(tmp_path / "b" / "log.csv")) == 2
+    assert not (tmp_path / "b" / "test_metrics.json").exists()  # a paused run reports the test split at its end
     r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "b",
                    "--resume", tmp_path / "b" / "checkpoints" / "latest.pth")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1].startswith("test (")
     a, b = read_csv(tmp_path / "a" / "log.csv"), read_csv(tmp_path / "b" / "log.csv")
     assert len(a) == len(b) == 4
-    keys = [k for k in a[0] if k.endswith(("loss", "bce", "dice", "f1"))] + ["lr_temporal"]
+    keys = [k for k in a[0] if k.endswith(("loss", "bce", "dice", "f1", "new_ap"))] + ["lr_temporal", "lr_spatial"]
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
     assert a[1]["train_loss"] != a[2]["train_loss"]
+    test_a, test_b = [json.loads((tmp_path / d / "test_metrics.json").read_text()) for d in "ab"]
+    assert test_a == test_b and {"model", "persistence", "dilation"} <= set(test_a)
+    assert test_a["test_samples"] == 4  # round(0.1 * 8) = 1 test fire x 4 samples
+
+
+def test_ember_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                                     restore_globals):
+    """A NaN loss in the 2nd epoch (5 fires x 4 samples / batch 8 = 3 steps an epoch; NaN at training step 4)
+    stops with one line and exit 3; latest.pth stays epoch 1's, finite, and the log holds epoch 1 only."""
+    path = tmp_path / "f.h5"
+    data.write_fire(path, **data.generate_fires(n_seq=8, size=16, n_frames=5, seed=2))
+    real, calls = em.forward_batch, [0]
+
+    def nan_at_step_4(model, D, s, t, amp):
+        out = real(model, D, s, t, amp)
+        if model.training:
+            calls[0] += 1
+            if calls[0] == 4:
+                return (out[0] * float("nan"), out[1] * float("nan"), *out[2:])
+        return out
+    monkeypatch.setattr(em, "forward_batch", nan_at_step_4)
+    with pytest.raises(SystemExit) as e:
+        em.main(["--data_path", str(path), "--epochs", "3", "--batch_size", "8", "--num_threads", "1",
+                 "--out_dir", str(tmp_path / "out")])
+    assert e.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite loss" in err[0] and "epoch 2" in err[0], err
+    ckpt = data.load_checkpoint(tmp_path / "out" / "checkpoints" / "latest.pth")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v.float()).all() for v in ckpt["model"].values())
+    assert [r["epoch"] for r in read_csv(tmp_path / "out" / "log.csv")] == ["1"]
+
+
+def test_ember_new_target_keeps_burning_cells_burning_with_no_loss_on_them(ember_fires):
+    torch.manual_seed(0)
+    model = em.EmberFormer(4, 4, target="new")
+    hist, w, lengths, st, target = ember_batch(ember_fires, [0, 1, 2], [10, 5, 7], K=8)
+    current = hist[torch.arange(3), lengths - 1] > 0.5
+    assert current.any() and (~current).any()
+    logits = model(hist, w, lengths, st)
+    assert (torch.sigmoid(logits[current]) == 1).all()  # burning at t -> burning at t+1, probability exactly 1
+    logits.retain_grad()
+    loss, _, _ = losses.bce_dice_loss(logits, target, mask=~current)
+    loss.backward()
+    assert (logits.grad[current] == 0).all() and logits.grad[~current].abs().sum() > 0
+    flipped = torch.where(current, 1 - target, target)  # what the burning cells "should" be cannot matter
+    assert torch.equal(losses.bce_dice_loss(logits.detach(), flipped, mask=~current)[0], loss.detach())
+    full = em.EmberFormer(4, 4, target="full")  # same weights: the cells not burning get the network's logits
+    full.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a, b = model.eval()(hist, w, lengths, st), full.eval()(hist, w, lengths, st)
+    assert torch.equal(a[~current], b[~current]) and (a[current] == em.BURNING_LOGIT).all()
+
+
+def test_ember_average_precision_hand_values():
+    def ap(scores, labels, mask=None):
+        logits = torch.logit(torch.tensor(scores, dtype=torch.float64)).float()
+        labels = torch.tensor(labels, dtype=torch.float32)
+        mask = torch.ones_like(labels, dtype=torch.bool) if mask is None else torch.tensor(mask)
+        return losses.average_precision(losses.pr_histogram(logits, labels, mask))
+    # ranked pos, neg, pos, neg: precision 1 at recall 1/2, 2/3 at recall 1 -> (1 + 2/3) / 2
+    assert abs(ap([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) - 5 / 6) < 1e-9
+    assert ap([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == 1.0  # perfect ranking
+    assert abs(ap([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) - (1 / 3 + 2 / 4) / 2) < 1e-9  # worst ranking
+    assert abs(ap([0.5, 0.5, 0.5, 0.5], [1, 0, 0, 0]) - 0.25) < 1e-9  # ties are one threshold: the base rate
+    assert ap([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0], mask=[True, False, True, True]) == 1.0  # masked cells ignored
+    assert ap([0.9, 0.1], [0, 0]) == 1.0  # nothing to find
+    # histograms add up over batches: two halves give the AP of the whole
+    logits, labels = torch.tensor([2.0, 1.0, 0.5, -3.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
+    keep = torch.ones(4, dtype=torch.bool)
+    halves = losses.pr_histogram(logits[:2], labels[:2], keep[:2]) + losses.pr_histogram(logits[2:], labels[2:], keep[2:])
+    assert losses.average_precision(halves) == losses.average_precision(losses.pr_histogram(logits, labels, keep))
+    # a hard mask (the baselines): AP is precision x recall at its one operating point
+    counts = torch.stack([torch.tensor([3, 1, 1, 5]), torch.tensor([1, 1, 3, 5])])  # new burn: tp 1 fp 1 fn 3
+    assert abs(em.scores(counts)["new_ap"] - 0.5 * 0.25) < 1e-9
+
+
+def test_ember_splits_whole_fires_and_keep_val_fixed(restore_globals):
+    em.seed, em.val_frac, em.test_frac = 0, 0.2, 0.1
+    train, val, test = em.split_fires(50, "f.h5")
+    assert (len(train), len(val), len(test)) == (35, 10, 5)
+    assert set(train) | set(val) | set(test) == set(range(50)) and not set(train) & set(test)
+    em.test_frac = 0.0
+    assert list(em.split_fires(50, "f.h5")[1]) == list(val)  # val does not move with --test_frac
+    assert list(data.split_sequences(50, 0.2, 0)[1]) == list(val)  # ...and is the pre-test-split val
+    em.val_frac, em.test_frac = 0.5, 0.5
+    with pytest.raises(data.DataError, match="no training fire"):
+        em.split_fires(4, "f.h5")
+
+
+def test_ember_eval_is_deterministic_with_stochastic_depth(ember_fires):
+    torch.manual_seed(0)
+    model = em.EmberFormer(4, 4)
+    rates = [blk.drop_path.p for stage in model.encoder.stages for blk in stage]
+    assert len(rates) == 8 and rates[0] == 0 and abs(rates[-1] - 0.1) < 1e-6
+    assert all(b > a for a, b in zip(rates, rates[1:]))  # rising linearly
+    hist, w, lengths, st, _ = ember_batch(ember_fires, [0, 1], [10, 2], K=8)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(hist, w, lengths, st), model(hist, w, lengths, st))
+    drop = em.DropPath(0.5).train()
+    x = torch.ones(1000, 3)
+    y = drop(x)
+    assert set(y[:, 0].tolist()) == {0.0, 2.0} and (y == y[:, :1]).all()  # whole samples dropped, rest rescaled
+
+
+def test_ember_no_weight_decay_on_norms_and_biases_and_lrs_logged_by_name(restore_globals):
+    model = em.EmberFormer(4, 4)
+    opt = em.make_optimizer(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            decayed = g["weight_decay"] > 0
+            assert decayed == (p.ndim > 1), (g["name"], names[id(p)])
+    assert any("norm" in names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"])
+    for g in opt.param_groups:  # as train_epoch sets them
+        g["lr"] = g["base_lr"] * 0.5
+    assert em.group_lr(opt, "temporal") == em.lr_temporal * 0.5 and em.group_lr(opt, "spatial") == em.lr_spatial * 0.5
+    conv = model.encoder.embeds[0].conv
+    fan_out_std = math.sqrt(2 / (9 * conv.out_channels))
+    assert 0.8 < conv.weight.std().item() / fan_out_std < 1.2  # SegFormer's conv init
+
+
+def test_ember_refuses_checkpoints_from_before_the_target_flag(tmp_path, capsys, restore_globals):
+    path = tmp_path / "f.h5"
+    data.write_fire(path, **data.generate_fires(n_seq=6, size=8, n_frames=3, seed=0))
+    old = tmp_path / "old.pth"
+    cfg = em.get_config([])
+    del cfg["target"], cfg["test_frac"]
+    torch.save(dict(model={}, optimizer={}, epoch=1, config=cfg, rng={}), old)
+    with pytest.raises(SystemExit) as e:
+        em.main(["--data_path", str(path), "--resume", str(old), "--out_dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "predates --target" in err and str(old) in err
+
+
+def test_ember_unburning_file_names_the_sequence_and_frame(tmp_path):
+    path = tmp_path / "active.h5"
+    write_bad_fire(path, unburning_fire())
+    with pytest.raises(data.DataError) as e:
+        data.load_fire(str(path))
+    assert "'fire'" in str(e.value) and "sequence 1" in str(e.value) and "frame 2 and not at frame 3" in str(e.value)
 
 
 def write_bad_fire(path, fire, static=None, wind=None):
@@ -1002,6 +1576,14 @@ def write_bad_fire(path, fire, static=None, wind=None):
         d = f.create_dataset("static", data=np.zeros((S, 4, H, W), np.float32) if static is None else static)
         d.attrs["channels"] = np.array(list(data.FIRE_CHANNELS), dtype=h5py.string_dtype())
         f.create_dataset("wind", data=np.zeros((S, T, 2), np.float32) if wind is None else wind)
+
+
+def unburning_fire():
+    """Cumulative except sequence 1, where a cell burning at frame 2 is not burning at frame 3."""
+    fire = np.zeros((3, 5, 8, 8), np.uint8)
+    fire[:, 1:, 4, 4] = 1
+    fire[1, 3, 4, 4] = 0
+    return fire
 
 
 def bad_nan_wind():
@@ -1014,7 +1596,7 @@ EMBER_BAD = {"dtype": lambda: dict(fire=np.zeros((3, 5, 8, 8), np.float32)),
        "nonbinary": lambda: dict(fire=np.full((3, 5, 8, 8), 2, np.uint8)),
        "one_frame": lambda: dict(fire=np.zeros((3, 1, 8, 8), np.uint8)),
        "static_shape": lambda: dict(fire=np.zeros((3, 5, 8, 8), np.uint8), static=np.zeros((3, 4, 8, 6), np.float32)),
-       "nan_wind": bad_nan_wind}
+       "nan_wind": bad_nan_wind, "unburns": lambda: dict(fire=unburning_fire())}
 
 
 @pytest.fixture
@@ -1067,7 +1649,8 @@ def test_ember_resume_trims_logs_and_bad_flags_write_nothing(tmp_path, capsys, r
     assert [int(r["epoch"]) for r in read_csv(log)] == [1, 2]
     em.trim_csv(str(log), 0)
     assert not log.exists()
-    for flags in (["--val_frac", "1.0"], ["--pred_thresh", "0"], ["--wind_scale", "0"]):
+    for flags in (["--val_frac", "1.0"], ["--pred_thresh", "0"], ["--wind_scale", "0"], ["--test_frac", "1.0"],
+                  ["--target", "burned"], ["--monitor", "val/ap"]):
         with pytest.raises(SystemExit) as e:
             em.main([*flags, "--out_dir", str(tmp_path / "out")])
         assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {flags[0]}")
