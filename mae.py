@@ -323,31 +323,35 @@ def amp_policy(device, cfg):
     return None, False
 
 
-def choose_cpu_dtype(setting, time_step, timer=time.perf_counter, warmup=2, timed=3):
+def choose_cpu_dtype(setting, time_step, timer=time.perf_counter, warmup=2, timed=3, rounds=3):
     """CPU precision for cpu_bf16 = on | off | auto -> (torch.bfloat16 or None, a one-line message).
-    auto: time_step(dtype) runs one real training step of the stage's model and batch shape; after `warmup`
-    untimed steps, `timed` steps are timed in fp32 and in bf16 autocast and the faster wins. Whether bf16
-    pays depends on the CPU (AMX, AVX512-BF16 or neither), the model and the batch, so one CPU flag cannot
-    decide it. A CPU where bf16 autocast fails falls back to fp32 with a notice."""
+    auto: time_step(dtype) runs one real training step of the stage's model and batch shape. After `warmup`
+    untimed steps in each precision, `rounds` alternating rounds of `timed` steps are timed in fp32 and in
+    bf16 autocast, and the precision with the faster best round wins (alternating and taking the best round keeps a busy,
+    shared machine from deciding it). Whether bf16 pays depends on the CPU (AMX, AVX512-BF16 or neither),
+    the model and the batch, so one CPU flag cannot decide it. A CPU where bf16 autocast fails falls back
+    to fp32 with a notice."""
     if setting != "auto":
         on = setting == "on"
         return (torch.bfloat16 if on else None), f"cpu_bf16 {setting}: {'bf16' if on else 'fp32'}"
-    secs = {}
-    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        try:
-            for _ in range(warmup):
-                time_step(dtype)
+
+    def run(dtype, n):
+        for _ in range(n):
+            time_step(dtype)
+    try:
+        run(torch.bfloat16, warmup)  # bf16 first: if autocast fails here, nothing else is timed
+    except RuntimeError as e:
+        return None, f"cpu_bf16 auto: bf16 autocast failed on this CPU ({type(e).__name__}); using fp32"
+    run(None, warmup)
+    best = dict(fp32=math.inf, bf16=math.inf)  # seconds per step of the best round
+    for _ in range(rounds):
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             t0 = timer()
-            for _ in range(timed):
-                time_step(dtype)
-            secs[name] = (timer() - t0) / timed
-        except RuntimeError as e:
-            if dtype is None:
-                raise
-            return None, f"cpu_bf16 auto: bf16 autocast failed on this CPU ({type(e).__name__}); using fp32"
-    pick = "bf16" if secs["bf16"] < secs["fp32"] else "fp32"
+            run(dtype, timed)
+            best[name] = min(best[name], (timer() - t0) / timed)
+    pick = "bf16" if best["bf16"] < best["fp32"] else "fp32"
     return (torch.bfloat16 if pick == "bf16" else None), (
-        f"cpu_bf16 auto: fp32 {1 / secs['fp32']:.1f} steps/s, bf16 {1 / secs['bf16']:.1f} steps/s -> {pick}")
+        f"cpu_bf16 auto: fp32 {1 / best['fp32']:.1f} steps/s, bf16 {1 / best['bf16']:.1f} steps/s -> {pick}")
 
 
 def step_timer(model, cfg, X, dev):

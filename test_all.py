@@ -367,6 +367,10 @@ def test_fire_batch_right_pads_history():
     assert hist[1].sum((1, 2)).tolist() == [2, 3, 0]  # frames 2, 3, 4 oldest first
     assert wh[1, :, 0].tolist() == [4, 6, 8]
     assert torch.equal(target[1], fire[0, 5].float())
+    # padding is zeros, not a repeat of the last real frame: sequence 1 burns everywhere from frame 0
+    hist, wh, L, _ = data.fire_batch(fire, wind, torch.tensor([1]), torch.tensor([0]), K=3)
+    assert L.tolist() == [1] and (hist[0, 0] == 1).all() and (hist[0, 1:] == 0).all()
+    assert wh[0, 0].tolist() == [12, 13] and (wh[0, 1:] == 0).all()
     s, t = data.fire_sample_index([3, 5], n_frames=4)
     assert s.tolist() == [3, 3, 3, 5, 5, 5] and t.tolist() == [0, 1, 2, 0, 1, 2]
     tr, va = data.split_sequences(10, val_frac=0.3, seed=0)
@@ -614,9 +618,10 @@ def test_cpu_precision_choice_times_both_and_obeys_on_off():
     def step(dtype):  # a fake training step: bf16 takes 1 s, fp32 3 s on the fake clock
         ran.append(dtype)
         clock[0] += 1.0 if dtype is torch.bfloat16 else 3.0
-    dtype, msg = mae.choose_cpu_dtype("auto", step, timer=lambda: clock[0], warmup=1, timed=2)
+    dtype, msg = mae.choose_cpu_dtype("auto", step, timer=lambda: clock[0], warmup=1, timed=2, rounds=2)
     assert dtype is torch.bfloat16 and "fp32 0.3 steps/s, bf16 1.0 steps/s -> bf16" in msg
-    assert ran == [None] * 3 + [torch.bfloat16] * 3  # warm-up and timed steps in each precision
+    bf16 = torch.bfloat16  # warm-up in each precision, then alternating timed rounds
+    assert ran == [bf16, None] + ([None] * 2 + [bf16] * 2) * 2
 
     def slow_bf16(dtype):
         clock[0] += 5.0 if dtype is torch.bfloat16 else 1.0
@@ -1292,7 +1297,7 @@ def test_ft_resume_with_other_settings_is_refused(ft_tiny, tmp_path):
     r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
                    "--methods", "trees", "--out_dir", out, "--n_trees", "6", "--val_gap", "10",
                    "--resume", out / "checkpoints" / "latest.pth")
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "settings" in r.stderr
+    assert_one_line_error(r, "latest.pth", "settings")
 
 
 # ==============================================================================================
@@ -1371,6 +1376,35 @@ def test_ember_lr_schedule_warmup_then_cosine():
     assert abs(max(lrs) - 1.0) < 1e-9
     assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
     assert abs(lrs[-1] - em.min_lr_frac) < 0.01
+    # exact values: warmup ends at step 50; half-way through the 950 decay steps the multiplier is the mean
+    # of 1 and min_lr_frac, and the last step is at min_lr_frac (a flat or linear schedule fails these)
+    assert lrs[0] == pytest.approx(1 / warm) and em.get_lr(warm - 1, total) == pytest.approx(1.0)
+    assert em.get_lr(warm + (total - warm) // 2, total) == pytest.approx((1 + em.min_lr_frac) / 2, abs=2e-3)
+    assert em.get_lr(warm + (total - warm) // 4, total) == pytest.approx(
+        em.min_lr_frac + (1 - em.min_lr_frac) * 0.5 * (1 + math.cos(math.pi / 4)), abs=2e-3)
+    assert em.get_lr(total, total) == pytest.approx(em.min_lr_frac)
+
+
+def test_ember_one_training_step_sets_and_steps_both_lr_groups(tmp_path, restore_globals):
+    """After one real train_epoch step both groups carry base_lr x get_lr(0), and parameters of both the
+    temporal and the spatial part moved (a group whose LR is never set, or never stepped, fails)."""
+    path = tmp_path / "f.h5"
+    data.write_fire(path, **data.generate_fires(n_seq=6, size=16, n_frames=3, seed=3))
+    for k, v in em.get_config(["--data_path", str(path), "--batch_size", "64", "--num_threads", "1"]).items():
+        setattr(em, k, v)
+    D = em.load_data(torch.device("cpu"))
+    model = em.build_model(D, torch.device("cpu"))
+    opt = em.make_optimizer(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    _, step = em.train_epoch(model, opt, scaler, D, torch.Generator().manual_seed(0), 0, 100, None, [], 1)
+    assert step == 1  # 4 training fires x 2 samples fit one batch
+    mult = em.get_lr(0, 100)
+    assert em.group_lr(opt, "temporal") == pytest.approx(em.lr_temporal * mult)
+    assert em.group_lr(opt, "spatial") == pytest.approx(em.lr_spatial * mult)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("temporal.") for n in moved) and any(n.startswith("decode.") for n in moved)
+    assert any(n.startswith("encoder.") for n in moved) and any(n.startswith("refine.") for n in moved)
 
 
 def test_ember_wind_dilation_goes_downwind():
@@ -1428,6 +1462,18 @@ def test_ember_exact_resume(tmp_path):
     assert a[1]["train_loss"] != a[2]["train_loss"]
     test_a, test_b = [json.loads((tmp_path / d / "test_metrics.json").read_text()) for d in "ab"]
     assert test_a == test_b and {"model", "persistence", "dilation"} <= set(test_a)
+    # SIGKILL as soon as the first latest.pth exists (an event, not a clock), then resume: same losses
+    proc = subprocess.Popen([sys.executable, "emberformer.py", *map(str, flags), "--out_dir", str(tmp_path / "c")],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "c" / "checkpoints" / "latest.pth"
+    while not latest.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "c", "--resume", latest)
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = read_csv(tmp_path / "c" / "log.csv")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in c]
     assert test_a["test_samples"] == 4  # round(0.1 * 8) = 1 test fire x 4 samples
 
 
@@ -1614,24 +1660,22 @@ def test_ember_bad_fire_file_one_line_error(kind, tmp_path, capsys, restore_glob
     write_bad_fire(path, **EMBER_BAD[kind]())
     with pytest.raises(SystemExit) as e:
         em.main(["--data_path", str(path), "--out_dir", str(tmp_path / "out"), "--epochs", "1"])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    assert str(path) in err
+    assert_one_line_error(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err), str(path))
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_ember_bad_flag_and_checkpoint(tmp_path, capsys, restore_globals):
     with pytest.raises(SystemExit) as e:
         em.main(["--monitor", "val/acc", "--out_dir", str(tmp_path / "o")])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --monitor")
+    assert_one_line_error(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err), "--monitor")
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
     path = tmp_path / "f.h5"
     data.write_fire(path, **data.generate_fires(n_seq=3, size=8, n_frames=3, seed=0))
     with pytest.raises(SystemExit) as e:
         em.main(["--data_path", str(path), "--resume", str(junk), "--out_dir", str(tmp_path / "o")])
-    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+    assert_one_line_error(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err), "junk.pth")
+    assert not (tmp_path / "o").exists()
 
 
 def test_ember_help_lists_constants():
