@@ -21,6 +21,7 @@ Run `python emberformer.py -h` for every constant; outputs go to outputs/emberfo
 """
 import argparse
 import ast
+import copy
 import csv
 import json
 import math
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 import data
 import losses
+import mae  # for choose_cpu_dtype, the CPU precision policy every stage shares
 
 # --- config ---
 data_path = ''  # HDF5 fire file (fire/static/wind); '' = the embedded synthetic dataset (generated on first use)
@@ -72,6 +74,7 @@ dice_weight = 0.5  # weight of the soft-Dice term
 pos_weight = 0.0  # BCE weight of burning pixels (0 = unweighted)
 dil_wind = 6.0  # m/s; dilation baseline: calm spreads to all 8 neighbours, dil_wind m/s only within 90 deg of downwind
 log_every = 20  # write a row to log_steps.csv every this many optimizer steps
+cpu_bf16 = 'auto'  # CPU precision: on = bf16 autocast, off = fp32, auto = time a few steps of both, take the faster
 stop_after = 0  # stop after this many epochs of this run (0 = never), schedule still set by --epochs; then --resume
 # --- end config ---
 
@@ -103,15 +106,33 @@ CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite los
 # every other flag must match the checkpoint's, else the resumed run would not continue the same run
 FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "stop_after", "patience", "early_stop", "log_every")
 
-# AMP policy. CUDA: bf16 autocast where supported, else fp16 + GradScaler. CPU: plain fp32, because bf16
-# autocast measured slower on the 2-core dev box (Xeon with AMX/avx512_bf16, torch 2.13, 2 threads, 32x32 grid,
-# patch 4, K=8, batch 4, median of 9): train step 1.64 s fp32 vs 2.10 s bf16, eval 0.78 s vs 0.80 s.
-
-
 def amp_dtype_for(dev):
+    """CUDA: bf16 autocast where supported, else fp16 + GradScaler. Other devices: None here; on the CPU
+    cpu_precision decides (bf16 was slower than fp32 on the AMX box, faster on an AVX512-BF16 EPYC)."""
     if dev.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def cpu_precision(model, D, stored):
+    """bf16 or None on the CPU: what a resumed run chose (`stored`), else mae.choose_cpu_dtype(cpu_bf16)
+    timing real training steps (one warm-up, two rounds of one) of a throw-away copy of the model on a
+    training batch. The global RNG is put back, so timing never changes the run."""
+    if stored:
+        return torch.bfloat16 if stored == "bf16" else None
+    trial = copy.deepcopy(model)
+    opt = torch.optim.AdamW(trial.parameters())
+    s, t = D["train"][0][:batch_size], D["train"][1][:batch_size]
+
+    def step(dtype):
+        opt.zero_grad(set_to_none=True)
+        forward_batch(trial, D, s, t, dtype)[0].backward()
+        opt.step()
+    rng = torch.get_rng_state()
+    dtype, msg = mae.choose_cpu_dtype(cpu_bf16, step, warmup=1, timed=1, rounds=2)
+    torch.set_rng_state(rng)
+    print(msg)
+    return dtype
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,6 +801,8 @@ def check_config(cfg):
         raise data.DataError(f"--monitor {cfg['monitor']}: choose " + ", ".join(MONITORS))
     if cfg["target"] not in ("new", "full"):
         raise data.DataError(f"--target {cfg['target']}: choose new or full")
+    if cfg["cpu_bf16"] not in ("auto", "on", "off"):
+        raise data.DataError(f"--cpu_bf16 {cfg['cpu_bf16']!r}: choose auto, on or off")
     for k in ("epochs", "batch_size", "history", "patch_size", "log_every"):
         if cfg[k] < 1:
             raise data.DataError(f"--{k} {cfg[k]}: must be >= 1")
@@ -800,10 +823,10 @@ def build_model(D, dev):
 
 
 def maybe_resume(cfg, model, opt, scaler, gen):
-    """Load --resume into model, optimizer, scaler and RNGs -> (epoch, best, best_epoch, bad_epochs);
-    a fresh run starts at (0, worst, 0, 0)."""
+    """Load --resume into model, optimizer, scaler and RNGs -> (epoch, best, best_epoch, bad_epochs, the CPU
+    precision the run chose); a fresh run starts at (0, worst, 0, 0, None)."""
     if not resume:
-        return 0, -math.inf if monitor != "val/loss" else math.inf, 0, 0
+        return 0, -math.inf if monitor != "val/loss" else math.inf, 0, 0, None
     ckpt = data.load_checkpoint(resume)  # on CPU: RNG states must stay CPU tensors
     if not {"model", "optimizer", "epoch", "config", "rng"} <= set(ckpt):
         raise data.DataError(f"{resume}: not an emberformer checkpoint (keys {sorted(ckpt)[:6]})")
@@ -822,7 +845,7 @@ def maybe_resume(cfg, model, opt, scaler, gen):
     if ckpt["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"], gen)
-    return ckpt["epoch"], ckpt["best"], ckpt["best_epoch"], ckpt["bad_epochs"]
+    return ckpt["epoch"], ckpt["best"], ckpt["best_epoch"], ckpt["bad_epochs"], ckpt.get("cpu_autocast")
 
 
 def report_test(D, dev, amp):
@@ -888,7 +911,9 @@ def train(cfg):
     scaler = torch.amp.GradScaler(dev.type, enabled=amp is torch.float16)
     steps_per_epoch = math.ceil(len(D["train"][0]) / batch_size)
     total_steps = epochs * steps_per_epoch
-    start, best, best_epoch, bad = maybe_resume(cfg, model, opt, scaler, gen)
+    start, best, best_epoch, bad, stored = maybe_resume(cfg, model, opt, scaler, gen)
+    if dev.type == "cpu":  # a resumed run keeps the precision it chose, so its losses continue exactly
+        amp = cpu_precision(model, D, stored)
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     prepare_logs(start)
     n_train, n_val, n_test = len(D["train"][0]), len(D["val"][0]), len(D["test"][0])
@@ -922,7 +947,8 @@ def train(cfg):
         # checkpoints last: latest.pth then marks an epoch whose logs and plots are complete
         ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
                     best=best, best_epoch=best_epoch, bad_epochs=bad, rng=rng_state(gen), config=cfg,
-                    channels=D["channels"], baselines=base, val_metrics=va)
+                    channels=D["channels"], baselines=base, val_metrics=va,
+                    cpu_autocast=("bf16" if amp else "fp32") if dev.type == "cpu" else None)
         if improved:
             data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
         data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))

@@ -1385,6 +1385,25 @@ def test_ember_lr_schedule_warmup_then_cosine():
     assert em.get_lr(total, total) == pytest.approx(em.min_lr_frac)
 
 
+def test_ember_cpu_precision_is_timed_once_and_kept_on_resume(ember_fires, restore_globals, capsys):
+    """auto times real steps on a copy (the model and the global RNG are left as they were); a stored choice
+    is used without timing; on/off are obeyed."""
+    model = em.EmberFormer(4, 4)
+    fire, wind = torch.from_numpy(ember_fires["fire"]), torch.from_numpy(ember_fires["wind"])
+    D = dict(fire=fire, wind=wind, static=torch.from_numpy(ember_fires["static"]),
+             train=(torch.tensor([0, 1, 2]), torch.tensor([3, 5, 7])))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    em.cpu_bf16 = "auto"
+    assert em.cpu_precision(model, D, None) in (None, torch.bfloat16)
+    assert "cpu_bf16 auto: fp32" in capsys.readouterr().out
+    assert torch.equal(torch.get_rng_state(), rng) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert em.cpu_precision(model, D, "bf16") is torch.bfloat16 and em.cpu_precision(model, D, "fp32") is None
+    assert capsys.readouterr().out == ""  # a stored choice is not timed again
+    em.cpu_bf16 = "off"
+    assert em.cpu_precision(model, D, None) is None
+
+
 def test_ember_one_training_step_sets_and_steps_both_lr_groups(tmp_path, restore_globals):
     """After one real train_epoch step both groups carry base_lr x get_lr(0), and parameters of both the
     temporal and the spatial part moved (a group whose LR is never set, or never stepped, fails)."""
@@ -1444,7 +1463,8 @@ def test_ember_tiny_run_beats_both_baselines_on_new_burn(tiny_fires, tmp_path):
 def test_ember_exact_resume(tmp_path):
     path = tmp_path / "f.h5"
     data.write_fire(path, **data.generate_fires(n_seq=8, size=16, n_frames=5, seed=2))
-    flags = ["--data_path", path, "--epochs", "4", "--batch_size", "8", "--lr", "1e-3", "--num_threads", "1"]
+    flags = ["--data_path", path, "--epochs", "4", "--batch_size", "8", "--lr", "1e-3", "--num_threads", "1",
+             "--cpu_bf16", "off"]  # a fixed precision: the independent runs a and c must compare exactly
     r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "a")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "b", "--stop_after", "2")
@@ -1495,6 +1515,7 @@ def test_ember_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoi
     monkeypatch.setattr(em, "forward_batch", nan_at_step_4)
     with pytest.raises(SystemExit) as e:
         em.main(["--data_path", str(path), "--epochs", "3", "--batch_size", "8", "--num_threads", "1",
+                 "--cpu_bf16", "off",  # no precision timing: it would call forward_batch too
                  "--out_dir", str(tmp_path / "out")])
     assert e.value.code == 3
     err = capsys.readouterr().err.strip().splitlines()
@@ -1694,7 +1715,7 @@ def test_ember_resume_trims_logs_and_bad_flags_write_nothing(tmp_path, capsys, r
     em.trim_csv(str(log), 0)
     assert not log.exists()
     for flags in (["--val_frac", "1.0"], ["--pred_thresh", "0"], ["--wind_scale", "0"], ["--test_frac", "1.0"],
-                  ["--target", "burned"], ["--monitor", "val/ap"]):
+                  ["--target", "burned"], ["--monitor", "val/ap"], ["--cpu_bf16", "maybe"]):
         with pytest.raises(SystemExit) as e:
             em.main([*flags, "--out_dir", str(tmp_path / "out")])
         assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {flags[0]}")
