@@ -10,7 +10,8 @@ same process on the same batches, interleaved round by round with the current on
 processes hits both alike), and prints the speed-up of the median round. A train step is the stage's own
 forward_batch (forward, loss, metrics) + backward + clipped AdamW step. Peak memory: RSS of the process on
 CPU (getrusage; it only grows, so it is the max over everything timed so far), torch.cuda.max_memory_allocated
-on CUDA. AMP as in emberformer.py (bf16 / fp16 on CUDA, fp32 on CPU).
+on CUDA. AMP as in emberformer.py on CUDA (bf16 / fp16); on the CPU the current model is timed in fp32 and,
+with --bf16 (default), also in bf16 autocast, side by side, with the CPU's name.
 """
 import argparse
 import importlib.util
@@ -22,6 +23,7 @@ import torch
 
 import data
 import emberformer as em
+from bench_mae import cpu_name
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--data_path", default="", help="fire file; '' = the embedded default data (64x64)")
@@ -33,6 +35,7 @@ p.add_argument("--rounds", type=int, default=3, help="rounds; the median round i
 p.add_argument("--before", default="", help="path of another emberformer.py to time beside this one")
 p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads; 0 = torch default")
+p.add_argument("--bf16", type=int, default=1, help="CPU: also time the current model under bf16 autocast (1) or not (0)")
 args = p.parse_args()
 if args.num_threads > 0:
     torch.set_num_threads(args.num_threads)
@@ -58,14 +61,14 @@ def load_module(path):
     return mod
 
 
-def setup(mod):
-    """The module's model and optimizer with its default constants; K from --history."""
+def setup(mod, precision=None):
+    """The module's model and optimizer with its default constants; K from --history; its autocast dtype."""
     torch.manual_seed(0)
     mod.history = K
     model = mod.EmberFormer(len(fires["channels"]), P).to(dev)
     if hasattr(mod, "target"):  # the current version: the model follows the stage's default target
         model = mod.EmberFormer(len(fires["channels"]), P, target=mod.target).to(dev)
-    return dict(mod=mod, model=model, opt=mod.make_optimizer(model))
+    return dict(mod=mod, model=model, opt=mod.make_optimizer(model), amp=precision if dev.type == "cpu" else amp)
 
 
 def sync():
@@ -82,8 +85,8 @@ def peak_mb():
 def step(run, idx, train):
     if not train:
         with torch.no_grad():
-            return run["mod"].forward_batch(run["model"], D, all_s[idx], all_t[idx], amp)
-    loss = run["mod"].forward_batch(run["model"], D, all_s[idx], all_t[idx], amp)[0]
+            return run["mod"].forward_batch(run["model"], D, all_s[idx], all_t[idx], run["amp"])
+    loss = run["mod"].forward_batch(run["model"], D, all_s[idx], all_t[idx], run["amp"])[0]
     run["opt"].zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run["model"].parameters(), 1.0)
@@ -103,9 +106,12 @@ def timed(run, train):
 
 
 runs = {"current": setup(em)}
+if dev.type == "cpu" and args.bf16:
+    runs["cur_bf16"] = setup(em, torch.bfloat16)
 if args.before:
     runs["before"] = setup(load_module(args.before))
-print(f"device {dev} ({torch.cuda.get_device_name() if dev.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
+where = torch.cuda.get_device_name() if dev.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
+print(f"device {dev} ({where})"
       f", amp {amp}, data {H}x{W} ({S} fires), patch {P} -> {-(-H // P)}x{-(-W // P)} tokens, K {K}, batch {B}, "
       f"{args.rounds} rounds of {args.steps} steps")
 for name, run in runs.items():
