@@ -917,6 +917,15 @@ def final_fold(d, cfg):
                 test=val, how=f"val flight {last}")
 
 
+def setting(cfg, key):
+    """A config value to compare between runs; paths as absolute paths ('' data_path = the embedded file)."""
+    if key == "data_path":
+        return os.path.abspath(cfg.get(key) or data.default_cloud_paths()[1])
+    if key == "pretrained" and cfg.get(key, "none") != "none":
+        return os.path.abspath(cfg[key])
+    return cfg.get(key)
+
+
 def cross_validated(cfg, method):
     """The method's pooled LOFO scores from a comparison run in the same out_dir, if that run used the same
     data, split, input settings and epochs; else 'not cross-validated'."""
@@ -929,7 +938,7 @@ def cross_validated(cfg, method):
     with open(res_path) as f:
         row = next((r for r in csv.DictReader(f) if (r["method"], r["seed"], r["fold"]) == (method, "mean", "pooled")),
                    None)
-    if row is None or any(run.get(k) != cfg[k] for k in keys):
+    if row is None or any(setting(run, k) != setting(cfg, k) for k in keys):
         return "not cross-validated"
     return dict(split=run["split"], r2=float(row["r2"]), mae_km=float(row["mae_km"]), rmse_km=float(row["rmse_km"]))
 
