@@ -3,24 +3,27 @@ Cloud base height (km) from 1D IR profiles: the pre-trained MAE encoder, fine-tu
 
 Fine-tunes the masked-autoencoder encoder from mae.py and compares it, on identical folds, with
   finetune  pre-trained encoder + MLP head; stage 1 trains the head with the encoder frozen, stage 2
-            trains everything at a lower LR (optional layer-wise LR decay)
+            trains everything at a lower LR (layer-wise LR decay, stochastic depth)
   scratch   the same network and schedule from a random init (what pre-training buys)
   probe     a linear head on the frozen pre-trained encoder (how much the features already know)
   trees     gradient-boosted regression trees (numpy) on hand-crafted profile features
+  physics   a straight line on one physical feature: warmest minus coldest pixel (surface-to-cloud-top contrast)
 Splits: lofo (leave one flight out, default: the question a user asks is "does it work on a new flight"),
 blocked (contiguous time blocks within flights, with a gap), random (the seed's protocol; neighbouring
 frames are strongly correlated, so it leaks and flatters every method; comparison only).
-Early-stopping validation always comes from the training side of a fold (a tail block of each training
-flight), never from the test frames.
+Early stopping always uses the training side of a fold, never its test frames: a held-out training flight
+(lofo, --val_mode flight) or a tail block of each training flight after a gap. Networks run --seeds times;
+results.csv gives mean +- std over seeds and paired differences with block-bootstrap intervals.
 
   python finetune_cbh.py                      # full default comparison (needs `python mae.py` first)
-  python finetune_cbh.py --pretrained none    # no pre-trained encoder: scratch and trees only
-  python finetune_cbh.py --split blocked --methods finetune,trees
-Outputs in out_dir: results.csv (per fold, mean, std, pooled), predictions.csv, log.csv,
-plots/pred_vs_true.png, plots/per_flight_error.png, checkpoints/latest.pth.
-Resume granularity: latest.pth is rewritten after every epoch and after every finished (method, fold)
-unit; `--resume out_dir/checkpoints/latest.pth` (same settings) skips the finished units and continues the
-interrupted one from its last completed epoch, reproducing the uninterrupted run's losses on CPU.
+  python finetune_cbh.py --pretrained none    # no pre-trained encoder: scratch, trees and physics only
+  python finetune_cbh.py --final finetune     # one model to use: out_dir/cbh_model.pth
+  python finetune_cbh.py --predict flights.h5 --model outputs/finetune_cbh/cbh_model.pth   # CBH per frame
+Outputs in out_dir: results.csv, predictions.csv, log.csv, plots/pred_vs_true.png, plots/per_flight_error.png,
+checkpoints/latest.pth. Resume granularity: latest.pth is rewritten after every epoch and after every
+finished (method, fold, seed) unit; `--resume out_dir/checkpoints/latest.pth` (same settings) skips the
+finished units and continues the interrupted one from its last completed epoch, reproducing the
+uninterrupted run's losses on CPU.
 """
 import argparse
 import csv
