@@ -474,7 +474,9 @@ def train_epoch(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, whe
     x, ang, y = inputs
     dev = x.device
     total, count, bad_run = 0.0, 0, 0
-    for i, b in enumerate(data.batch_indices(len(fit), cfg["batch_size"], True, gen)):
+    batches = data.batch_indices(len(fit), cfg["batch_size"], True, gen)
+    progress = data.Progress(len(batches), where)  # epochs here take seconds: it rarely has to speak
+    for i, b in enumerate(batches):
         lr_now = lr_at(i)
         for g in opt.param_groups:
             g["lr"] = lr_now * g["lr_scale"]
@@ -497,6 +499,8 @@ def train_epoch(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, whe
         scaler.update()
         if math.isfinite(value):
             total, count = total + value * len(b), count + len(b)
+        progress.update(i + 1, (i + 1) * cfg["batch_size"], lambda: total / max(count, 1))
+    progress.close()
     return total / max(count, 1), lr_now
 
 
