@@ -409,6 +409,8 @@ def amp_policy(dev, cfg, folds, t, enc, stored=None):
         return None, False
     if stored:
         return (torch.bfloat16 if stored == "bf16" else None), False
+    if cfg["cpu_bf16"] != "auto":  # nothing to time
+        return mae.choose_cpu_dtype(cfg["cpu_bf16"], None)[0], False
     x, y, _ = fold_inputs(folds[0], t, enc, dev)
     net = build_network("scratch", enc, cfg, 0).to(dev)
     opt = torch.optim.AdamW(net.parameters())
@@ -618,10 +620,10 @@ def pooled(done, folds, m, seed=None):
     return np.concatenate(tests), np.concatenate(preds)
 
 
-def score_row(method, seed, fold, pred, true, **extra):
+def score_row(method, seed, fold, pred, true):
     s = losses.regression_metrics(pred, true)
     return dict(method=method, seed=seed, fold=fold, n_test=len(true), r2=s["r2"], mae_km=s["mae"],
-                rmse_km=s["rmse"], r2_lo="", r2_hi="", **extra)
+                rmse_km=s["rmse"], r2_lo="", r2_hi="")
 
 
 def results_table(done, folds, d, names):
