@@ -9,7 +9,10 @@ Schemas (the same as the real files, so real data drops in):
           wind float32 (S, T, 2) = (u east, v north) m/s, wind[:, t] drives frame t -> t+1; row 0 = north
 """
 import atexit
+import contextlib
+import csv
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -17,6 +20,7 @@ import time
 import h5py
 import numpy as np
 import torch
+import torch.distributed as dist
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(REPO_DIR, "data")
@@ -89,6 +93,10 @@ def check_out_dir(out_dir):
     except OSError:
         raise DataError(f"--out_dir {out_dir}: {probe} is not a writable folder") from None
     holder = _lock_holder(os.path.join(path, ".lock"))
+    host = _lock_host(os.path.join(path, ".lock"))
+    if holder is not None and host not in (None, socket.gethostname()):  # its liveness cannot be seen from here
+        raise DataError(f"--out_dir {out_dir}: in use by process {holder} on host {host} (its lock {path}/.lock); "
+                        "wait for it, choose another --out_dir, or delete the lock if that run has ended")
     if holder is not None and holder != os.getpid() and _alive(holder):
         raise DataError(f"--out_dir {out_dir}: in use by process {holder} (its lock {path}/.lock); wait for it "
                         "or choose another --out_dir")
@@ -96,7 +104,8 @@ def check_out_dir(out_dir):
 
 def claim_out_dir(out_dir):
     """Create out_dir and take its lock (.lock holding this process id, removed at exit). A lock left by a
-    process that is no longer running is taken over with a notice."""
+    process that is no longer running is taken over with a notice. Under torchrun (a process group is up) the
+    lock also names the host, "pid host", since the job may span machines; call it on rank 0 only."""
     check_out_dir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -107,16 +116,26 @@ def claim_out_dir(out_dir):
     if holder is not None and holder != os.getpid():
         print(f"note: taking over the stale lock {lock} of process {holder}, which is no longer running")
     with open(lock, "w") as f:
-        f.write(str(os.getpid()))
+        f.write(str(os.getpid()) + (f" {socket.gethostname()}" if _distributed() else ""))
     atexit.register(lambda: _lock_holder(lock) == os.getpid() and os.remove(lock))
 
 
 def _lock_holder(lock):
     try:
         with open(lock) as f:
-            return int(f.read().strip() or -1)
+            return int((f.read().split() or ["-1"])[0])  # "pid", or "pid host" (a torchrun job)
     except (OSError, ValueError):
         return None
+
+
+def _lock_host(lock):
+    """The host a lock names ("pid host", written under torchrun), or None."""
+    try:
+        with open(lock) as f:
+            words = f.read().split()
+    except OSError:
+        return None
+    return words[1] if len(words) > 1 else None
 
 
 def _alive(pid):
@@ -152,6 +171,26 @@ def atomic_torch_save(obj, path):
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def atomic_write_csv(path, rows):
+    """rows (dicts with the same keys, in column order) -> a CSV that appears under `path` only once complete,
+    so a reader (or a crash) never leaves half a table."""
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        os.chmod(tmp, 0o644)  # a report, readable as a plainly written file is (the temp file starts at 0600)
+    _atomic_write(path, write)
+
+
+def atomic_savefig(fig, path, **kwargs):
+    """fig.savefig(path), atomically; the format comes from path's extension (the temp file's name has none)."""
+    def write(tmp):
+        fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png", **kwargs)
+        os.chmod(tmp, 0o644)  # as atomic_write_csv
+    _atomic_write(path, write)
+
+
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise DataError(f"{path}: checkpoint file not found")
@@ -164,6 +203,147 @@ def load_checkpoint(path, map_location="cpu"):
         raise DataError(f"{path}: checkpoint is not a dict")
     return ckpt
 
+
+# ----------------------------------------------------------------------------------------------
+# data parallel (torchrun): every helper is a no-op without a process group, so a plain
+# `python stage.py` runs the same code as one process of a torchrun job
+
+def _distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def ddp_setup():
+    """Join the process group when launched by torchrun with more than one process (it sets RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a plain run, or torchrun with one process, starts none. One group
+    serves CPU tensors with gloo and, where CUDA exists, CUDA tensors with nccl, so small decisions can always
+    be agreed on the CPU. On ranks > 0 stdout goes to /dev/null: only rank 0 prints (stderr stays, for
+    tracebacks). Returns (rank, world_size, local_rank)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _distributed():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        if dist.get_rank() > 0:
+            sys.stdout = open(os.devnull, "w")
+    rank, world = rank_world()
+    return rank, world, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+
+
+def ddp_cleanup():
+    if _distributed():
+        dist.destroy_process_group()
+
+
+def rank_world():
+    """(rank, world_size); (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+def is_rank0():
+    return rank_world()[0] == 0
+
+
+def ddp_device(device):
+    """The device this process trains on. Under torchrun CUDA means GPU LOCAL_RANK, one GPU per process (a node
+    with fewer GPUs than processes is refused), and MPS is refused; otherwise `device` itself."""
+    if not _distributed() or device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise DataError(f"--device {device.type}: torchrun with several processes needs --device cpu or cuda")
+    per_node, n_gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if n_gpus < per_node:
+        raise DataError(f"--device cuda: {per_node} processes on this node but {n_gpus} GPU(s); one GPU per "
+                        f"process: pass --nproc_per_node {n_gpus} or fewer")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def ddp_wrap(model, device):
+    """model in DistributedDataParallel (its backward averages the gradients over the processes) under
+    torchrun; the model itself otherwise. Keep the plain model for checkpoints, evaluation and plots."""
+    if not _distributed():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap(model):
+    """The plain module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def rank_slice(n):
+    """This process's contiguous part of a global batch of n samples, as a slice. Sizes differ by at most one
+    (ranks below n % world take one more). A rank may get an empty slice (the last batch, n < world); it must
+    still run its step, since DDP's gradient all-reduce needs every rank. slice(0, n) without a process group."""
+    rank, world = rank_world()
+    size, extra = divmod(n, world)
+    start = rank * size + min(rank, extra)
+    return slice(start, start + size + (rank < extra))
+
+
+def rank_loss_weight(n):
+    """Factor for this rank's loss, a mean over its rank_slice(n) of a global batch of n samples, so that the
+    gradient DDP averages over the ranks (with equal weights, whatever their slice sizes) is exactly the
+    gradient of the mean over all n: (slice size / n) * world. 1.0 without a process group."""
+    mine = rank_slice(n)
+    return (mine.stop - mine.start) / n * rank_world()[1]
+
+
+def all_reduce_sum(t):
+    """The sum of tensor t over the ranks (a new tensor; t itself without a process group)."""
+    if not _distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t):
+    """The elementwise max of tensor t over the ranks (a new tensor; t itself without a process group)."""
+    if not _distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t, dist.ReduceOp.MAX)
+    return t
+
+
+def any_rank(flag):
+    """True on every rank if flag is true on any: a decision (stop early, ...) that every rank takes alike."""
+    return bool(all_reduce_max(torch.tensor(int(flag))).item())
+
+
+def broadcast_object(obj):
+    """Rank 0's obj (any picklable value) on every rank; obj itself without a process group."""
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def fail_together():
+    """Make a block end the same way on every rank: if it raised on any rank, every rank raises, so none goes
+    on to wait in a collective that the others never reach. A failing rank re-raises its own exception; the
+    others raise the first failing rank's DataError or NonFiniteLoss with its message (so rank 0 can print
+    it), or a RuntimeError naming that rank and its error. The block itself must hold no collective. A no-op
+    without a process group."""
+    if not _distributed():
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # not KeyboardInterrupt and the like: torchrun stops every rank on those itself
+        error = e
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, None if error is None else (type(error).__name__, str(error)))
+    if error is not None:
+        raise error
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if failed:
+        rank, (name, msg) = failed[0]
+        known = {"DataError": DataError, "NonFiniteLoss": NonFiniteLoss}
+        raise known[name](msg) if name in known else RuntimeError(f"rank {rank} failed: {name}: {msg}")
 
 # ----------------------------------------------------------------------------------------------
 # HDF5 reading with validation

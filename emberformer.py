@@ -17,12 +17,17 @@ Model (hand-written, plain PyTorch):
 Target (--target): 'new' keeps cells burning at t burning (the masks are cumulative) and learns only where
 the fire goes next (BCE + Dice over the cells not yet burning); 'full' predicts the whole next mask.
 Splits are whole fires: train, val (early stopping, best.pth) and test (reported once, at the end).
+Forecasting (--eval_only --model best.pth --data_path other.h5): a trained model is scored on every t -> t+1 pair
+of another file, beside the baselines; with --rollout N it is also fed its own thresholded forecasts for N
+steps (observed wind) and scored per lead time. Outputs go to out_dir/eval_<file stem>/.
 Run `python emberformer.py -h` for every constant; outputs go to outputs/emberformer/.
 """
 import argparse
 import ast
 import copy
 import csv
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -76,6 +81,9 @@ dil_wind = 6.0  # m/s; dilation baseline: calm spreads to all 8 neighbours, dil_
 log_every = 20  # write a row to log_steps.csv every this many optimizer steps
 cpu_bf16 = 'off'  # CPU precision: off = fp32; on = bf16 autocast; auto = time both. bf16 diverged here (README)
 stop_after = 0  # stop after this many epochs of this run (0 = never), schedule still set by --epochs; then --resume
+model = ''  # a trained checkpoint (best.pth) for --eval_only; its model and data settings are used, not these flags
+eval_only = False  # score --model on every t -> t+1 pair of --data_path (no split, no training) -> out_dir/eval_<stem>/
+rollout = 0  # with --eval_only: also feed the model its own forecasts for this many steps, scored per lead (0 = off)
 # --- end config ---
 
 @dataclass(frozen=True)  # frozen: the default instance is shared by every model
@@ -104,7 +112,15 @@ BURNING_LOGIT = 30.0  # --target new: logit of cells burning at t (sigmoid = 1.0
 CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite losses (a sync each time)
 # flags that may change on --resume (they only change where and how the run reports, or when it ends);
 # every other flag must match the checkpoint's, else the resumed run would not continue the same run
-FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "stop_after", "patience", "early_stop", "log_every")
+FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "stop_after", "patience", "early_stop", "log_every",
+                  "model", "eval_only", "rollout")  # the last three: --eval_only flags, off in every training run
+# --model takes these from its checkpoint: the model was built and trained with them, so a different explicit flag is
+# refused. EVAL_SETTINGS also come from the checkpoint, but an explicit flag may change how the forecast is scored
+MODEL_SETTINGS = ("history", "patch_size", "target", "wind_scale", "bce_weight", "dice_weight", "pos_weight")
+EVAL_SETTINGS = ("pred_thresh", "dil_wind")
+ROLLOUT_METHODS = ("model", "dilation", "persistence")  # rollout.csv rows, in this order
+EVAL_COLUMNS = ("loss", "f1", "iou", "precision", "recall", "accuracy", "new_precision", "new_recall", "new_f1",
+                "new_iou", "new_ap")  # eval.csv's metric columns, after method, pairs and fires
 
 def amp_dtype_for(dev):
     """CUDA: bf16 autocast where supported, else fp16 + GradScaler. Other devices: None here; on the CPU
@@ -375,7 +391,7 @@ class EmberFormer(nn.Module):
 
     def __init__(self, n_static, patch, wind_scale=10.0, target="full", arch=Arch()):
         super().__init__()
-        self.patch, self.target = patch, target
+        self.patch, self.target, self.arch = patch, target, arch
         self.embed = Embedder(patch, n_static, arch.dim)
         self.temporal = TemporalTransformer(arch.dim, arch.heads, arch.layers, arch.ffn, arch.dropout)
         self.encoder = MiTEncoder(arch.dim, arch)
@@ -549,6 +565,18 @@ def split_fires(n_seq, path):
     return np.sort(perm[n_val + n_test:]), np.sort(perm[:n_val]), np.sort(perm[n_val:n_val + n_test])
 
 
+def fire_tensors(d, dev, path):
+    """A loaded fire file (numpy) -> the dict every step indexes: fire (S,T,H,W) uint8, static (S,C,H,W), wind
+    (S,T,2) on the device, channel names and the path."""
+    return dict(fire=torch.from_numpy(d["fire"]).to(dev), static=torch.from_numpy(d["static"]).to(dev),
+                wind=torch.from_numpy(d["wind"]).to(dev), channels=d["channels"], path=path)
+
+
+def fire_hashes(fire):
+    """fire (S,T,H,W) uint8 -> one sha1 per sequence: lets --eval_only recognise training fires in any file."""
+    return [hashlib.sha1(np.ascontiguousarray(seq).tobytes()).hexdigest() for seq in fire]
+
+
 def load_data(dev):
     path = data_path or data.default_fire_path()
     d = data.load_fire(path)
@@ -559,18 +587,57 @@ def load_data(dev):
         train_s, train_t = train_s[:max_samples], train_t[:max_samples]
     st = torch.from_numpy(d["static"][train_seq]).double()  # per-channel statistics from the TRAIN split only
     mean, std = st.mean((0, 2, 3)).float(), st.std((0, 2, 3)).float().clamp(min=1e-6)
-    return dict(fire=torch.from_numpy(d["fire"]).to(dev), static=torch.from_numpy(d["static"]).to(dev),
-                wind=torch.from_numpy(d["wind"]).to(dev), channels=d["channels"], path=path,
-                train=(train_s, train_t), val=data.fire_sample_index(val_seq, T),
-                test=data.fire_sample_index(test_seq, T), mean=mean, std=std)
+    return dict(fire_tensors(d, dev, path), train=(train_s, train_t), val=data.fire_sample_index(val_seq, T),
+                test=data.fire_sample_index(test_seq, T), mean=mean, std=std,
+                train_fire_hashes=fire_hashes(d["fire"][np.unique(train_s.numpy())]))  # the fires it learns from
+
+
+def model_logits(model, hist, wind, lengths, static, amp):
+    """The model under the run's precision (amp: an autocast dtype or None) -> float32 logits (B, H, W)."""
+    with torch.autocast(hist.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return model(hist, wind, lengths, static).float()
+
+
+def load_eval_data(dev, ckpt):
+    """--eval_only: every t -> t+1 pair of every sequence of --data_path (no split) as split 'eval'. The static
+    channels must be the checkpoint's, in its order: the model reads them by position."""
+    path = data_path or data.default_fire_path()
+    d = data.load_fire(path)
+    if d["channels"] != list(ckpt["channels"]):
+        raise data.DataError(f"{path}: dataset 'static' has channels {d['channels']}, but --model {model} was "
+                             f"trained on {list(ckpt['channels'])}")
+    S, T = d["fire"].shape[:2]
+    if rollout > T - 1:
+        raise data.DataError(f"{path}: dataset 'fire' has T={T} frames; --rollout {rollout} needs at least "
+                             f"{rollout + 1}")
+    warning = seen_in_training(path, d["fire"], ckpt)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return dict(fire_tensors(d, dev, path), eval=data.fire_sample_index(np.arange(S), T))
+
+
+def seen_in_training(path, fire, ckpt):
+    """A warning if --data_path is the checkpoint's training file, or holds fires it trained on (the same masks,
+    by hash; checkpoints made before the hashes were stored compare the file only), else ''."""
+    trained_on = ckpt.get("data_file") or ckpt["config"]["data_path"] or os.path.join(
+        data.DATA_DIR, f"fires_v{data.FIRE_VERSION}.h5")  # '' = the default file (not generated here)
+    seen = set(ckpt.get("train_fire_hashes", ()))
+    n_seen = sum(h in seen for h in fire_hashes(fire)) if seen else 0
+    if os.path.realpath(path) == os.path.realpath(trained_on):
+        what = (f"is the file --model {model} was trained on: its training fires were seen in training and its "
+                "val fires chose the checkpoint")
+    elif n_seen:
+        what = f"holds {n_seen} of {len(fire)} fires --model {model} was trained on: those were seen in training"
+    else:
+        return ""
+    return f"{path} {what}, so these scores do not measure new fires (that run's test split: its test_metrics.json)"
 
 
 def forward_batch(model, D, s, t, amp):
     """-> loss (the --target objective), [loss, bce, dice] * batch, confusion counts (2, 4), new-burn PR
     histogram (2, bins), logits (B, H, W)."""
     hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s, t, history)
-    with torch.autocast(D["fire"].device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        logits = model(hist, wind, lengths, D["static"][s.to(hist.device)]).float()
+    logits = model_logits(model, hist, wind, lengths, D["static"][s.to(hist.device)], amp)
     current = hist[torch.arange(len(lengths), device=hist.device), lengths - 1] > 0.5  # (B, H, W) burning at t
     loss, bce, dice = losses.bce_dice_loss(logits, nxt, bce_weight, dice_weight, pos_weight if pos_weight > 0 else None,
                                            mask=~current if target == "new" else None)
@@ -640,6 +707,83 @@ def evaluate(model, D, amp, split="val"):
 
 
 # ----------------------------------------------------------------------------------------------
+# rollout: the model fed its own forecasts, as an operational forecast would be
+
+def rollout_starts(n_seq, n_frames, n_steps):
+    """Every (sequence, t0) with n_steps true frames after t0, in the order of the one-step pairs -> s, t0 (M,)."""
+    return data.fire_sample_index(np.arange(n_seq), n_frames - n_steps + 1)  # t0 = 0 .. T-1-n_steps
+
+
+@torch.no_grad()
+def model_rollout(model, D, s, t0, n_steps, amp):
+    """Forecast frames t0+1 .. t0+n_steps. Step k sees the true frames up to t0, then its own forecasts (the
+    last `history` frames in all), the true static channels and the OBSERVED wind of each frame (a perfect
+    wind forecast). A forecast is the probability thresholded at pred_thresh OR the previous frame, so no
+    cell un-burns (a 'full' target model could). s, t0 (B,) -> (B, n_steps, H, W) bool."""
+    model.eval()
+    dev = D["fire"].device
+    s, t0 = s.to(dev), t0.to(dev)
+    rows = torch.arange(len(s), device=dev)
+    seq = D["fire"][s]  # (B, T, H, W), a copy: the true fire, its frames after t0 overwritten as forecasts come
+    wind, static = D["wind"][s], D["static"][s]  # (B, T, 2), (B, C, H, W)
+    for k in range(n_steps):  # fire_batch reads frames <= t0 + k only: the truth to t0, forecasts after
+        hist, w, lengths, _ = data.fire_batch(seq, wind, rows, t0 + k, history)
+        prob = torch.sigmoid(model_logits(model, hist, w, lengths, static, amp))  # (B, H, W)
+        seq[rows, t0 + k + 1] = ((prob > pred_thresh) | (seq[rows, t0 + k] > 0)).to(seq.dtype)
+    return seq[rows[:, None], t0[:, None] + 1 + torch.arange(n_steps, device=dev)] > 0
+
+
+def dilation_rollout(D, s, t0, n_steps):
+    """Wind dilation applied n_steps times from the true frame t0, each step with that frame's observed wind
+    -> (B, n_steps, H, W) bool."""
+    s, t0 = s.to(D["fire"].device), t0.to(D["fire"].device)
+    cur, out = D["fire"][s, t0] > 0, []
+    for k in range(n_steps):
+        cur = wind_dilation(cur, D["wind"][s, t0 + k])
+        out.append(cur)
+    return torch.stack(out, 1)
+
+
+def lead_counts(forecast, truth, start):
+    """forecast, truth (B, N, H, W) bool, start (B, H, W) bool burning at t0 -> (N, 4) [tp, fp, fn, tn] per lead
+    over the cells not burning at t0: the new burn since the forecast began, as the one-step new-burn scores."""
+    return torch.stack([losses.confusion_counts(forecast[:, k], truth[:, k], ~start) for k in range(truth.shape[1])])
+
+
+def lead_scores(counts, area0):
+    """counts (N, 4) summed over all starts, area0 = cells burning at the starts -> one dict per lead: new-burn
+    F1/IoU/precision/recall and the burned-area bias (forecast / true area; every forecast and truth holds the
+    start's area, so both are area0 + the new burn) and the same ratio for the new burn alone."""
+    rows = []
+    for k, (tp, fp, fn, tn) in enumerate(counts.tolist()):
+        m = losses.seg_metrics([tp, fp, fn, tn])
+        rows.append(dict(lead=k + 1, new_f1=m["f1"], new_iou=m["iou"], new_precision=m["precision"],
+                         new_recall=m["recall"], area_bias=(area0 + tp + fp) / max(area0 + tp + fn, 1),
+                         new_area_bias=(tp + fp) / (tp + fn) if tp + fn else float("nan"), tp=tp, fp=fp, fn=fn))
+    return rows
+
+
+@torch.no_grad()
+def rollout_scores(model, D, n_steps, amp):
+    """Model, wind-dilation and persistence rollouts from every start with n_steps true frames after it; counts
+    are summed over all starts, then scored -> {method: [one dict per lead]}, number of starts. The batches are
+    those evaluate() makes over the same starts, so lead 1 is the one-step score exactly."""
+    s_all, t_all = rollout_starts(*D["fire"].shape[:2], n_steps)
+    counts, area0 = {m: 0 for m in ROLLOUT_METHODS}, 0
+    dev, leads = D["fire"].device, torch.arange(1, n_steps + 1)
+    for idx in data.batch_indices(len(s_all), batch_size, shuffle=False):
+        s, t0 = s_all[idx], t_all[idx]
+        start = D["fire"][s.to(dev), t0.to(dev)] > 0  # (B, H, W)
+        truth = D["fire"][s[:, None].to(dev), (t0[:, None] + leads).to(dev)] > 0  # (B, N, H, W)
+        forecasts = dict(model=model_rollout(model, D, s, t0, n_steps, amp),
+                         dilation=dilation_rollout(D, s, t0, n_steps), persistence=start[:, None].expand_as(truth))
+        for m, f in forecasts.items():
+            counts[m] = counts[m] + lead_counts(f, truth, start)
+        area0 += int(start.sum())
+    return {m: lead_scores(c, area0) for m, c in counts.items()}, len(s_all)
+
+
+# ----------------------------------------------------------------------------------------------
 # outputs: csv logs, plots, checkpoints
 
 def trim_csv(path, last_epoch):
@@ -669,9 +813,20 @@ def append_csv(path, rows):
         w.writerows(rows)
 
 
-def preview_samples(D):
-    """Two fixed val samples with the most newly burned pixels, from different fires."""
-    s, t = D["val"]
+def error_image(pred, truth, start):
+    """pred, truth, start (H, W) bool CPU -> (H, W, 3) RGB: white hit, red false alarm, blue miss, grey burning
+    at the start frame (and kept), black neither."""
+    err = torch.zeros(*truth.shape, 3)
+    err[pred & truth] = torch.tensor([1.0, 1.0, 1.0])
+    err[pred & ~truth] = torch.tensor([1.0, 0.2, 0.2])
+    err[~pred & truth] = torch.tensor([0.2, 0.5, 1.0])
+    err[start & truth & pred] = torch.tensor([0.5, 0.5, 0.5])
+    return err
+
+
+def preview_samples(D, split="val"):
+    """Two fixed samples of the split with the most newly burned pixels, from different fires."""
+    s, t = D[split]
     fire, sd, td = D["fire"], s.to(D["fire"].device), t.to(D["fire"].device)
     new = (fire[sd, td + 1] > fire[sd, td]).flatten(1).sum(1)
     order = new.argsort(descending=True).cpu()
@@ -699,11 +854,7 @@ def plot_preview(model, D, sample, amp, path):
         h = hist[r, :L].cpu()
         age = torch.where(h.sum(0) > 0, h.sum(0) - 1, torch.tensor(float("nan")))  # frames since first burn
         cur, tgt, pred = h[-1] > 0.5, target[r].cpu() > 0.5, prob[r] > pred_thresh
-        err = torch.zeros(*tgt.shape, 3)
-        err[pred & tgt] = torch.tensor([1.0, 1.0, 1.0])  # hit: white
-        err[pred & ~tgt] = torch.tensor([1.0, 0.2, 0.2])  # false alarm: red
-        err[~pred & tgt] = torch.tensor([0.2, 0.5, 1.0])  # miss: blue
-        err[cur & tgt & pred] = torch.tensor([0.5, 0.5, 0.5])  # already burning at t, kept: grey
+        err = error_image(pred, tgt, cur)
         u, v = wind[r, L - 1].tolist()
         panels = [(age, f"burn age over {L} frames (yellow = new), wind {math.hypot(u, v):.1f} m/s", "viridis_r"),
                   (D["static"][s[r], ch].cpu(), f"static: {D['channels'][ch]}", "terrain"),
@@ -717,7 +868,7 @@ def plot_preview(model, D, sample, amp, path):
         H, W = tgt.shape
         n = max(math.hypot(u, v), 1e-6)
         axes[r, 0].arrow(W / 2, H / 2, u / n * W / 5, -v / n * H / 5, color="red", width=0.4)  # downwind; row 0 = N
-    fig.savefig(path, dpi=80)
+    data.atomic_savefig(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -742,6 +893,101 @@ def plot_curves(log_path, base, path):
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_eval_csv(path, one_step, n_pairs, n_fires):
+    """One row per method (model, dilation, persistence) on the identical pairs. Baselines have no loss, and their
+    new_ap is precision x recall at their single operating point (a hard mask has no ranking): said in `note`."""
+    rows = [dict(method=m, pairs=n_pairs, fires=n_fires, **{k: scores_.get(k, "") for k in EVAL_COLUMNS},
+                 note="" if m == "model" else "new_ap = new_precision x new_recall (hard mask)")
+            for m, scores_ in one_step.items()]
+    data.atomic_write_csv(path, rows)
+
+
+def print_one_step(path, one_step, n_pairs, n_fires):
+    m, dil, per = one_step["model"], one_step["dilation"], one_step["persistence"]
+    print(f"eval {path} ({n_pairs} pairs, {n_fires} fires): model new_f1 {m['new_f1']:.3f} new_iou {m['new_iou']:.3f} "
+          f"new_ap {m['new_ap']:.3f} f1 {m['f1']:.3f} | wind dilation new_f1 {dil['new_f1']:.3f} new_iou "
+          f"{dil['new_iou']:.3f} new_ap* {dil['new_ap']:.3f} | persistence new_f1 {per['new_f1']:.3f} new_ap* "
+          f"{per['new_ap']:.3f} (* precision x recall)")
+
+
+def write_rollout_csv(path, by_method, n_starts):
+    """One row per (method, lead), methods in ROLLOUT_METHODS order; counts pooled over n_starts starts."""
+    rows = [dict(method=m, starts=n_starts, **row) for m in ROLLOUT_METHODS for row in by_method[m]]
+    data.atomic_write_csv(path, rows)
+
+
+def print_rollout(by_method, n_starts):
+    print(f"rollout from {n_starts} starts (observed wind), new burn since t0 | lead: model F1 / IoU / area bias"
+          " | wind dilation F1 / IoU / area bias | persistence area bias")
+    for m, d, p in zip(*(by_method[k] for k in ROLLOUT_METHODS)):
+        ahead = "model ahead" if m["new_f1"] > d["new_f1"] else "dilation ahead"
+        print(f"  lead {m['lead']}: {m['new_f1']:.3f} / {m['new_iou']:.3f} / {m['area_bias']:.3f} | "
+              f"{d['new_f1']:.3f} / {d['new_iou']:.3f} / {d['area_bias']:.3f} | {p['area_bias']:.3f}  ({ahead})")
+
+
+def plot_rollout(by_method, n_starts, name, path):
+    """New-burn F1 (solid) and IoU (dashed) against lead time, and the burned-area bias, for every method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for m, color in zip(ROLLOUT_METHODS, ("C0", "C1", "C2")):
+        lead = [r["lead"] for r in by_method[m]]
+        a.plot(lead, [r["new_f1"] for r in by_method[m]], "o-", c=color, label=f"{m} F1")
+        a.plot(lead, [r["new_iou"] for r in by_method[m]], "s--", c=color, label=f"{m} IoU")
+        b.plot(lead, [r["area_bias"] for r in by_method[m]], "o-", c=color, label=m)
+    a.set(xlabel="lead time (frames)", ylabel="new-burn score (burn since t0)", ylim=(-0.02, 1.0),
+          title=f"{name}: rollout from {n_starts} starts, observed wind")
+    for ax in (a, b):
+        ax.set_xticks(lead)
+    b.axhline(1.0, ls=":", c="gray")
+    b.set(xlabel="lead time (frames)", ylabel="burned-area bias (forecast / true area)")
+    a.legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 0.06))  # in the gap above persistence's 0
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    data.atomic_savefig(fig, path, dpi=80)
+    plt.close(fig)
+
+
+def strip_start(D, n_steps):
+    """The start (s, t0) whose true new burn over n_steps frames is largest: the rollout the strip shows."""
+    s, t0 = rollout_starts(*D["fire"].shape[:2], n_steps)
+    dev = D["fire"].device
+    grown = (D["fire"][s.to(dev), (t0 + n_steps).to(dev)] > D["fire"][s.to(dev), t0.to(dev)]).flatten(1).sum(1)
+    i = int(grown.argmax())
+    return s[i:i + 1], t0[i:i + 1]
+
+
+@torch.no_grad()
+def plot_rollout_strip(model, D, n_steps, amp, path):
+    """One rollout, lead by lead: the truth (grey = burning at t0, orange = burned since), then the model's and
+    the wind dilation's forecasts as error maps (white hit, red false alarm, blue miss, grey burning at t0)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s, t0 = strip_start(D, n_steps)
+    fire = D["fire"][s[0]].cpu() > 0  # (T, H, W)
+    start, truth = fire[t0[0]], fire[t0[0] + 1:t0[0] + 1 + n_steps]  # (H, W), (N, H, W)
+    forecasts = dict(model=model_rollout(model, D, s, t0, n_steps, amp)[0].cpu(),
+                     dilation=dilation_rollout(D, s, t0, n_steps)[0].cpu())  # (N, H, W) each
+    grey, orange = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 0.6, 0.1])
+    fig, axes = plt.subplots(3, n_steps, figsize=(2.4 * n_steps, 7.4), squeeze=False)
+    for k in range(n_steps):
+        truth_img = start[..., None] * grey + (truth[k] & ~start)[..., None] * orange  # (H, W, 3)
+        panels = [(truth_img, f"truth t0+{k + 1}")]
+        for m, f in forecasts.items():
+            f1 = losses.seg_metrics(losses.confusion_counts(f[k], truth[k], ~start))["f1"]
+            panels.append((error_image(f[k], truth[k], start), f"{m}: new-burn F1 {f1:.2f}"))
+        for r, (img, title) in enumerate(panels):
+            axes[r, k].imshow(img, interpolation="nearest")
+            axes[r, k].set_title(title, fontsize=8)
+            axes[r, k].axis("off")
+    fig.suptitle(f"rollout of sequence {s[0].item()} from t0={t0[0].item()} (observed wind)", fontsize=9)
+    fig.tight_layout()
+    data.atomic_savefig(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -772,19 +1018,28 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-def get_config(argv=None):
-    """argparse built from the config block above: one --flag per constant, help = its comment."""
+def build_parser(only_given=False):
+    """argparse built from the config block above: one --flag per constant, help = its comment. only_given: no
+    defaults, so parsing returns only the flags written on the command line."""
     src = open(os.path.abspath(__file__)).read()
     block = src.split("# --- config ---")[1].split("# --- end config ---")[0]
     fmt = type("Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     for name, value, comment in re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M):
         default = ast.literal_eval(value)  # the file's value, not the global: train() overwrites those
-        if isinstance(default, bool):
-            p.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default, help=comment)
-        else:
-            p.add_argument(f"--{name}", type=str if default is None else type(default), default=default, help=comment)
-    return vars(p.parse_args(argv))
+        kind = dict(type=str2bool, nargs="?", const=True) if isinstance(default, bool) else dict(
+            type=str if default is None else type(default))
+        p.add_argument(f"--{name}", default=argparse.SUPPRESS if only_given else default, help=comment, **kind)
+    return p
+
+
+def get_config(argv=None):
+    return vars(build_parser().parse_args(argv))
+
+
+def given_flags(argv=None):
+    """The names of the flags written on the command line (a default value passed explicitly counts)."""
+    return set(vars(build_parser(only_given=True).parse_args(argv)))
 
 
 def pick_device(name):
@@ -813,6 +1068,23 @@ def check_config(cfg):
         raise data.DataError(f"--test_frac {cfg['test_frac']}: must be in [0, 1)")
     if cfg["wind_scale"] <= 0 or cfg["grad_clip"] < 0:
         raise data.DataError("--wind_scale must be > 0 and --grad_clip >= 0")
+    check_mode(cfg)
+
+
+def check_mode(cfg):
+    """Training, or --eval_only of a trained --model: the flags of one mode are refused in the other."""
+    if cfg["rollout"] < 0:
+        raise data.DataError(f"--rollout {cfg['rollout']}: must be >= 0")
+    if not cfg["eval_only"]:
+        if cfg["model"] or cfg["rollout"]:
+            raise data.DataError(f"--{'model' if cfg['model'] else 'rollout'} is for --eval_only (scoring a trained "
+                                 "model: --eval_only --model PATH); to continue a training run use --resume")
+        return
+    if not cfg["model"]:
+        raise data.DataError("--eval_only needs --model PATH, a trained checkpoint (e.g. "
+                             "outputs/emberformer/checkpoints/best.pth)")
+    if cfg["resume"]:
+        raise data.DataError("--resume continues a training run; --eval_only scores --model PATH (drop --resume)")
 
 
 def build_model(D, dev):
@@ -948,7 +1220,9 @@ def train(cfg):
         ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
                     best=best, best_epoch=best_epoch, bad_epochs=bad, rng=rng_state(gen), config=cfg,
                     channels=D["channels"], baselines=base, val_metrics=va,
-                    cpu_autocast=("bf16" if amp else "fp32") if dev.type == "cpu" else None)
+                    cpu_autocast=("bf16" if amp else "fp32") if dev.type == "cpu" else None,
+                    arch=dataclasses.asdict(model.arch), data_file=os.path.abspath(D["path"]),
+                    train_fire_hashes=D["train_fire_hashes"])
         if improved:
             data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
         data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
@@ -965,10 +1239,89 @@ def train(cfg):
         report_test(D, dev, amp)
 
 
+def load_trained(path, dev):
+    """--model checkpoint -> (model in eval mode, checkpoint). Refused in one line: not an emberformer checkpoint,
+    from before the settings --model reads were stored, or weights that do not fit."""
+    ckpt = data.load_checkpoint(path)
+    if not {"model", "config", "channels"} <= set(ckpt) or not isinstance(ckpt["config"], dict):
+        raise data.DataError(f"{path}: not an emberformer checkpoint (keys {sorted(ckpt)[:6]})")
+    missing = [k for k in MODEL_SETTINGS + EVAL_SETTINGS if k not in ckpt["config"]]
+    if missing:
+        raise data.DataError(f"{path}: checkpoint predates the settings --model needs (no {', '.join(missing)}); "
+                             "train a new model")
+    cfg = ckpt["config"]
+    arch = Arch(**ckpt.get("arch", {}))  # checkpoints without one were all built with the default Arch
+    net = EmberFormer(len(ckpt["channels"]), cfg["patch_size"], cfg["wind_scale"], cfg["target"], arch)
+    try:
+        net.load_state_dict(ckpt["model"])  # static statistics and wind scale are buffers: they come with it
+    except RuntimeError as e:
+        raise data.DataError(f"{path}: model weights do not fit ({str(e).splitlines()[0]})") from None
+    return net.to(dev).eval(), ckpt
+
+
+def eval_config(cfg, ckpt, given):
+    """This run's flags with the checkpoint's MODEL_SETTINGS (a different explicit flag is refused) and its
+    EVAL_SETTINGS unless given on the command line."""
+    trained = ckpt["config"]
+    clash = [k for k in MODEL_SETTINGS if k in given and cfg[k] != trained[k]]
+    if clash:
+        raise data.DataError(f"{cfg['model']}: was trained with " + ", ".join(
+            f"--{k} {trained[k]!r} (asked {cfg[k]!r})" for k in clash) + "; --model takes these from the checkpoint")
+    taken = MODEL_SETTINGS + tuple(k for k in EVAL_SETTINGS if k not in given)
+    return dict(cfg, **{k: trained[k] for k in taken})
+
+
+def evaluate_file(cfg, given):
+    """--eval_only: --model on every pair of --data_path beside the baselines, and with --rollout N its N-step
+    forecasts, into out_dir/eval_<file stem>/ (a training run's logs and checkpoints are never touched). Every
+    check runs before anything is written."""
+    check_config(cfg)
+    dev = pick_device(cfg["device"])
+    net, ckpt = load_trained(cfg["model"], dev)
+    cfg = eval_config(cfg, ckpt, given)
+    globals().update(cfg)  # as train(): the steps read history, target, pred_thresh... from module scope
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    D = load_eval_data(dev, ckpt)
+    eval_dir = os.path.join(out_dir, "eval_" + os.path.splitext(os.path.basename(D["path"]))[0])
+    data.claim_out_dir(eval_dir)
+    amp = amp_dtype_for(dev)  # the CPU evaluates in fp32
+    print(f"model {model} (epoch {ckpt.get('epoch')}, target {target}, history {history}, patch {patch_size}, "
+          f"pred_thresh {pred_thresh}) -> {eval_dir}")
+    report_one_step(net, D, amp, eval_dir)
+    if rollout:
+        report_rollout(net, D, amp, eval_dir)
+
+
+def report_one_step(net, D, amp, eval_dir):
+    """Model, wind dilation and persistence on the identical t -> t+1 pairs -> eval.csv, preview.png, one line."""
+    t0 = time.time()
+    one_step = dict(model=evaluate(net, D, amp, "eval"), **baselines(D, *D["eval"]))
+    n_pairs, n_fires = len(D["eval"][0]), D["fire"].shape[0]
+    write_eval_csv(os.path.join(eval_dir, "eval.csv"), one_step, n_pairs, n_fires)
+    plot_preview(net, D, preview_samples(D, "eval"), amp, os.path.join(eval_dir, "preview.png"))
+    print_one_step(D["path"], one_step, n_pairs, n_fires)
+    print(f"  {n_pairs} pairs in {time.time() - t0:.1f}s")
+
+
+def report_rollout(net, D, amp, eval_dir):
+    """--rollout N from every start with N true frames after it -> rollout.csv, rollout.png, rollout_strip.png."""
+    t0 = time.time()
+    by_method, n_starts = rollout_scores(net, D, rollout, amp)
+    write_rollout_csv(os.path.join(eval_dir, "rollout.csv"), by_method, n_starts)
+    plot_rollout(by_method, n_starts, os.path.basename(D["path"]), os.path.join(eval_dir, "rollout.png"))
+    plot_rollout_strip(net, D, rollout, amp, os.path.join(eval_dir, "rollout_strip.png"))
+    print_rollout(by_method, n_starts)
+    print(f"  {n_starts} starts x {rollout} steps in {time.time() - t0:.1f}s")
+
+
 def main(argv=None):
     cfg = get_config(argv)
     try:
-        train(cfg)
+        if cfg["eval_only"]:
+            evaluate_file(cfg, given_flags(argv))
+        else:
+            train(cfg)
     except data.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -61,6 +61,7 @@ val_gap = 'auto'  # tail validation: drop training frames within this many frame
 acf_threshold = 0.2  # auto gaps: the lag where the training labels' autocorrelation first falls below this
 seeds = 3  # repeats of every network (method, fold) with other init/shuffle seeds; trees/physics: one run
 use_angles = False  # concat scaled sza/saa to the pooled embedding; off: angles track time of day, a shortcut
+prior = 'physics'  # networks learn a correction to the physics line (fitted on the fit frames), or none: from scratch
 pool = 'cls'  # what the head reads: cls (the CLS token) or mean (the mean of the patch tokens, as in MAE's fine-tuning)
 drop_path = 0.1  # stage 2 stochastic depth: the last encoder block's drop rate, rising linearly from 0
 model_size = 'small'  # encoder size for --pretrained none (a key of mae.MODEL_SIZES)
@@ -133,12 +134,14 @@ class CBHNet(nn.Module):
         self.head = (nn.Linear(d, 1) if hidden == 0 else
                      nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)))
 
-    def forward(self, x, ang):  # x (B, C, W) normalised profiles, ang (B, n_angles) -> (B,) standardised CBH
+    def forward(self, x, ang, prior=None):
+        # x (B, C, W) normalised profiles, ang (B, n_angles), prior (B,) or None -> (B,) standardised CBH
         h = self.encoder.features(x, self.pool).float()  # (B, D)
         if ang.shape[1]:
             h = torch.cat([h, ang], 1)  # (B, D + n_angles)
         with torch.autocast(x.device.type, enabled=False):  # tiny head in fp32: a bf16 output is only ~3 digits
-            return self.head(h).squeeze(1)
+            out = self.head(h).squeeze(1)  # (B,)
+        return out if prior is None else prior + out  # with a prior the head learns only the correction
 
 
 def param_groups(model, wd, decay):
@@ -411,7 +414,7 @@ def amp_policy(dev, cfg, folds, t, enc, stored=None):
         return (torch.bfloat16 if stored == "bf16" else None), False
     if cfg["cpu_bf16"] != "auto":  # nothing to time
         return mae.choose_cpu_dtype(cfg["cpu_bf16"], None)[0], False
-    x, y, _ = fold_inputs(folds[0], t, enc, dev)
+    x, y, _, _ = fold_inputs(folds[0], t, enc, dev)
     net = build_network("scratch", enc, cfg, 0).to(dev)
     opt = torch.optim.AdamW(net.parameters())
     idx = torch.as_tensor(folds[0]["fit"][:cfg["batch_size"]], device=dev)
@@ -444,19 +447,40 @@ def set_rng_state(s, gen):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def fold_inputs(fold, t, enc, dev):
-    """Normalised inputs (N, C, W) and standardised targets (N,) for one fold, plus dict(y_mean, y_std,
-    norm_mean, norm_std) to go back to km and to normalise new profiles alike. The target statistics come
-    from the fold's fit frames only; the input statistics are the encoder's (computed by mae.py on
-    unlabelled profiles) or, without one, the fit frames' own."""
+def network_tensors(d, input_mode, dev):
+    """What every network unit shares, resident on dev: x (N, C, W) raw input channels (each fold
+    normalises), ang (N, 2) scaled solar angles (~[-2, 2]), phys (N,) the physics feature, y (N,) CBH in km."""
+    return dict(x=torch.as_tensor(data.profile_channels(d["images"], input_mode), device=dev),
+                ang=torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev),
+                phys=torch.as_tensor(physics_feature(d["images"]), dtype=torch.float32, device=dev),
+                y=torch.as_tensor(d["cbh_km"], device=dev))
+
+
+def fold_inputs(fold, t, enc, dev, prior="none"):
+    """Normalised inputs (N, C, W), standardised targets (N,) and the standardised prior (N,) (zeros for
+    prior none) for one fold, plus dict(y_mean, y_std, norm_mean, norm_std, prior_line) to go back to km and
+    to treat new profiles alike. The target statistics and the physics line come from the fold's fit frames
+    only; the input statistics are the encoder's (computed by mae.py on unlabelled profiles) or, without
+    one, the fit frames' own."""
     fit = torch.as_tensor(fold["fit"], device=dev)
     mean, std = enc["norm_mean"], enc["norm_std"]
     if mean is None:  # --pretrained none
         mean, std = data.norm_stats(t["x"][fit].cpu().numpy())
+    line = None
+    if prior == "physics":
+        line = np.polyfit(t["phys"][fit].cpu().double().numpy(), t["y"][fit].cpu().double().numpy(), 1).tolist()
     stats = dict(norm_mean=list(mean), norm_std=list(std), y_mean=float(t["y"][fit].mean()),
-                 y_std=float(t["y"][fit].std()) + 1e-6)
+                 y_std=float(t["y"][fit].std()) + 1e-6, prior_line=line)
     mean, std = (torch.tensor(v, dtype=torch.float32, device=dev)[:, None] for v in (mean, std))  # (C, 1)
-    return (t["x"] - mean) / std, (t["y"] - stats["y_mean"]) / stats["y_std"], stats
+    return (t["x"] - mean) / std, (t["y"] - stats["y_mean"]) / stats["y_std"], prior_std(t["phys"], stats), stats
+
+
+def prior_std(phys, stats):
+    """The physics line's CBH for features phys (N,), in standardised target units; zeros without a line."""
+    if stats.get("prior_line") is None:
+        return torch.zeros_like(phys)
+    a, b = stats["prior_line"]
+    return (a * phys + b - stats["y_mean"]) / stats["y_std"]
 
 
 def build_network(method, enc, cfg, n_angles):
@@ -465,15 +489,20 @@ def build_network(method, enc, cfg, n_angles):
     if method != "scratch":
         encoder.load_state_dict(enc["state"])
     hidden = 0 if method == "probe" else cfg["head_hidden"]
-    return CBHNet(encoder, n_angles, hidden, cfg["head_dropout"], cfg["pool"])
+    net = CBHNet(encoder, n_angles, hidden, cfg["head_dropout"], cfg["pool"])
+    if cfg["prior"] == "physics":  # the head's output layer starts at zero: the untrained net IS the physics line
+        last = net.head if hidden == 0 else net.head[-1]
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return net
 
 
 def train_epoch(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where):
-    """One pass over the fit frames. inputs = (x (N, C, W), ang (N, A), y (N,)); lr_at(i) is the LR of
+    """One pass over the fit frames. inputs = (x (N, C, W), ang (N, A), prior (N,), y (N,)); lr_at(i) is the LR of
     step i of this epoch; where = 'method fold seed stage epoch' for messages. A non-finite loss stops the
     run before its step is taken (with a GradScaler, fp16, only 20 in a row: the scaler skips single
     overflowing steps by design). Returns (mean training loss, last LR)."""
-    x, ang, y = inputs
+    x, ang, prior, y = inputs
     dev = x.device
     total, count, bad_run = 0.0, 0, 0
     batches = data.batch_indices(len(fit), cfg["batch_size"], True, gen)
@@ -487,7 +516,7 @@ def train_epoch(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, whe
         if cfg["flip"]:
             xb = torch.where(torch.rand(len(b), 1, 1, generator=gen).to(dev) < 0.5, xb.flip(-1), xb)
         with torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
-            loss = F.mse_loss(model(xb, ang[idx]).float(), y[idx])
+            loss = F.mse_loss(model(xb, ang[idx], prior[idx]).float(), y[idx])
         value = loss.item()  # the running mean needs it anyway: checking it costs no extra sync
         bad_run = 0 if math.isfinite(value) else bad_run + 1
         if bad_run > (20 if scaler.is_enabled() else 0):
@@ -517,12 +546,13 @@ def stages(method, cfg):
 def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=None):
     """Two-stage training of one network on one fold; returns (test predictions in km, the model with its
     best weights, the fold_inputs statistics).
-    t: tensors on dev (x raw input channels (N, C, W), ang (N, 2), y km (N,)); enc: dict(config, state (None
+    t: tensors on dev (x raw input channels (N, C, W), ang (N, 2), phys (N,) physics feature, y km (N,)); enc: dict(config, state (None
     without a pre-trained encoder), norm_mean, norm_std (None: statistics of this fold's fit frames)).
     amp = (autocast dtype or None, use a GradScaler). save(state) writes the checkpoint after every epoch;
-    ck = that state when resuming this unit."""
+    ck = that state when resuming this unit. With prior physics the untrained network (the physics line)
+    is the first candidate for the best model: a correction is kept only if the validation flight wants it."""
     fit, val, test = (torch.as_tensor(fold[k], device=dev) for k in ("fit", "val", "test"))
-    x, y, stats = fold_inputs(fold, t, enc, dev)
+    x, y, prior, stats = fold_inputs(fold, t, enc, dev, cfg["prior"])
     ang = t["ang"] if cfg["use_angles"] else t["ang"][:, :0]  # (N, 2) or (N, 0)
     model = build_network(method, enc, cfg, ang.shape[1]).to(dev)
     amp_dtype, use_scaler = amp  # from amp_policy
@@ -534,11 +564,14 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
     def predict(idx):
         model.eval()
         with torch.no_grad(), torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
-            return model(x[idx], ang[idx]).float()
+            return model(x[idx], ang[idx], prior[idx]).float()
 
     if ck is not None:
         model.load_state_dict(ck["model"])
         best_val, best_state, start_stage = ck["best_val"], ck["best_state"], ck["stage"]
+    elif cfg["prior"] == "physics":
+        best_val = F.mse_loss(predict(val), y[val]).item()
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for si, (n_ep, peak, train_enc) in enumerate(stages(method, cfg)[start_stage:], start_stage):
         model.encoder.requires_grad_(train_enc)  # stage 1: the encoder is frozen (and gets no optimizer state)
         opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["layer_decay"] if train_enc else 1.0),
@@ -559,7 +592,7 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
             lr_at = lambda i: get_lr(epoch * steps_per_epoch + i, n_ep * steps_per_epoch,
                                      cfg["warmup_epochs"] * steps_per_epoch, peak, cfg["min_lr_frac"])
             where = f"{method} {fold['name']} seed {unit_seed} stage {si + 1} epoch {epoch + 1}"
-            train_loss, lr_now = train_epoch(model, opt, scaler, (x, ang, y), fit, cfg, gen, amp_dtype, lr_at, where)
+            train_loss, lr_now = train_epoch(model, opt, scaler, (x, ang, prior, y), fit, cfg, gen, amp_dtype, lr_at, where)
             val_loss = F.mse_loss(predict(val), y[val]).item()
             improved = val_loss < best_val
             if improved:
@@ -769,6 +802,7 @@ def check_config(cfg):
                  "--lr and --ft_lr must be > 0, --grad_clip >= 0"),
                 (cfg["val_mode"] not in ("flight", "tail"), f"--val_mode {cfg['val_mode']!r}: use flight or tail"),
                 (cfg["pool"] not in ("cls", "mean"), f"--pool {cfg['pool']!r}: use cls or mean"),
+                (cfg["prior"] not in ("physics", "none"), f"--prior {cfg['prior']!r}: use physics or none"),
                 (cfg["input"] not in data.INPUT_MODES, f"--input {cfg['input']!r}: use {', '.join(data.INPUT_MODES)}"),
                 (cfg["cpu_bf16"] not in ("auto", "on", "off"), f"--cpu_bf16 {cfg['cpu_bf16']!r}: use auto, on or off"),
                 (not 0 <= cfg["drop_path"] < 1, f"--drop_path {cfg['drop_path']}: must be in [0, 1)")]
@@ -799,7 +833,7 @@ def trim_rows(path, n):
 
 def load_inputs(cfg, dev):
     """Labelled data, folds, the methods to run and the encoder source; the tensors every unit shares:
-    x (N, C, W) raw input channels (each unit normalises), ang (N, 2) scaled solar angles, y (N,) km."""
+    see network_tensors."""
     names = [m.strip() for m in cfg["methods"].split(",") if m.strip()]
     if not names or any(m not in METHODS for m in names):
         raise data.DataError(f"--methods {cfg['methods']!r}: expected a comma list of {', '.join(METHODS)}")
@@ -812,10 +846,7 @@ def load_inputs(cfg, dev):
     print(f"{len(d['cbh_km'])} labelled profiles from {path}, {len(np.unique(d['flight']))} flights, "
           f"split {cfg['split']} ({len(folds)} folds: " + "; ".join(f"{f['name']} {f['how']}" for f in folds) +
           f"), methods {', '.join(names)}, input {cfg['input']}, device {dev}")
-    t = dict(x=torch.as_tensor(data.profile_channels(d["images"], cfg["input"]), device=dev),
-             ang=torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev),  # ~[-2, 2]
-             y=torch.as_tensor(d["cbh_km"], device=dev))
-    return d, folds, names, enc, t
+    return d, folds, names, enc, network_tensors(d, cfg["input"], dev)
 
 
 def maybe_resume(cfg, log_path):
@@ -943,7 +974,7 @@ def cross_validated(cfg, method):
         return "not cross-validated"
     run = data.load_checkpoint(ckpt_path).get("config", {})
     keys = ("data_path", "max_samples", "pretrained", "input", "split", "val_mode", "gap", "val_gap", "use_angles",
-            "tree_angles", "pool", "drop_path", "head_epochs", "epochs", "lr", "ft_lr", "layer_decay")
+            "tree_angles", "prior", "pool", "drop_path", "head_epochs", "epochs", "lr", "ft_lr", "layer_decay")
     with open(res_path) as f:
         row = next((r for r in csv.DictReader(f) if (r["method"], r["seed"], r["fold"]) == (method, "mean", "pooled")),
                    None)
@@ -975,9 +1006,7 @@ def train_final(cfg, dev):
     elif method == "physics":
         saved["line"] = np.polyfit(physics_feature(d["images"]), d["cbh_km"], 1).tolist()
     else:
-        t = dict(x=torch.as_tensor(data.profile_channels(d["images"], cfg["input"]), device=dev),
-                 ang=torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev),
-                 y=torch.as_tensor(d["cbh_km"], device=dev))
+        t = network_tensors(d, cfg["input"], dev)
         amp = amp_policy(dev, cfg, [fold], t, enc)
         torch.manual_seed(cfg["seed"])
         _, net, stats = train_network(method, fold, t, enc, cfg, dev, amp, cfg["seed"],
@@ -1014,9 +1043,11 @@ def predict_km(m, d, dev):
         x = (torch.as_tensor(data.profile_channels(d["images"], m["input"]), device=dev) - mean) / std  # (N, C, W)
         ang = torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev)  # (N, 2)
         ang = ang if m["use_angles"] else ang[:, :0]
+        prior = prior_std(torch.as_tensor(physics_feature(d["images"]), dtype=torch.float32, device=dev), m)  # (N,)
         bf16 = dev.type == "cuda" or m.get("cpu_autocast") == "bf16"
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16 and dev.type != "mps"):
-            pred = torch.cat([net(x[i:i + 4096], ang[i:i + 4096]).float() for i in range(0, len(x), 4096)])
+            pred = torch.cat([net(x[i:i + 4096], ang[i:i + 4096], prior[i:i + 4096]).float()
+                              for i in range(0, len(x), 4096)])
         pred = (pred * m["y_std"] + m["y_mean"]).cpu().numpy()
     return np.clip(pred, 0.0, data.MAX_CBH_KM).astype(np.float32)
 

@@ -8,6 +8,7 @@ mae_encoder_pretrained.pth for finetune_cbh.py (which imports Encoder / load_enc
     python mae.py                                  # embedded synthetic data, small model, 100 epochs
     python mae.py --data_path my_profiles.h5 --epochs 50 --model_size tiny
     python mae.py --resume outputs/mae_pretrain/checkpoints/latest.pth   # continue exactly (same flags)
+    torchrun --standalone --nproc_per_node 2 mae.py                     # data parallel, same losses as one process
 
 Every constant below is also a command-line flag (`python mae.py -h`).
 """
@@ -37,7 +38,7 @@ data_path = ''  # unlabelled cloud-profile HDF5 file ('' = the embedded syntheti
 input = 'raw'  # raw | contrast (profile minus its own warm reference) | both (2 channels): data.profile_channels
 out_dir = 'outputs/mae_pretrain'  # checkpoints/, plots/, log.csv and the exported encoder go here
 epochs = 100  # training epochs; the cosine schedule spans all of them
-batch_size = 64  # profiles per step; if you change it, scale lr linearly (lr = 1e-3 * batch_size / 64)
+batch_size = 64  # profiles per step, all processes together (torchrun); scale lr with it: lr = 1e-3 * batch_size / 64
 lr = 1e-3  # peak AdamW learning rate (for batch_size 64), reached after warmup_epochs
 min_lr = 1e-5  # learning rate at the end of the cosine decay
 warmup_epochs = 5  # linear warmup from 0 to lr over this many epochs
@@ -187,15 +188,17 @@ class Encoder(nn.Module):
 
     def patchify(self, x):  # (B, C, W) full-width profiles -> (B, N, C*P), a patch's channels side by side
         N, P = self.num_patches, self.patch_size
-        x = x[..., self.crop:self.crop + N * P].reshape(len(x), -1, N, P)  # (B, C, N, P)
-        return x.transpose(1, 2).reshape(len(x), N, -1)
+        C = self.in_chans  # not -1: an empty batch (a process's empty slice of a global batch) has none to infer
+        x = x[..., self.crop:self.crop + N * P].reshape(len(x), C, N, P)  # (B, C, N, P)
+        return x.transpose(1, 2).reshape(len(x), N, C * P)
 
-    def forward(self, x, mask_ratio=0.0, generator=None):
+    def forward(self, x, mask_ratio=0.0, generator=None, noise=None):
         patches = self.patchify(x)  # (B, N, C*P)
         B, N, P = patches.shape
         n_keep = int(N * (1 - mask_ratio))
         if mask_ratio > 0:  # per-sample random masking: sort uniform noise, keep the n_keep lowest
-            noise = torch.rand(B, N, device=x.device, generator=generator)  # (B, N)
+            if noise is None:  # not drawn by the caller (the training loop draws it for the global batch)
+                noise = torch.rand(B, N, device=x.device, generator=generator)  # (B, N)
             ids_shuffle = noise.argsort(dim=1)
         else:
             ids_shuffle = torch.arange(N, device=x.device).expand(B, N)
@@ -235,8 +238,8 @@ class MAE(nn.Module):
         for p in (self.mask_token, self.dec_pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
 
-    def forward(self, x, mask_ratio=0.75, generator=None):  # x (B, C, W) normalised profiles
-        latent, mask, ids_restore = self.encoder(x, mask_ratio, generator)  # (B, 1 + n_keep, D)
+    def forward(self, x, mask_ratio=0.75, generator=None, noise=None):  # x (B, C, W) normalised profiles
+        latent, mask, ids_restore = self.encoder(x, mask_ratio, generator, noise)  # (B, 1 + n_keep, D)
         h = self.dec_embed(latent)  # (B, 1 + n_keep, Dd)
         B, N = mask.shape
         # one shared mask token per hidden patch appended, then un-shuffled back to patch order
@@ -360,7 +363,7 @@ def step_timer(model, cfg, X, dev):
     trial = copy.deepcopy(model)
     opt = make_optimizer(trial, cfg, dev)
     gen = torch.Generator(dev).manual_seed(0)
-    x = X[:cfg["batch_size"]]  # (B, C, W)
+    x = X[:math.ceil(cfg["batch_size"] / data.rank_world()[1])]  # (B, C, W): this process's share of a batch
 
     def step(dtype):
         loss = loss_fn(trial, data.augment_profiles(x, gen), cfg, gen, dtype)
@@ -371,25 +374,42 @@ def step_timer(model, cfg, X, dev):
     return step
 
 
-def loss_fn(model, x, cfg, generator, dtype):
-    """Masked-patch MSE of one batch x (B, C, W); the loss itself is computed in fp32."""
+def loss_fn(model, x, cfg, masks, dtype):
+    """Masked-patch MSE of one batch x (B, C, W), computed in fp32: the mean over its profiles (each hides the
+    same number of patches). masks decides what is hidden: the (B, N) noise from mask_noise, or a
+    torch.Generator to draw it from. model may be wrapped in DistributedDataParallel."""
+    noise, generator = (masks, None) if torch.is_tensor(masks) else (None, masks)
     ctx = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     with ctx:
-        pred, mask = model(x, cfg["mask_ratio"], generator)  # (B, N, P), (B, N)
-    return losses.masked_mse(pred.float(), model.encoder.patchify(x), mask, cfg["norm_pix_loss"])
+        pred, mask = model(x, cfg["mask_ratio"], generator, noise)  # (B, N, P), (B, N)
+    return losses.masked_mse(pred.float(), data.unwrap(model).encoder.patchify(x), mask, cfg["norm_pix_loss"])
+
+
+def mask_noise(model, x, cfg, generator):
+    """(B, N) uniform noise that decides the masks of a global batch x (B, C, W): each profile hides its
+    highest-noise patches. Drawn for the whole global batch on every process, which then takes its slice, so
+    every profile gets the mask a 1-process run gives it. Without masking: zeros, nothing drawn."""
+    N = data.unwrap(model).encoder.num_patches
+    if cfg["mask_ratio"] == 0:
+        return torch.zeros(len(x), N, device=x.device)
+    return torch.rand(len(x), N, device=x.device, generator=generator)
 
 
 @torch.no_grad()
 def evaluate(model, X, cfg, dtype):
-    """Mean val loss. Masks come from a freshly seeded generator, so every epoch (and a resumed run)
-    scores the same masked patches and val losses are comparable across epochs."""
+    """Mean val loss over all processes (each scores its slice of every batch). Masks come from a freshly
+    seeded generator, so every epoch (and a resumed run) scores the same masked patches and val losses are
+    comparable across epochs."""
     model.eval()
     gen = torch.Generator(X.device).manual_seed(cfg["seed"] + 1)
     total = torch.zeros((), device=X.device)
     for idx in data.batch_indices(len(X), cfg["batch_size"], shuffle=False):
-        total += loss_fn(model, X[idx.to(X.device)], cfg, gen, dtype) * len(idx)
+        x = X[idx.to(X.device)]  # (B, C, W) the global batch
+        noise = mask_noise(model, x, cfg, gen)  # (B, N)
+        mine = data.rank_slice(len(x))
+        total += loss_fn(model, x[mine], cfg, noise[mine], dtype) * len(x[mine])
     model.train()
-    return total.item() / len(X)
+    return data.all_reduce_sum(total).item() / len(X)
 
 
 def rng_state(shuffle_gen, gen):
@@ -488,7 +508,7 @@ def trim_log(path, last_epoch):
     os.replace(path + ".tmp", path)
 
 
-def check_config(cfg):
+def check_config(cfg, world=1):
     problems = [
         (cfg["model_size"] not in (*MODEL_SIZES, "custom"),
          f"--model_size {cfg['model_size']!r}: use tiny, small or custom"),
@@ -497,6 +517,8 @@ def check_config(cfg):
         (not 0 <= cfg["mask_ratio"] < 1, f"--mask_ratio {cfg['mask_ratio']}: must be in [0, 1)"),
         (min(cfg["epochs"], cfg["batch_size"], cfg["patience"]) < 1,
          "--epochs, --batch_size and --patience must be >= 1"),
+        (cfg["batch_size"] < world, f"--batch_size {cfg['batch_size']} is the global batch, split over the {world} "
+                                    f"processes: it must be at least {world}"),
         (cfg["lr"] <= 0, f"--lr {cfg['lr']}: must be > 0"),
         (cfg["embed_dim"] % cfg["num_heads"] or cfg["dec_dim"] % cfg["dec_heads"],
          "--num_heads must divide --embed_dim, and --dec_heads must divide --dec_dim"),
@@ -566,47 +588,56 @@ def prepare_outputs(cfg, start_epoch):
 
 def run_epoch(model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step, steps_per_epoch, epoch):
     """One pass over the shuffled training profiles. Returns (mean loss, next global step, last LR).
-    Non-finite losses are counted on the device and looked at every CHECK_EVERY steps and at the end (no
-    sync per step); the run stops (NonFiniteLoss) before anything of this epoch is saved. With a GradScaler
-    (fp16) a step whose scaled gradients overflow is skipped by design, so only a window in which EVERY
-    step was non-finite stops it."""
-    total = torch.zeros((), device=X_train.device)  # summed on the device: no sync per step
-    bad = torch.zeros((), device=X_train.device, dtype=torch.long)  # non-finite losses since the last check
-    checked, seen = step, 0
+    Under torchrun (model wrapped in DDP) every process draws the global batch's order, augmentations and
+    masks from identically seeded generators and trains on its slice, so the run does not depend on the
+    number of processes. Non-finite losses are recorded on the device and looked at (over all processes)
+    every CHECK_EVERY steps and at the end (no sync per step); the run stops (NonFiniteLoss) before anything
+    of this epoch is saved. With a GradScaler (fp16) a step whose scaled gradients overflow is skipped by
+    design, so only a window in which EVERY step was non-finite stops it."""
+    total = torch.zeros((), device=X_train.device)  # this process's summed losses, on the device: no sync per step
+    bad = torch.zeros(CHECK_EVERY, device=X_train.device, dtype=torch.bool)  # [k]: k-th step since the last check
+    checked, seen, seen_mine = step, 0, 0  # seen: profiles of the global batches; seen_mine: this process's
     progress = data.Progress(steps_per_epoch, f"epoch {epoch}")
     for i, idx in enumerate(data.batch_indices(len(X_train), cfg["batch_size"], shuffle=True, generator=shuffle_gen)):
         lr = get_lr(step, cfg, steps_per_epoch)
         for g in opt.param_groups:
             g["lr"] = lr
-        x = X_train[idx.to(X_train.device)]  # (B, C, W)
-        if cfg["augment"]:
+        x = X_train[idx.to(X_train.device)]  # (B, C, W) the global batch
+        if cfg["augment"]:  # drawn for the global batch, like the masks: the same as with one process
             x = data.augment_profiles(x, gen, cfg["aug_flip"], cfg["aug_crop"], cfg["aug_jitter"])
-        loss = loss_fn(model, x, cfg, gen, dtype)
+        noise = mask_noise(model, x, cfg, gen)  # (B, N)
+        mine = data.rank_slice(len(x))  # this process's profiles (all of them without torchrun)
+        loss = loss_fn(model, x[mine], cfg, noise[mine], dtype)  # the mean over this process's slice
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        # DDP averages gradients over processes with equal weights: weighting each process's loss by its share
+        # makes the result the gradient of the global batch's mean, whatever the slice sizes
+        scaler.scale(loss * data.rank_loss_weight(len(x))).backward()
         if cfg["grad_clip"] > 0:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         scaler.step(opt)
         scaler.update()
         finite = torch.isfinite(loss.detach())
-        bad += ~finite
-        total += torch.where(finite, loss.detach(), 0.0) * len(idx)
-        step, seen = step + 1, seen + len(idx)
-        progress.update(i + 1, seen, lambda: total.item() / seen)
+        bad[step - checked] = ~finite
+        total += torch.where(finite, loss.detach(), 0.0) * len(x[mine])
+        step, seen, seen_mine = step + 1, seen + len(x), seen_mine + len(x[mine])
+        progress.update(i + 1, seen, lambda: total.item() / max(seen_mine, 1))  # live: this process's loss
         if step % CHECK_EVERY == 0:
-            check_finite(bad, step - checked, scaler.is_enabled(), epoch, checked + 1, step)
+            check_finite(bad[:step - checked], scaler.is_enabled(), epoch, checked + 1, step)
             bad.zero_()
             checked = step
     progress.close()
     if step > checked:
-        check_finite(bad, step - checked, scaler.is_enabled(), epoch, checked + 1, step)
-    return total.item() / len(X_train), step, lr
+        check_finite(bad[:step - checked], scaler.is_enabled(), epoch, checked + 1, step)
+    return data.all_reduce_sum(total).item() / len(X_train), step, lr
 
 
-def check_finite(bad, window, scaler_on, epoch, first_step, last_step):
-    """Stop on non-finite losses among the last `window` steps (with a GradScaler: only if all were)."""
-    n_bad = int(bad.item())
+def check_finite(bad, scaler_on, epoch, first_step, last_step):
+    """Stop on non-finite losses among the steps first_step..last_step, bad (window,) bool = which steps had
+    one on this process (with a GradScaler: only if all steps had one, on some process). Every process takes
+    the same decision."""
+    n_bad = int(data.all_reduce_max(bad.long()).sum())  # a step counts if it was non-finite on any process
+    window = len(bad)
     if n_bad == window or (n_bad > 0 and not scaler_on):
         raise data.NonFiniteLoss(data.nonfinite_message(f"mae.py, epoch {epoch}", first_step, last_step))
 
@@ -634,63 +665,84 @@ def log_epoch(log_path, n, train_loss, val_loss, lr, secs, rate):
         w.writerow([n, f"{train_loss:.9g}", f"{val_loss:.9g}", f"{lr:.6g}", f"{secs:.2f}", f"{rate:.1f}"])
 
 
-def train(cfg):
-    check_config(cfg)
-    data.check_out_dir(cfg["out_dir"])  # unwritable, or held by a live run: refused before any work
+def setup(cfg, rank, world):
+    """Flags, device, seeds, data and model, alike on every process -> (dev, X_train, X_val, norm, path, model
+    config, model). Nothing is written."""
+    check_config(cfg, world)
+    if rank == 0:
+        data.check_out_dir(cfg["out_dir"])  # unwritable, or held by a live run: refused before any work
     if cfg["num_threads"] > 0:
         torch.set_num_threads(cfg["num_threads"])
-    dev = pick_device(cfg["device"])
-    dtype, use_scaler = amp_policy(dev, cfg)
+    dev = data.ddp_device(pick_device(cfg["device"]))  # under torchrun: this process's own GPU
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     random.seed(cfg["seed"])
-    X_train, X_val, norm, path = load_data(cfg, dev)
+    X_train, X_val, norm, path = load_data(cfg, dev)  # every process holds the whole set
     mcfg = model_config(cfg, X_train.shape[-1], in_chans=X_train.shape[1])
     if mcfg["patch_size"] > X_train.shape[-1]:
         raise data.DataError(f"{path}: profiles are {X_train.shape[-1]} px, narrower than patch_size "
                              f"{mcfg['patch_size']}")
     model = MAE(**mcfg).to(dev)
     n_params, n_enc = (sum(p.numel() for p in m.parameters()) for m in (model, model.encoder))
-    print(f"model {cfg['model_size']}: {n_params:,} parameters (encoder {n_enc:,}, decoder {n_params - n_enc:,}); "
-          f"{model.encoder.num_patches} patches of {mcfg['patch_size']} px, input {cfg['input']}")
-    opt = make_optimizer(model, cfg, dev)
-    scaler = torch.amp.GradScaler(dev.type if use_scaler else "cpu", enabled=use_scaler)
-    shuffle_gen = torch.Generator().manual_seed(cfg["seed"])  # batch order (CPU)
-    gen = torch.Generator(dev).manual_seed(cfg["seed"])  # masks and augmentations (on the device)
-    start_epoch, best_val, bad_epochs, cpu_autocast = maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen)
-    if dev.type == "cpu" and cpu_autocast:  # a resumed run keeps the precision it chose: its losses continue
-        dtype = torch.bfloat16 if cpu_autocast == "bf16" else None
-    elif dev.type == "cpu":
-        dtype, msg = choose_cpu_dtype(cfg["cpu_bf16"], step_timer(model, cfg, X_train, dev))
+    print(f"model {cfg['model_size']}: {n_params:,} parameters (encoder {n_enc:,}, decoder "
+          f"{n_params - n_enc:,}); {model.encoder.num_patches} patches of {mcfg['patch_size']} px, "
+          f"input {cfg['input']}")
+    return dev, X_train, X_val, norm, path, mcfg, model
+
+
+def train(cfg):
+    rank, world = data.rank_world()  # (0, 1) without torchrun
+    with data.fail_together():  # a bad flag, file or folder on any process stops every process; rank 0 says why
+        dev, X_train, X_val, norm, path, mcfg, model = setup(cfg, rank, world)
+        dtype, use_scaler = amp_policy(dev, cfg)
+        opt = make_optimizer(model, cfg, dev)
+        scaler = torch.amp.GradScaler(dev.type if use_scaler else "cpu", enabled=use_scaler)
+        # seeded alike on every process, so all of them draw the same global batches, augmentations and masks
+        shuffle_gen = torch.Generator().manual_seed(cfg["seed"])  # batch order (CPU)
+        gen = torch.Generator(dev).manual_seed(cfg["seed"])  # masks and augmentations (on the device)
+        start_epoch, best_val, bad_epochs, cpu_autocast = maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen)
+        msg = None
+        if dev.type == "cpu" and cpu_autocast:  # a resumed run keeps the precision it chose: its losses continue
+            dtype = torch.bfloat16 if cpu_autocast == "bf16" else None
+        elif dev.type == "cpu":
+            dtype, msg = choose_cpu_dtype(cfg["cpu_bf16"], step_timer(model, cfg, X_train, dev))
+    dtype, msg = data.broadcast_object((dtype, msg))  # one precision for all: rank 0's timing decides
+    if msg:
         print(msg)
     print(f"data {path}: {len(X_train)} train / {len(X_val)} val profiles; device {dev}, "
-          f"autocast {dtype if dtype else 'off (fp32)'}")
-    log_path = prepare_outputs(cfg, start_epoch)  # only from here on is anything written
+          f"autocast {dtype if dtype else 'off (fp32)'}" +
+          (f"; {world} processes share each batch of {cfg['batch_size']}" if world > 1 else ""))
+    with data.fail_together():  # only from here on is anything written, by rank 0 alone
+        log_path = prepare_outputs(cfg, start_epoch) if rank == 0 else None
+    ddp_model = data.ddp_wrap(model, dev)  # trains; `model` (the same weights) is saved, evaluated and plotted
     plot_dir = os.path.join(cfg["out_dir"], "plots")
     plot_x = X_val[torch.linspace(0, len(X_val) - 1, min(cfg["n_plot"], len(X_val))).long().to(dev)]
     steps_per_epoch = math.ceil(len(X_train) / cfg["batch_size"])
     step = start_epoch * steps_per_epoch
     for n in range(start_epoch + 1, cfg["epochs"] + 1):  # n = the epoch number, from 1
-        if bad_epochs >= cfg["patience"]:
+        if data.any_rank(bad_epochs >= cfg["patience"]):  # decided alike by every process
             print(f"early stopping: val loss has not improved for {bad_epochs} epochs")
             break
         t0 = time.time()
-        train_loss, step, lr = run_epoch(model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step,
+        train_loss, step, lr = run_epoch(ddp_model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step,
                                          steps_per_epoch, n)
         rate = len(X_train) / (time.time() - t0)  # training samples/s (the val pass is not counted)
-        val_loss = evaluate(model, X_val, cfg, dtype)
+        val_loss = evaluate(model, X_val, cfg, dtype)  # over all processes, like train_loss
         secs = time.time() - t0
         improved = val_loss < best_val
         best_val, bad_epochs = (val_loss, 0) if improved else (best_val, bad_epochs + 1)
-        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=n,
-                    best_val=best_val, bad_epochs=bad_epochs, rng=rng_state(shuffle_gen, gen), config=cfg,
-                    model_config=mcfg, norm_mean=norm[0], norm_std=norm[1],
-                    cpu_autocast=("bf16" if dtype else "fp32") if dev.type == "cpu" else None)
-        log_epoch(log_path, n, train_loss, val_loss, lr, secs, rate)  # log first: a kill between the two
-        save_checkpoints(ckpt, model, cfg, improved, norm)  # re-runs epoch n on resume, and trims its row
-        plot_losses(log_path, os.path.join(plot_dir, "loss.png"))
-        if n == 1 or n == cfg["epochs"] or (cfg["plot_every"] > 0 and n % cfg["plot_every"] == 0):
-            plot_reconstruction(model, plot_x, cfg, norm, os.path.join(plot_dir, f"recon_epoch_{n:03d}.png"), n, dtype)
+        with data.fail_together():  # rank 0 writes; if that fails, every process stops, not rank 0 alone
+            if rank == 0:
+                ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                            epoch=n, best_val=best_val, bad_epochs=bad_epochs, rng=rng_state(shuffle_gen, gen),
+                            config=cfg, model_config=mcfg, norm_mean=norm[0], norm_std=norm[1],
+                            cpu_autocast=("bf16" if dtype else "fp32") if dev.type == "cpu" else None)
+                log_epoch(log_path, n, train_loss, val_loss, lr, secs, rate)  # log first: a kill between the two
+                save_checkpoints(ckpt, model, cfg, improved, norm)  # re-runs epoch n on resume, and trims its row
+                plot_losses(log_path, os.path.join(plot_dir, "loss.png"))
+                if n == 1 or n == cfg["epochs"] or (cfg["plot_every"] > 0 and n % cfg["plot_every"] == 0):
+                    plot_reconstruction(model, plot_x, cfg, norm, os.path.join(plot_dir, f"recon_epoch_{n:03d}.png"),
+                                        n, dtype)
         print(f"epoch {n:3d}/{cfg['epochs']} | train {train_loss:.5f} | val {val_loss:.5f} | lr {lr:.2e} | "
               f"{secs:6.1f}s | {rate:7.0f} samples/s{' | new best, saved' if improved else ''}")
     print(f"best val loss {best_val:.5f}; encoder in {os.path.join(cfg['out_dir'], 'mae_encoder_pretrained.pth')}")
@@ -698,14 +750,15 @@ def train(cfg):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    data.ddp_setup()  # under torchrun with several processes: join the process group; otherwise nothing
     try:
         train(cfg)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except data.NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    except (data.DataError, data.NonFiniteLoss) as e:  # every process stops alike; rank 0 says why
+        if data.is_rank0():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, data.DataError) else 3)
+    finally:
+        data.ddp_cleanup()
 
 
 if __name__ == "__main__":

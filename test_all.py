@@ -1,10 +1,14 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny configs only; no timings."""
 import csv
+import dataclasses
 import json
 import math
 import os
 import re
 import shutil
+import textwrap
+import socket
+import signal
 import subprocess
 import sys
 import time
@@ -1005,8 +1009,7 @@ def test_ft_tree_features_depend_on_each_frame_alone():
 def one_fold_setup(ft_tiny):
     d = ft_tiny["d"]
     fold = ft.make_folds(d, ft_cfg(split="lofo"))[0]
-    t = dict(x=torch.as_tensor(data.profile_channels(d["images"], "raw")), ang=torch.zeros(len(d["images"]), 2),
-             y=torch.as_tensor(d["cbh_km"]))
+    t = ft.network_tensors(d, "raw", torch.device("cpu"))
     encoder, meta = mae.load_encoder(ft_tiny["enc"])
     enc = dict(config=meta["config"], state=encoder.state_dict(), norm_mean=meta["norm_mean"],
                norm_std=meta["norm_std"])
@@ -1051,16 +1054,47 @@ def test_ft_test_labels_never_reach_training(ft_tiny):
     none_enc = dict(enc, state=None, norm_mean=None, norm_std=None)  # --pretrained none: fit-frame statistics
     preds = []
     for dd in (d, junk):
-        t = dict(x=torch.as_tensor(data.profile_channels(dd["images"], "raw")),
-                 ang=torch.zeros(len(dd["images"]), 2), y=torch.as_tensor(dd["cbh_km"]))
+        t = ft.network_tensors(dd, "raw", torch.device("cpu"))
         run = lambda m, e: ft.run_unit((m, 0, 0), folds, dd, t, e, cfg, torch.device("cpu"), (None, False),
                                        lambda row: None, lambda st: None, None)
         preds.append([run("finetune", enc), run("scratch", none_enc), run("trees", None), run("physics", None)])
         junk_x = t["x"].clone().index_fill_(0, torch.as_tensor(folds[0]["test"]), 1e6)
-        stats = ft.fold_inputs(folds[0], dict(t, x=junk_x), none_enc, torch.device("cpu"))[2]
-        assert stats == ft.fold_inputs(folds[0], t, none_enc, torch.device("cpu"))[2]  # test images unused too
+        junk_phys = t["phys"].clone().index_fill_(0, torch.as_tensor(folds[0]["test"]), 1e6)
+        stats = ft.fold_inputs(folds[0], dict(t, x=junk_x, phys=junk_phys), none_enc, torch.device("cpu"), "physics")[3]
+        assert stats == ft.fold_inputs(folds[0], t, none_enc, torch.device("cpu"), "physics")[3]  # test images unused
     for a, b in zip(*preds):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_only_hurts(ft_tiny, monkeypatch):
+    """prior physics: the untrained network's prediction IS the physics row's line (the head's output layer
+    starts at zero), and if every epoch makes the validation flight worse, the test predictions are the
+    physics row's, so a correction is only ever kept when an unseen flight wants it."""
+    d, dev = ft_tiny["d"], torch.device("cpu")
+    cfg = ft_cfg(head_epochs=1, epochs=1, batch_size=16, seeds=1, cpu_bf16="off")
+    folds = ft.make_folds(d, cfg)
+    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
+    t = ft.network_tensors(d, "raw", dev)
+    line_km = ft.fit_physics(ft.physics_feature(d["images"]), d["cbh_km"], folds[0]["fit"], folds[0]["test"])
+    for method in ("finetune", "probe", "scratch"):
+        net = ft.build_network(method, enc, cfg, 0).eval()
+        x, y, prior, stats = ft.fold_inputs(folds[0], t, enc, dev, "physics")
+        test = torch.as_tensor(folds[0]["test"])
+        with torch.no_grad():
+            km = net(x[test], t["ang"][test][:, :0], prior[test]) * stats["y_std"] + stats["y_mean"]
+        np.testing.assert_allclose(km.numpy(), line_km, rtol=1e-5, atol=1e-5)
+    none = ft.fold_inputs(folds[0], t, enc, dev, "none")
+    assert none[3]["prior_line"] is None and not none[2].any()
+
+    def harmful_epoch(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where):
+        with torch.no_grad():
+            last = model.head if isinstance(model.head, torch.nn.Linear) else model.head[-1]
+            last.bias += 1e3  # every "epoch" moves every prediction 1000 std further off
+        return 0.0, lr_at(0)
+    monkeypatch.setattr(ft, "train_epoch", harmful_epoch)
+    pred = ft.train_network("finetune", folds[0], t, enc, cfg, dev, (None, False), 1, lambda row: None,
+                            lambda st: None)[0]
+    np.testing.assert_allclose(pred, line_km, rtol=1e-5, atol=1e-5)
 
 
 def test_ft_layer_decay_groups():
@@ -1159,12 +1193,15 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path):
         pred, meta = f["cbh_pred_km"][:], f["metadata"][:]
     d = ft_tiny["d"]
     np.testing.assert_array_equal(meta, d["metadata"])
-    # the model's own forward pass, by hand: raw input normalised with the stored statistics
+    # the model's own forward pass, by hand: raw input normalised with the stored statistics, plus the
+    # physics line (fitted on the training flights) in standardised units
     net = ft.CBHNet(mae.build_encoder(m["encoder_config"]), 0, m["head_hidden"], m["head_dropout"], m["pool"]).eval()
     net.load_state_dict(m["state"])
     x = (torch.as_tensor(d["images"])[:, None] - m["norm_mean"][0]) / m["norm_std"][0]  # (N, 1, W)
+    a, b = m["prior_line"]
+    prior = torch.as_tensor((a * ft.physics_feature(d["images"]) + b - m["y_mean"]) / m["y_std"], dtype=torch.float32)
     with torch.no_grad():
-        want = net(x, torch.zeros(len(x), 0)).numpy() * m["y_std"] + m["y_mean"]
+        want = net(x, torch.zeros(len(x), 0), prior).numpy() * m["y_std"] + m["y_mean"]
     np.testing.assert_allclose(pred, np.clip(want, 0, 20), rtol=1e-4, atol=1e-4)
     assert all((out / "plots" / f"cbh_lab_flight_{fl}.png").stat().st_size > 1000 for fl in range(3))
 
@@ -1204,10 +1241,10 @@ def test_ft_nonfinite_loss_stops_the_comparison_with_exit_3_and_stays_resumable(
     real = ft.CBHNet.forward
     calls = [0]
 
-    def nan_late(self, x, ang):
-        out = real(self, x, ang)
-        calls[0] += 1
-        return out * float("nan") if self.training and calls[0] == 40 else out
+    def nan_late(self, x, ang, prior=None):
+        out = real(self, x, ang, prior)
+        calls[0] += self.training  # training steps only: the 2nd unit's stage 2 (3 steps an epoch), after checkpoints
+        return out * float("nan") if self.training and calls[0] == 20 else out
     monkeypatch.setattr(ft.CBHNet, "forward", nan_late)
     args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "finetune",
             "--head_epochs", "2", "--epochs", "2", "--num_threads", "1", "--batch_size", "16", "--seeds", "1",
@@ -1734,3 +1771,528 @@ def test_ft_bad_flags_and_log_trim(ft_tiny, tmp_path):
     ft.trim_rows(str(log), 2)  # a checkpoint that accounts for two rows
     assert log.read_text() == "method,epoch\nscratch,1\nscratch,2\n"
     assert ft.count_rows(str(log)) == 2 and ft.count_rows(str(tmp_path / "none.csv")) == 0
+
+
+# ==============================================================================================
+# data-parallel mae.py (torchrun, gloo on the CPU): a run must not depend on the number of processes.
+# Several processes are started either by torchrun itself or, where each process's exit code and output are
+# checked, the way torchrun starts them (its environment variables and a free port). Tiny model and data, 1
+# thread per process; every launch has a timeout, so a rank left waiting in a collective fails a test instead
+# of hanging it.
+DDP_TIMEOUT = 180  # seconds; a safety net against a hang, far above a launch's normal few seconds
+# the training set below has 320 profiles: batch 29 splits 15/14 over 2 processes, and the last batch of each
+# epoch (320 = 11 * 29 + 1) holds one profile, so one process gets an empty slice
+DDP_MAE_TINY = ["--model_size", "tiny", "--batch_size", "29", "--lr", "2e-3", "--warmup_epochs", "1",
+                "--num_threads", "1", "--n_plot", "2", "--cpu_bf16", "off"]  # fixed precision: runs compare
+
+
+@pytest.fixture(scope="module")
+def ddp_clouds(tmp_path_factory):
+    """An unlabelled cloud file: 2 flights x 200 frames -> 320 train / 40 val profiles."""
+    path = tmp_path_factory.mktemp("ddp_clouds") / "unlab.h5"
+    unlabelled, _ = data.generate_clouds(n_flights=2, frames_per_flight=200, n_labelled=10, seed=1)
+    data.write_clouds(path, **unlabelled)
+    return str(path)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_all(procs, timeout):
+    """Wait for every process (each started in its own session); on a timeout kill them all, children too."""
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def launch(n, argv_of_rank, tmp_path, timeout=DDP_TIMEOUT):
+    """Start n processes as torchrun would (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT),
+    process `rank` running `python *argv_of_rank(rank)` in the repo. Returns [(exit code, stdout, stderr)]."""
+    port, procs, files = _free_port(), [], []
+    for rank in range(n):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                   GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        out, err = open(tmp_path / f"rank{rank}.out", "w+"), open(tmp_path / f"rank{rank}.err", "w+")
+        files.append((out, err))
+        procs.append(subprocess.Popen([sys.executable, *map(str, argv_of_rank(rank))], cwd=REPO, env=env,
+                                      stdout=out, stderr=err, text=True, start_new_session=True))
+    _wait_all(procs, timeout)
+    results = []
+    for p, (out, err) in zip(procs, files):
+        out.seek(0), err.seek(0)
+        results.append((p.returncode, out.read(), err.read()))
+        out.close(), err.close()
+    return results
+
+
+def torchrun(n, *args, timeout=DDP_TIMEOUT):
+    """`torchrun --standalone --nproc_per_node n mae.py *args`; -> (exit code, stdout, stderr)."""
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                          "mae.py", *map(str, args)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return p.returncode, out, err
+
+
+def one_process(*args, timeout=DDP_TIMEOUT):
+    r = subprocess.run([sys.executable, "mae.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return r.returncode, r.stdout, r.stderr
+
+
+def ddp_read_log(out_dir):
+    with open(os.path.join(out_dir, "log.csv")) as f:
+        return {int(r["epoch"]): r for r in csv.DictReader(f)}
+
+
+def assert_same_losses(a, b, epochs):
+    """Per-epoch train and val losses equal up to float summation order; the LR schedule exactly."""
+    for n in epochs:
+        for col in ("train_loss", "val_loss"):
+            assert float(a[n][col]) == pytest.approx(float(b[n][col]), rel=1e-5, abs=0), (n, col, a[n], b[n])
+        assert a[n]["lr"] == b[n]["lr"]
+
+
+def ddp_listing(out_dir):
+    return sorted(os.path.relpath(os.path.join(d, f), out_dir) for d, _, fs in os.walk(out_dir) for f in fs)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers in data.py, in one process
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rank_slices_partition_a_batch_and_weights_give_its_mean(world, monkeypatch):
+    """The slices of all ranks cover a global batch once, in order, sizes differing by at most one (empty
+    ones where n < world); the loss weights turn DDP's plain average of per-rank means into the batch mean."""
+    for n in (1, 2, 3, 5, 29, 64):
+        per_sample = torch.rand(n, dtype=torch.float64)
+        slices, averaged = [], 0.0
+        for rank in range(world):
+            monkeypatch.setattr(data, "rank_world", lambda: (rank, world))
+            mine = data.rank_slice(n)
+            slices.append(mine)
+            part = per_sample[mine]
+            mean = part.mean() if len(part) else torch.zeros((), dtype=torch.float64)  # an empty slice's loss is 0
+            averaged += data.rank_loss_weight(n) * mean / world  # what DDP's average of the weighted losses gives
+        assert [i for s in slices for i in range(n)[s]] == list(range(n))
+        sizes = [s.stop - s.start for s in slices]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+        assert averaged.item() == pytest.approx(per_sample.mean().item(), rel=1e-12)
+    monkeypatch.undo()
+    assert data.rank_world() == (0, 1) and data.rank_slice(7) == slice(0, 7) and data.rank_loss_weight(7) == 1.0
+
+
+def test_device_per_process_refuses_fewer_gpus_than_processes(monkeypatch):
+    cpu = torch.device("cpu")
+    assert data.ddp_device(cpu) is cpu  # no process group: unchanged
+    monkeypatch.setattr(data, "_distributed", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert data.ddp_device(cpu) is cpu
+    with pytest.raises(data.DataError, match=r"cuda: 2 processes on this node but 1 GPU.*--nproc_per_node 1"):
+        data.ddp_device(torch.device("cuda"))
+    with pytest.raises(data.DataError, match="--device mps"):
+        data.ddp_device(torch.device("mps"))
+
+
+def test_lock_names_host_and_pid_under_torchrun(tmp_path, monkeypatch):
+    """One process writes a bare pid (as before); under torchrun rank 0 writes "pid host", and a lock naming
+    another host is refused (its process cannot be seen from here) with the host in the message."""
+    data.claim_out_dir(tmp_path / "single")
+    assert (tmp_path / "single/.lock").read_text() == str(os.getpid())
+    monkeypatch.setattr(data, "_distributed", lambda: True)
+    out = tmp_path / "ddp"
+    data.claim_out_dir(out)
+    assert (out / ".lock").read_text().split() == [str(os.getpid()), socket.gethostname()]
+    data.check_out_dir(out)  # our own lock: fine
+    (out / ".lock").write_text(f"{os.getpid()} some-other-node")
+    with pytest.raises(data.DataError, match=f"in use by process {os.getpid()} on host some-other-node"):
+        data.check_out_dir(out)
+    (out / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}")
+    data.check_out_dir(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# several processes
+
+GRADIENT_WORKER = textwrap.dedent("""
+    import sys, torch, data, mae
+    torch.set_num_threads(1)
+    data.ddp_setup()
+    torch.manual_seed(0)
+    model = mae.MAE(**mae.MODEL_SIZES["tiny"])
+    ddp_model = data.ddp_wrap(model, torch.device("cpu"))
+    cfg = dict(mask_ratio=0.75, norm_pix_loss=False)
+    grads = {}
+    for n, weighted in ((5, True), (1, True), (5, False)):  # 5 = 3 + 2 profiles; 1 = 1 + an empty slice
+        x = torch.randn(n, 1, 440, generator=torch.Generator().manual_seed(n))  # (n, C, W) the global batch
+        noise = mae.mask_noise(model, x, cfg, torch.Generator().manual_seed(n + 1))
+        mine = data.rank_slice(n)
+        loss = mae.loss_fn(ddp_model, x[mine], cfg, noise[mine], None)
+        model.zero_grad()
+        (loss * (data.rank_loss_weight(n) if weighted else 1.0)).backward()
+        grads[n, weighted] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    if data.is_rank0():
+        torch.save(grads, sys.argv[1])
+    data.ddp_cleanup()
+""")
+
+
+def test_two_process_gradient_of_uneven_slices_equals_the_full_batch_gradient(tmp_path):
+    """A global batch of 5 split 3/2, and one of 1 split 1/0 (a rank with an empty slice still joins the
+    all-reduce): the DDP gradient equals one process's full-batch gradient. Without the weights (DDP's plain
+    average of the two slices' means) the 3/2 split gives another gradient, so the test can fail."""
+    results = launch(2, lambda rank: ["-c", GRADIENT_WORKER, tmp_path / "grads.pth"], tmp_path)
+    assert [r[0] for r in results] == [0, 0], results
+    ddp_grads = torch.load(tmp_path / "grads.pth")
+    torch.manual_seed(0)
+    model = mae.MAE(**mae.MODEL_SIZES["tiny"])
+    cfg = dict(mask_ratio=0.75, norm_pix_loss=False)
+    for n in (5, 1):
+        x = torch.randn(n, 1, 440, generator=torch.Generator().manual_seed(n))
+        model.zero_grad()
+        noise = mae.mask_noise(model, x, cfg, torch.Generator().manual_seed(n + 1))
+        mae.loss_fn(model, x, cfg, noise, None).backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(ddp_grads[n, True][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        if n == 5:
+            assert any(not torch.allclose(ddp_grads[5, False][name], p.grad, rtol=1e-3, atol=1e-6)
+                       for name, p in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(ddp_clouds, tmp_path_factory):
+    """The same 2-epoch tiny run with 1 process and with 2 (torchrun); -> dict(one=out_dir, two=out_dir, stdout2=)."""
+    base = tmp_path_factory.mktemp("ddp_runs")
+    flags = ["--data_path", ddp_clouds, "--epochs", "2", "--save_every", "1", *DDP_MAE_TINY]
+    rc, out, err = one_process(*flags, "--out_dir", base / "one")
+    assert rc == 0, err
+    assert "320 train / 40 val" in out
+    rc, out2, err = torchrun(2, *flags, "--out_dir", base / "two")
+    assert rc == 0, err
+    return dict(one=str(base / "one"), two=str(base / "two"), stdout2=out2, flags=flags)
+
+
+def test_two_processes_reproduce_the_one_process_run(ddp_runs):
+    """Same per-epoch losses (1e-5 relative: only the order of float sums differs), same files written once
+    by rank 0, each console line once, and the checkpoint of a 2-process run is a plain 1-process one."""
+    one, two = ddp_read_log(ddp_runs["one"]), ddp_read_log(ddp_runs["two"])
+    assert sorted(one) == sorted(two) == [1, 2]
+    assert_same_losses(one, two, [1, 2])
+    assert float(two[2]["train_loss"]) < float(two[1]["train_loss"])
+    assert ddp_listing(ddp_runs["one"]) == ddp_listing(ddp_runs["two"])  # no .lock left, no temp files, nothing per rank
+    assert ddp_runs["stdout2"].count("epoch   1/2 |") == 1 and ddp_runs["stdout2"].count("best val loss") == 1
+    assert "2 processes share each batch of 29" in ddp_runs["stdout2"]
+    ck1, ck2 = (data.load_checkpoint(os.path.join(ddp_runs[k], "checkpoints/latest.pth")) for k in ("one", "two"))
+    assert ck1["model"].keys() == ck2["model"].keys()  # no DDP "module." prefix
+    for k, w1 in ck1["model"].items():
+        w2 = ck2["model"][k]
+        if k.endswith("qkv.bias"):  # the key bias cannot change attention (softmax is shift-invariant): its
+            D = len(w1) // 3       # gradient is rounding noise, which AdamW scales up to lr-sized steps
+            w1, w2 = torch.cat([w1[:D], w1[2 * D:]]), torch.cat([w2[:D], w2[2 * D:]])
+        torch.testing.assert_close(w2, w1, rtol=1e-4, atol=1e-5, msg=k)
+    enc, _ = mae.load_encoder(os.path.join(ddp_runs["two"], "mae_encoder_pretrained.pth"))
+    assert enc.num_patches == 22
+
+
+def test_resume_across_process_counts(ddp_runs, tmp_path):
+    """A 1-process checkpoint resumed with 2 processes, and a 2-process one with 1, finish like the
+    uninterrupted runs."""
+    flags = ddp_runs["flags"]
+    results = launch(2, lambda rank: ["mae.py", *flags, "--out_dir", tmp_path / "one_then_two",
+                                      "--resume", os.path.join(ddp_runs["one"], "checkpoints/epoch_001.pth")], tmp_path)
+    assert [r[0] for r in results] == [0, 0], results
+    assert "resumed from" in results[0][1] and results[1][1] == ""  # only rank 0 prints
+    assert_same_losses(ddp_read_log(tmp_path / "one_then_two"), ddp_read_log(ddp_runs["one"]), [2])
+    rc, out, err = one_process(*flags, "--out_dir", tmp_path / "two_then_one",
+                               "--resume", os.path.join(ddp_runs["two"], "checkpoints/epoch_001.pth"))
+    assert rc == 0, err
+    assert_same_losses(ddp_read_log(tmp_path / "two_then_one"), ddp_read_log(ddp_runs["two"]), [2])
+
+
+def assert_one_line_on_rank0_and_exit_everywhere(results, code, *words):
+    assert [r[0] for r in results] == [code] * len(results), results
+    lines = results[0][2].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in words), results[0][2]
+    assert all(r[2].strip() == "" for r in results[1:]), results  # the other ranks say nothing
+
+
+def test_bad_combinations_and_one_rank_failing_stop_every_rank_with_one_line(ddp_clouds, tmp_path):
+    """A global batch smaller than the number of processes: one line from rank 0, exit 2 on every rank, nothing
+    written. A problem seen by one rank only (here its data file) stops the others too, without a hang."""
+    out = tmp_path / "out"
+    results = launch(2, lambda rank: ["mae.py", "--data_path", ddp_clouds, "--out_dir", out, *DDP_MAE_TINY,
+                                      "--batch_size", "1"], tmp_path)
+    assert_one_line_on_rank0_and_exit_everywhere(results, 2, "--batch_size 1 is the global batch", "at least 2")
+    assert not out.exists()
+    results = launch(2, lambda rank: ["mae.py", "--data_path", ddp_clouds if rank == 0 else tmp_path / "missing.h5",
+                                      "--out_dir", out, *DDP_MAE_TINY], tmp_path)
+    assert_one_line_on_rank0_and_exit_everywhere(results, 2, "missing.h5", "not found")
+    assert not out.exists()
+
+
+NAN_ON_RANK1 = textwrap.dedent("""
+    import sys, data, mae
+    real, steps = mae.loss_fn, []
+    def nan_on_rank1_last_step(model, x, cfg, masks, dtype):  # rank 1's loss at the 11th (last) step of epoch 2
+        loss = real(model, x, cfg, masks, dtype)
+        steps.append(model.training)
+        nan = data.rank_world()[0] == 1 and sum(steps) == 22 and model.training
+        return loss * float("nan") if nan else loss
+    mae.loss_fn = nan_on_rank1_last_step
+    mae.main(sys.argv[1:])
+""")
+
+
+def test_nonfinite_loss_on_one_rank_stops_every_rank_with_exit_3(ddp_clouds, tmp_path):
+    """A NaN loss on rank 1 alone, at the last step of epoch 2 (rank 0's own losses stay finite): every rank
+    stops with exit 3 after the all-reduced check, rank 0 says so once, and epoch 1's checkpoint stays."""
+    out = tmp_path / "out"
+    results = launch(2, lambda rank: ["-c", NAN_ON_RANK1, "--data_path", ddp_clouds, "--out_dir", out, "--epochs", "3",
+                                      *DDP_MAE_TINY], tmp_path)
+    assert_one_line_on_rank0_and_exit_everywhere(results, 3, "non-finite loss", "epoch 2")
+    assert data.load_checkpoint(out / "checkpoints/latest.pth")["epoch"] == 1
+    assert list(ddp_read_log(out)) == [1]
+
+
+# ==============================================================================================
+# emberformer.py as a forecasting tool (--eval_only --model, --rollout): tiny fire files (16x16) and, except
+# in the one real training run, a tiny Arch, so each test takes seconds.
+EVAL_ARCH = em.Arch(dim=16, heads=2, layers=2, ffn=32, mit_dims=(8, 16, 16, 16), mit_heads=(1, 1, 1, 1), decode_dim=16,
+               refine_dim=8)  # the checkpoint stores its Arch, so --model rebuilds these sizes
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def fire_files(tmp_path_factory):
+    """train.h5 (the checkpoint's training file), other.h5 (another seed, other T), three.h5 (3 static channels)."""
+    d = tmp_path_factory.mktemp("fires")
+    data.write_fire(d / "train.h5", **data.generate_fires(n_seq=4, size=16, n_frames=6, seed=1))
+    data.write_fire(d / "other.h5", **data.generate_fires(n_seq=3, size=16, n_frames=7, seed=2))
+    three = data.generate_fires(n_seq=2, size=16, n_frames=4, seed=3)
+    data.write_fire(d / "three.h5", three["fire"], three["static"][:, :3], three["channels"][:3], three["wind"])
+    return {k: d / f"{k}.h5" for k in ("train", "other", "three")}
+
+
+def tiny_model(target="new", seed=0):
+    torch.manual_seed(seed)
+    return em.EmberFormer(4, 4, 10.0, target, EVAL_ARCH).eval()
+
+
+def write_checkpoint(path, train_file, **settings):
+    """A checkpoint as train() writes it (what --model reads), of an untrained tiny model with history 3."""
+    net = tiny_model(settings.get("target", "new"))
+    st = torch.from_numpy(data.load_fire(str(train_file))["static"]).double()
+    net.static_mean.copy_(st.mean((0, 2, 3)).float())
+    net.static_std.copy_(st.std((0, 2, 3)).float())
+    cfg = dict(em.get_config(["--data_path", str(train_file), "--history", "3"]), **settings)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(dict(model=net.state_dict(), config=cfg, channels=list(data.FIRE_CHANNELS), epoch=1,
+                    arch=dataclasses.asdict(EVAL_ARCH), data_file=os.path.abspath(train_file),
+                    train_fire_hashes=em.fire_hashes(data.load_fire(str(train_file))["fire"])), path)
+    return net
+
+
+def main_exit(argv, capsys):
+    """em.main in-process -> (exit code, stdout, stderr); 0 when it returns."""
+    try:
+        em.main([*map(str, argv), "--num_threads", "1"])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def dir_tree(path):
+    """{relative path: (size, mtime)} of every file under path."""
+    return {os.path.relpath(os.path.join(r, f), path): (os.path.getsize(os.path.join(r, f)),
+                                                         os.path.getmtime(os.path.join(r, f)))
+            for r, _, names in os.walk(path) for f in names}
+
+
+def one_step_direct(net, path, K):
+    """The model's one-step scores over EVERY pair of the file in one batch, computed here without em's loops."""
+    d = data.load_fire(str(path))
+    fire, wind, static = (torch.from_numpy(d[k]) for k in ("fire", "wind", "static"))
+    s, t = data.fire_sample_index(np.arange(fire.shape[0]), fire.shape[1])
+    hist, w, lengths, nxt = data.fire_batch(fire, wind, s, t, K)
+    with torch.no_grad():
+        logits = net(hist, w, lengths, static[s])
+    cur = hist[torch.arange(len(s)), lengths - 1] > 0.5
+    return em.scores(em.batch_counts(torch.sigmoid(logits) > 0.5, nxt, cur), losses.pr_histogram(logits, nxt, ~cur))
+
+
+# ----------------------------------------------------------------------------------------------
+# --eval_only
+
+def test_eval_only_scores_every_pair_of_another_file(fire_files, tmp_path, capsys, restore_globals):
+    run = tmp_path / "run"
+    net = write_checkpoint(run / "checkpoints" / "best.pth", fire_files["train"])
+    (run / "log.csv").write_text("epoch\n1\n")
+    before = dir_tree(run)
+    code, out, err = main_exit(["--eval_only", "--model", run / "checkpoints" / "best.pth", "--data_path",
+                                fire_files["other"], "--out_dir", run, "--batch_size", "64", "--rollout", "2"], capsys)
+    assert code == 0, err
+    assert "warning" not in err  # other.h5 holds no training fire
+    after = dir_tree(run)
+    assert {k: v for k, v in after.items() if not k.startswith("eval_other" + os.sep)} == before  # run untouched
+    written = sorted(k for k in after if k not in before and not k.endswith(".lock"))  # the lock goes at exit
+    assert written == [os.path.join("eval_other", f) for f in ("eval.csv", "preview.png", "rollout.csv",
+                                                               "rollout.png", "rollout_strip.png")]
+    rows = {r["method"]: r for r in read_csv(run / "eval_other" / "eval.csv")}
+    assert set(rows) == {"model", "dilation", "persistence"}
+    assert all(int(r["pairs"]) == 3 * 6 and int(r["fires"]) == 3 for r in rows.values())  # every t -> t+1 pair
+    # history 3 (the checkpoint's, not the default 8) over all 18 pairs: the same numbers as computed directly
+    want = one_step_direct(net, fire_files["other"], K=3)
+    for k in ("new_f1", "new_iou", "new_ap", "f1", "precision"):
+        assert float(rows["model"][k]) == pytest.approx(want[k], abs=1e-12), k
+    assert float(rows["persistence"]["new_f1"]) == 0.0 and rows["persistence"]["loss"] == ""
+    rollout = read_csv(run / "eval_other" / "rollout.csv")
+    assert [(r["method"], int(r["lead"]), int(r["starts"])) for r in rollout] == [
+        (m, lead, 3 * 5) for m in em.ROLLOUT_METHODS for lead in (1, 2)]  # 3 fires x t0 = 0..4 (7 frames)
+    assert "new_iou" in out and "lead 2:" in out
+
+
+def test_eval_only_refuses_mismatched_static_channels_in_one_line(fire_files, tmp_path, capsys, restore_globals):
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pth"
+    write_checkpoint(ckpt, fire_files["train"])
+    before = dir_tree(tmp_path)
+    code, _, err = main_exit(["--eval_only", "--model", ckpt, "--data_path", fire_files["three"],
+                              "--out_dir", tmp_path / "run", "--rollout", "2"], capsys)
+    assert_one_line_error(subprocess.CompletedProcess([], code, "", err), str(fire_files["three"]), "'static'",
+                          "['elevation_m', 'slope_deg', 'fuel_type']", str(list(data.FIRE_CHANNELS)))
+    assert dir_tree(tmp_path) == before  # nothing written: no eval_three/, no lock
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--history", "5"], ["--history 3", "asked 5"]),  # a model setting comes from the checkpoint
+    (["--rollout", "7"], ["T=7", "--rollout 7"]),  # other.h5 has 7 frames: 6 steps at most
+    (["--rollout", "-1"], ["--rollout -1"]),
+    (["--resume", "x.pth"], ["--resume"]),
+])
+def test_eval_only_bad_flags_one_line(fire_files, tmp_path, capsys, restore_globals, flags, words):
+    ckpt = tmp_path / "best.pth"
+    write_checkpoint(ckpt, fire_files["train"])
+    code, _, err = main_exit(["--eval_only", "--model", ckpt, "--data_path", fire_files["other"],
+                              "--out_dir", tmp_path / "out", *flags], capsys)
+    assert_one_line_error(subprocess.CompletedProcess([], code, "", err), *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_and_rollout_need_eval_only_and_old_checkpoints_are_refused(fire_files, tmp_path, capsys, restore_globals):
+    for flags, word in ((["--model", "m.pth"], "--model"), (["--rollout", "3"], "--rollout"),
+                        (["--eval_only"], "--eval_only needs --model")):
+        code, _, err = main_exit([*flags, "--data_path", fire_files["other"], "--out_dir", tmp_path / "out"], capsys)
+        assert_one_line_error(subprocess.CompletedProcess([], code, "", err), word)
+    old = tmp_path / "old.pth"  # a checkpoint from before pred_thresh was stored
+    cfg = em.get_config([])
+    del cfg["pred_thresh"]
+    torch.save(dict(model={}, config=cfg, channels=list(data.FIRE_CHANNELS)), old)
+    code, _, err = main_exit(["--eval_only", "--model", old, "--data_path", fire_files["other"],
+                              "--out_dir", tmp_path / "out"], capsys)
+    assert_one_line_error(subprocess.CompletedProcess([], code, "", err), str(old), "predates", "pred_thresh")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_trained_checkpoint_evaluates_warns_on_training_fires_and_leaves_the_run_alone(fire_files, tmp_path, capsys,
+                                                                                         restore_globals):
+    """The real path: train() writes the checkpoint (default Arch, 1 epoch), --eval_only --rollout reads it."""
+    run = tmp_path / "run"
+    code, _, err = main_exit(["--data_path", fire_files["train"], "--out_dir", run, "--epochs", "1", "--history", "3",
+                              "--batch_size", "8", "--val_frac", "0.25", "--test_frac", "0"], capsys)
+    assert code == 0, err
+    before = dir_tree(run)
+    best = run / "checkpoints" / "best.pth"
+    copy = tmp_path / "copy.h5"  # the same fires under another name: recognised by their hashes
+    shutil.copy(fire_files["train"], copy)
+    for path, warning in ((fire_files["train"], "is the file --model"), (copy, "holds 3 of 4 fires")):
+        code, out, err = main_exit(["--eval_only", "--model", best, "--data_path", path, "--out_dir", run], capsys)
+        assert code == 0, err
+        assert err.startswith("warning: ") and warning in err and "seen in training" in err, err
+        assert "history 3" in out  # the checkpoint's, not the default 8
+    after = dir_tree(run)
+    assert {k: v for k, v in after.items() if not k.startswith("eval_")} == before  # logs and checkpoints untouched
+
+
+# ----------------------------------------------------------------------------------------------
+# --rollout
+
+def fire_dict(path):
+    return em.fire_tensors(data.load_fire(str(path)), CPU, str(path))
+
+
+def median_new_prob(net, D, s, t):
+    """The median probability the model gives the cells not burning at t, over these samples."""
+    hist, w, lengths, _ = data.fire_batch(D["fire"], D["wind"], s, t, em.history)
+    with torch.no_grad():
+        prob = torch.sigmoid(net(hist, w, lengths, D["static"][s]))
+    return prob[hist[torch.arange(len(s)), lengths - 1] < 0.5].median().item()
+
+
+@pytest.mark.parametrize("target", ["new", "full"])
+def test_rollout_shapes_and_lead_one_is_the_one_step_score(fire_files, monkeypatch, target):
+    monkeypatch.setattr(em, "history", 3)
+    monkeypatch.setattr(em, "batch_size", 4)  # several batches
+    monkeypatch.setattr(em, "target", target)
+    D, net, N = fire_dict(fire_files["other"]), tiny_model(target), 3
+    S, T, H, W = D["fire"].shape
+    s, t0 = em.rollout_starts(S, T, N)
+    monkeypatch.setattr(em, "pred_thresh", median_new_prob(net, D, s, t0))  # an untrained model: ~half new burn
+    assert len(s) == S * (T - N) and int(t0.max()) == T - 1 - N  # every start with N true frames after it
+    assert em.model_rollout(net, D, s[:5], t0[:5], N, None).shape == (5, N, H, W)
+    assert em.dilation_rollout(D, s[:5], t0[:5], N).shape == (5, N, H, W)
+    by_method, n_starts = em.rollout_scores(net, D, N, None)
+    assert n_starts == len(s) and list(by_method) == list(em.ROLLOUT_METHODS)
+    assert all([r["lead"] for r in rows] == [1, 2, 3] for rows in by_method.values())
+    D["starts"] = (s, t0)
+    one = em.evaluate(net, D, None, "starts")  # the one-step scores over the same start frames
+    base = em.baselines(D, s, t0)
+    for k in ("new_f1", "new_iou", "new_precision", "new_recall"):
+        assert by_method["model"][0][k] == one[k], k
+        assert by_method["dilation"][0][k] == base["dilation"][k], k
+        assert by_method["persistence"][0][k] == base["persistence"][k], k
+    assert 0 < one["new_f1"] < 1  # not a degenerate equality (all or nothing predicted)
+
+
+def test_rollout_feeds_the_model_its_own_forecasts_not_the_truth(fire_files, monkeypatch):
+    """Changing the true frames after t0 changes nothing in a rollout from t0; changing frame t0 does."""
+    monkeypatch.setattr(em, "history", 3)
+    D, net = fire_dict(fire_files["other"]), tiny_model()
+    s, t0 = torch.tensor([1]), torch.tensor([2])
+    base = em.model_rollout(net, D, s, t0, 3, None)
+    later = D["fire"].clone()
+    later[1, 3:] = 1  # everything burns after t0
+    assert torch.equal(em.model_rollout(net, dict(D, fire=later), s, t0, 3, None), base)
+    earlier = D["fire"].clone()
+    earlier[1, 2:, :, :8] = 1  # frame t0 itself changes
+    assert not torch.equal(em.model_rollout(net, dict(D, fire=earlier), s, t0, 3, None), base)
+
+
+@pytest.mark.parametrize("target", ["new", "full"])
+def test_a_rollout_never_unburns_a_cell(fire_files, monkeypatch, target):
+    monkeypatch.setattr(em, "history", 3)
+    D, net = fire_dict(fire_files["other"]), tiny_model(target, seed=1)
+    s, t0 = em.rollout_starts(*D["fire"].shape[:2], 4)
+    start = D["fire"][s, t0] > 0
+    for forecast in (em.model_rollout(net, D, s, t0, 4, None), em.dilation_rollout(D, s, t0, 4)):
+        assert (forecast[:, 0] >= start).all() and (forecast[:, 1:] >= forecast[:, :-1]).all()
+    if target == "full":  # the guard has teeth: this untrained model's own mask drops burning cells
+        hist, w, lengths, _ = data.fire_batch(D["fire"], D["wind"], s, t0, 3)
+        with torch.no_grad():
+            raw = torch.sigmoid(net(hist, w, lengths, D["static"][s])) > em.pred_thresh
+        assert (start & ~raw).any()
