@@ -311,6 +311,15 @@ def any_rank(flag):
     return bool(all_reduce_max(torch.tensor(int(flag))).item())
 
 
+def broadcast_buffers(model):
+    """Copy rank 0's buffers (BatchNorm running statistics, which each process updates from its own slice) into
+    every process's model, in place, so all of them evaluate the model rank 0 saves. A no-op without a process
+    group."""
+    if _distributed():
+        for buf in model.buffers():
+            dist.broadcast(buf, src=0)
+
+
 def broadcast_object(obj):
     """Rank 0's obj (any picklable value) on every rank; obj itself without a process group."""
     if not _distributed():

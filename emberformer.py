@@ -21,6 +21,8 @@ Forecasting (--eval_only --model best.pth --data_path other.h5): a trained model
 of another file, beside the baselines; with --rollout N it is also fed its own thresholded forecasts for N
 steps (observed wind) and scored per lead time. Outputs go to out_dir/eval_<file stem>/.
 Run `python emberformer.py -h` for every constant; outputs go to outputs/emberformer/.
+Data parallel: `torchrun --standalone --nproc_per_node N emberformer.py ...` (CPU: gloo; CUDA: nccl, one GPU per
+process, SyncBatchNorm). --batch_size stays the global batch; each process trains on its slice of every batch.
 """
 import argparse
 import ast
@@ -35,6 +37,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +53,7 @@ import mae  # for choose_cpu_dtype, the CPU precision policy every stage shares
 data_path = ''  # HDF5 fire file (fire/static/wind); '' = the embedded synthetic dataset (generated on first use)
 out_dir = 'outputs/emberformer'  # logs, checkpoints/ and plots/ go here
 epochs = 50  # maximum number of epochs (the cosine schedule spans all of them)
-batch_size = 16  # as the seed guide's GPU setup (400x400, patch 16); ~345 steps per epoch on the default data
+batch_size = 16  # the GLOBAL batch, split over torchrun's processes; as the seed guide's GPU setup; ~345 steps/epoch
 lr = 0.0  # shared flag: if > 0 it sets BOTH group LRs (overrides lr_temporal and lr_spatial)
 lr_temporal = 1e-3  # peak LR of the temporal part (token embedder + temporal transformer)
 lr_spatial = 1e-4  # peak LR of the spatial part (SegFormer encoder, decode head, refinement)
@@ -133,7 +136,8 @@ def amp_dtype_for(dev):
 def cpu_precision(model, D, stored):
     """bf16 or None on the CPU: what a resumed run chose (`stored`), else mae.choose_cpu_dtype(cpu_bf16)
     timing real training steps (one warm-up, two rounds of one) of a throw-away copy of the model on a
-    training batch. The global RNG is put back, so timing never changes the run."""
+    training batch (under torchrun: this process's slice of it, and rank 0's choice is then broadcast). The
+    global RNG is put back, so timing never changes the run."""
     if stored:
         return torch.bfloat16 if stored == "bf16" else None
     trial = copy.deepcopy(model)
@@ -210,7 +214,7 @@ class TemporalBlock(nn.Module):
             rows = torch.arange(M, device=x.device)
             x, q = x[rows, last][:, None], q[rows, :, last][:, :, None]  # (M, 1, D), (M, heads, 1, D/heads)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(M, -1, D)))
+        x = x + self.drop(self.proj(a.transpose(1, 2).flatten(2)))  # (M, 1 or K, D); not reshape(M, -1, D): M may be 0
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
@@ -265,7 +269,7 @@ class EfficientAttention(nn.Module):
             r = self.sr_ratio
             y = F.pad(x.transpose(1, 2).reshape(B, C, H, W), (0, -W % r, 0, -H % r))
             y = self.norm(self.sr(y).flatten(2).transpose(1, 2))  # (B, ceil(H/r)*ceil(W/r), C)
-        k, v = self.kv(y).view(B, -1, 2, h, C // h).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(y).unflatten(2, (2, h, C // h)).permute(2, 0, 3, 1, 4)  # (B, h, N', C/h) each; B may be 0
         a = F.scaled_dot_product_attention(q, k, v)
         return self.proj(a.transpose(1, 2).reshape(B, N, C))
 
@@ -334,7 +338,7 @@ class MiTEncoder(nn.Module):
             x, H, W = embed(x)
             for blk in blocks:
                 x = blk(x, H, W)
-            x = norm(x).transpose(1, 2).reshape(x.shape[0], -1, H, W)  # (B, C_i, H_i, W_i)
+            x = norm(x).transpose(1, 2).unflatten(2, (H, W))  # (B, C_i, H_i, W_i)
             feats.append(x)
         return feats
 
@@ -431,7 +435,7 @@ class EmberFormer(nn.Module):
         feat = self.temporal_features(F.pad(hist, pad), wind, lengths)  # (B, N, D)
         feat = self.temporal.norm(feat + self.embed.static_tokens(F.pad(static, pad)))  # (B, N, D)
         Hp, Wp = (H + pad[3]) // P, (W + pad[1]) // P
-        feat = feat.transpose(1, 2).reshape(B, -1, Hp, Wp)  # (B, D, Hp, Wp)
+        feat = feat.transpose(1, 2).unflatten(2, (Hp, Wp))  # (B, D, Hp, Wp); explicit sizes: an empty slice has B = 0
         coarse = self.decode(self.encoder(feat))  # (B, 1, Hp, Wp)
         coarse = F.interpolate(coarse, size=(Hp * P, Wp * P), mode="bilinear", align_corners=False)[..., :H, :W]
         idx = torch.arange(B, device=hist.device)
@@ -633,76 +637,105 @@ def seen_in_training(path, fire, ckpt):
     return f"{path} {what}, so these scores do not measure new fires (that run's test split: its test_metrics.json)"
 
 
+def kept_pixels(current):
+    """Number of pixels the loss is taken over (a 0-d tensor), current (B, H, W) bool = burning at t: the cells
+    not burning yet with --target new, all of them with 'full'."""
+    return (~current).sum() if target == "new" else torch.full((), current.numel(), device=current.device)
+
+
 def forward_batch(model, D, s, t, amp):
-    """-> loss (the --target objective), [loss, bce, dice] * batch, confusion counts (2, 4), new-burn PR
-    histogram (2, bins), logits (B, H, W)."""
-    hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s, t, history)
-    logits = model_logits(model, hist, wind, lengths, D["static"][s.to(hist.device)], amp)
-    current = hist[torch.arange(len(lengths), device=hist.device), lengths - 1] > 0.5  # (B, H, W) burning at t
-    loss, bce, dice = losses.bce_dice_loss(logits, nxt, bce_weight, dice_weight, pos_weight if pos_weight > 0 else None,
-                                           mask=~current if target == "new" else None)
+    """s, t (B,): a global batch, of which this process takes its data.rank_slice (all of it in one process) ->
+    loss: this slice's share of the batch's --target objective (the shares of all processes add up to it; in one
+    process it is the objective itself), [loss, bce, dice] shares * B, confusion counts (2, 4) and new-burn PR
+    histogram (2, bins) of the slice, its logits (b, H, W). No collective: the batch's kept pixels are counted
+    from the resident data, so every process gets them alone."""
+    mine = data.rank_slice(len(s))
+    hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s[mine], t[mine], history)
+    logits = model_logits(model, hist, wind, lengths, D["static"][s[mine].to(hist.device)], amp)
+    current = hist[torch.arange(len(lengths), device=hist.device), lengths - 1] > 0.5  # (b, H, W) burning at t
+    _, bce, dice = losses.bce_dice_loss(logits, nxt, bce_weight, dice_weight, pos_weight if pos_weight > 0 else None,
+                                        mask=~current if target == "new" else None)  # means over this slice
+    # BCE is a mean over the batch's kept pixels and Dice a mean over its samples: weighting each by this slice's
+    # part of that count gives its share of the global batch's loss (x 1.0 in one process: the numbers are unchanged)
+    batch_current = D["fire"][s.to(hist.device), t.to(hist.device)] > 0  # (B, H, W) frame t of the global batch
+    bce = bce * (kept_pixels(current) / kept_pixels(batch_current).clamp(min=1))
+    dice = dice * (len(nxt) / len(s)) if len(nxt) else torch.zeros_like(bce)  # an empty slice: its mean is 0/0
+    loss = bce_weight * bce + dice_weight * dice
     counts = batch_counts(torch.sigmoid(logits) > pred_thresh, nxt, current)
     pr = losses.pr_histogram(logits, nxt, ~current)  # new-burn cells only
     return loss, torch.stack([loss, bce, dice]).detach() * len(s), counts, pr, logits
 
 
 def train_epoch(model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch):
-    """One pass over the training samples. Non-finite losses are counted on the device and looked at every
-    CHECK_EVERY steps and at the end (no sync per step): the run stops (data.NonFiniteLoss) before anything
-    of this epoch is saved; with a GradScaler (fp16) only a window in which every step overflowed does."""
+    """One pass over the training samples. Under torchrun (model wrapped in DDP) every process draws the same
+    global batches from its identically seeded `gen` and trains on its slice of each (forward_batch), so the batch
+    order does not depend on the number of processes; the metrics are summed over processes at the end.
+    Non-finite losses are recorded on the device and looked at (over all processes) every CHECK_EVERY steps and
+    at the end (no sync per step): the run stops (data.NonFiniteLoss) before anything of this epoch is saved;
+    with a GradScaler (fp16) only a window in which every step overflowed does."""
     model.train()
+    world = data.rank_world()[1]
     s_all, t_all = D["train"]
     sums, counts, prs = 0, 0, 0
-    bad = torch.zeros((), dtype=torch.long, device=D["fire"].device)  # non-finite losses since the last check
-    checked, seen = step, 0
+    bad = torch.zeros(CHECK_EVERY, dtype=torch.bool, device=D["fire"].device)  # [k]: k-th step since the last check
+    checked, seen, seen_mine = step, 0, 0  # seen: samples of the global batches; seen_mine: this process's
     batches = data.batch_indices(len(s_all), batch_size, shuffle=True, generator=gen)
     progress = data.Progress(len(batches), f"epoch {epoch}")
     for i, idx in enumerate(batches):
         mult = get_lr(step, total_steps)
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        loss, s3, c, pr, _ = forward_batch(model, D, s_all[idx], t_all[idx], amp)
+        loss, s3, c, pr, logits = forward_batch(model, D, s_all[idx], t_all[idx], amp)  # this process's share
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        # DDP averages the gradients over the processes; the shares add up to the batch's loss, so x world makes
+        # the result the global batch's gradient, whatever the slice sizes (an empty slice still joins with 0)
+        scaler.scale(loss * world).backward()
         scaler.unscale_(opt)
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         scaler.step(opt)
         scaler.update()
-        step, seen = step + 1, seen + len(idx)
+        step, seen, seen_mine = step + 1, seen + len(idx), seen_mine + len(logits)
         finite = torch.isfinite(s3[0])
-        bad += ~finite
+        bad[step - checked - 1] = ~finite
         sums, counts, prs = sums + torch.where(finite, s3, 0.0), counts + c, prs + pr
         if step % CHECK_EVERY == 0:
-            check_finite(bad, step - checked, scaler.is_enabled(), epoch, checked + 1, step)
+            check_finite(bad[:step - checked], scaler.is_enabled(), epoch, checked + 1, step)
             bad.zero_()
             checked = step
-        progress.update(i + 1, seen, lambda: (sums[0] / seen).item())
-        if step % log_every == 0:
-            s3 = (s3 / len(idx)).tolist()
+        # live: this process's running loss (the shares of its slices), exact in one process; the epoch line is global
+        progress.update(i + 1, seen, lambda: (sums[0] / max(seen_mine, 1)).item())
+        if step % log_every == 0:  # the same steps on every process: the batch's loss, summed over the processes
+            s3 = (data.all_reduce_sum(s3) / len(idx)).tolist()
             step_rows.append(dict(step=step, epoch=epoch, lr_temporal=group_lr(opt, "temporal"),
                                   lr_spatial=group_lr(opt, "spatial"), loss=s3[0], bce=s3[1], dice=s3[2]))
     progress.close()
     if step > checked:
-        check_finite(bad, step - checked, scaler.is_enabled(), epoch, checked + 1, step)
+        check_finite(bad[:step - checked], scaler.is_enabled(), epoch, checked + 1, step)
+    sums, counts, prs = (data.all_reduce_sum(x) for x in (sums, counts, prs))  # every sample counted once
     return summarize(sums, counts, prs, len(s_all)), step
 
 
-def check_finite(bad, window, scaler_on, epoch, first_step, last_step):
-    """Stop on non-finite losses among the last `window` steps (with a GradScaler: only if all were)."""
-    n_bad = int(bad.item())
-    if n_bad == window or (n_bad > 0 and not scaler_on):
+def check_finite(bad, scaler_on, epoch, first_step, last_step):
+    """Stop on non-finite losses among the steps first_step..last_step, bad (window,) bool = which of them had one
+    on this process. A step counts if it had one on any process (with a GradScaler: only if all steps did), so
+    every process takes the same decision."""
+    n_bad = int(data.all_reduce_max(bad.long()).sum())
+    if n_bad == len(bad) or (n_bad > 0 and not scaler_on):
         raise data.NonFiniteLoss(data.nonfinite_message(f"emberformer.py, epoch {epoch}", first_step, last_step))
 
 
 @torch.no_grad()
 def evaluate(model, D, amp, split="val"):
+    """Every metric over the split. Under torchrun each process scores its slice of every batch and the sums are
+    added over the processes, so every sample counts once (call it on every process)."""
     model.eval()
     s_all, t_all = D[split]
     sums, counts, prs = 0, 0, 0
     for idx in data.batch_indices(len(s_all), batch_size, shuffle=False):
         _, s3, c, pr, _ = forward_batch(model, D, s_all[idx], t_all[idx], amp)
         sums, counts, prs = sums + s3, counts + c, prs + pr
+    sums, counts, prs = (data.all_reduce_sum(x) for x in (sums, counts, prs))
     return summarize(sums, counts, prs, len(s_all))
 
 
@@ -843,8 +876,8 @@ def plot_preview(model, D, sample, amp, path):
     import matplotlib.pyplot as plt
     model.eval()
     s, t = sample
-    logits = forward_batch(model, D, s, t, amp)[-1]
     hist, wind, lengths, target = data.fire_batch(D["fire"], D["wind"], s, t, history)
+    logits = model_logits(model, hist, wind, lengths, D["static"][s.to(hist.device)], amp)  # rank 0 alone: no slice
     prob = torch.sigmoid(logits.float()).cpu()
     fig, axes = plt.subplots(2, 5, figsize=(16, 6.6), gridspec_kw=dict(left=0.01, right=0.99, bottom=0.01, top=0.95,
                                                                         wspace=0.05, hspace=0.12))
@@ -1051,7 +1084,8 @@ def pick_device(name):
     return torch.device(name)
 
 
-def check_config(cfg):
+def check_config(cfg, world=1):
+    """The flags, for a run of `world` processes (torchrun), else one line (DataError)."""
     if cfg["monitor"] not in MONITORS:
         raise data.DataError(f"--monitor {cfg['monitor']}: choose " + ", ".join(MONITORS))
     if cfg["target"] not in ("new", "full"):
@@ -1069,6 +1103,12 @@ def check_config(cfg):
     if cfg["wind_scale"] <= 0 or cfg["grad_clip"] < 0:
         raise data.DataError("--wind_scale must be > 0 and --grad_clip >= 0")
     check_mode(cfg)
+    if cfg["eval_only"] and world > 1:
+        raise data.DataError(f"--eval_only runs in one process: start it with python, not torchrun with {world} "
+                             "processes")
+    if cfg["batch_size"] < world:
+        raise data.DataError(f"--batch_size {cfg['batch_size']} is the global batch, split over the {world} "
+                             f"processes: it must be at least {world}")
 
 
 def check_mode(cfg):
@@ -1122,17 +1162,27 @@ def maybe_resume(cfg, model, opt, scaler, gen):
 
 def report_test(D, dev, amp):
     """best.pth on the test fires beside the baselines on the identical samples -> test_metrics.json + one line.
-    The test split chose nothing: not the epoch, not the stopping point."""
-    ckpt = data.load_checkpoint(os.path.join(out_dir, "checkpoints", "best.pth"))
+    The test split chose nothing: not the epoch, not the stopping point. Under torchrun rank 0 reads best.pth (the
+    outputs are on its machine) and sends the weights; every process scores its slices."""
+    with data.fail_together():
+        ckpt = data.load_checkpoint(os.path.join(out_dir, "checkpoints", "best.pth")) if data.is_rank0() else None
+    weights, best_epoch = data.broadcast_object((ckpt["model"], ckpt["epoch"]) if ckpt else None)
     model = build_model(D, dev)
-    model.load_state_dict(ckpt["model"])
-    result = dict(model=evaluate(model, D, amp, "test"), **baselines(D, *D["test"]), best_epoch=ckpt["epoch"],
+    model.load_state_dict(weights)
+    scores_ = evaluate(model, D, amp, "test")  # over all processes
+    with data.fail_together():
+        if data.is_rank0():
+            write_test_report(scores_, D, best_epoch)
+
+
+def write_test_report(scores_, D, best_epoch):
+    result = dict(model=scores_, **baselines(D, *D["test"]), best_epoch=best_epoch,
                   test_samples=len(D["test"][0]), target=target, note="new_ap of the baselines = precision x "
                   "recall at their single operating point; the model's = average precision over new-burn cells")
     with open(os.path.join(out_dir, "test_metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     m, dil, per = result["model"], result["dilation"], result["persistence"]
-    print(f"test ({result['test_samples']} samples, best.pth epoch {ckpt['epoch']}): new_f1 {m['new_f1']:.3f} "
+    print(f"test ({result['test_samples']} samples, best.pth epoch {best_epoch}): new_f1 {m['new_f1']:.3f} "
           f"new_ap {m['new_ap']:.3f} f1 {m['f1']:.3f} | wind dilation new_f1 {dil['new_f1']:.3f} new_ap* "
           f"{dil['new_ap']:.3f} | persistence new_f1 {per['new_f1']:.3f} new_ap* {per['new_ap']:.3f} "
           f"(* precision x recall)")
@@ -1165,32 +1215,53 @@ def write_epoch_outputs(row, step_rows, model, D, sample, amp, base):
     plot_curves(os.path.join(out_dir, "log.csv"), base, os.path.join(out_dir, "curves.png"))
 
 
-def train(cfg):
-    globals().update(cfg)  # the constants above now hold this run's values
-    check_config(cfg)
-    data.check_out_dir(out_dir)  # unwritable, or held by a live run: refused before any work
+def setup(cfg, rank, world):
+    """Flags, device, seeds, data, model, optimizer and --resume, alike on every process; nothing is written ->
+    (dev, amp, D, model, opt, scaler, gen, what maybe_resume returns)."""
+    check_config(cfg, world)
+    if rank == 0:
+        data.check_out_dir(out_dir)  # unwritable, or held by a live run: refused before any work
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    gen = torch.Generator().manual_seed(seed)  # owns the shuffling order; saved in checkpoints
-    dev = pick_device(device)
+    gen = torch.Generator().manual_seed(seed)  # owns the shuffling order, alike on every process; saved in checkpoints
+    dev = data.ddp_device(pick_device(device))  # under torchrun: this process's own GPU
     amp = amp_dtype_for(dev)
-    D = load_data(dev)
+    D = load_data(dev)  # every process holds the whole data set
     model = build_model(D, dev)
+    # BatchNorm over the global batch where it can be: SyncBatchNorm runs on GPUs only, so on the CPU each process
+    # normalises by its own slice's statistics (and evaluates with rank 0's running statistics: broadcast_buffers)
+    if dev.type == "cuda" and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(model)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp is torch.float16)
+    return dev, amp, D, model, opt, scaler, gen, maybe_resume(cfg, model, opt, scaler, gen)
+
+
+def train(cfg):
+    globals().update(cfg)  # the constants above now hold this run's values
+    rank, world = data.rank_world()  # (0, 1) without torchrun
+    with data.fail_together():  # a bad flag, file or checkpoint on any process stops every process; rank 0 says why
+        dev, amp, D, model, opt, scaler, gen, (start, best, best_epoch, bad, stored) = setup(cfg, rank, world)
+        if dev.type == "cpu":  # a resumed run keeps the precision it chose, so its losses continue exactly
+            amp = cpu_precision(model, D, stored)
+    amp = data.broadcast_object(amp)  # one precision for all: rank 0's timing decides
+    with data.fail_together():  # only from here on is anything written, by rank 0 alone
+        if rank == 0:
+            prepare_logs(start)
+    # the depthwise convs' weight gradients (C, 1, 3, 3) differ from their weights' strides only along the size-1
+    # dimension (the same memory order); DDP copies them into its buckets and would say so once per process
+    warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
+    ddp_model = data.ddp_wrap(model, dev)  # trains; `model` (the same weights) is saved, evaluated and plotted
     steps_per_epoch = math.ceil(len(D["train"][0]) / batch_size)
     total_steps = epochs * steps_per_epoch
-    start, best, best_epoch, bad, stored = maybe_resume(cfg, model, opt, scaler, gen)
-    if dev.type == "cpu":  # a resumed run keeps the precision it chose, so its losses continue exactly
-        amp = cpu_precision(model, D, stored)
     ckpt_dir = os.path.join(out_dir, "checkpoints")
-    prepare_logs(start)
     n_train, n_val, n_test = len(D["train"][0]), len(D["val"][0]), len(D["test"][0])
     print(f"data: {D['path']}  fire {tuple(D['fire'].shape)}  static {D['channels']}  train {n_train} / val {n_val}"
-          f" / test {n_test} samples  device {dev}  amp {amp}  target {target}")
+          f" / test {n_test} samples  device {dev}  amp {amp}  target {target}" +
+          (f"; {world} processes share each batch of {batch_size}" if world > 1 else ""))
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in part_params(model).items()))
     base = baselines(D, *D["val"])
     for k, m in base.items():
@@ -1200,14 +1271,15 @@ def train(cfg):
     step, stopped_early = start * steps_per_epoch, False
     for epoch in range(start + 1, epochs + 1):
         t0, step_rows = time.time(), []
-        tr, step = train_epoch(model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch)
+        tr, step = train_epoch(ddp_model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch)
         t1 = time.time()
         print(f"  train: {n_train} samples in {t1 - t0:.1f}s ({n_train / (t1 - t0):.1f} samples/s)")
-        va = evaluate(model, D, amp)
+        data.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, the ones it saves, on every process
+        va = evaluate(model, D, amp)  # over all processes, like tr
         t2 = time.time()
         print(f"  val:   {n_val} samples in {t2 - t1:.1f}s ({n_val / (t2 - t1):.1f} samples/s)")
         print_epoch(epoch, tr, va, base)
-        value = va[monitor.split("/")[1]]
+        value = va[monitor.split("/")[1]]  # the same on every process, and so is every decision taken from it
         improved = value > best + min_delta if monitor != "val/loss" else value < best - min_delta
         if improved:
             best, best_epoch, bad = value, epoch, 0
@@ -1215,18 +1287,20 @@ def train(cfg):
             bad += 1
         row = dict(epoch=epoch, step=step, lr_temporal=group_lr(opt, "temporal"), lr_spatial=group_lr(opt, "spatial"),
                    **{f"train_{k}": tr[k] for k in METRICS}, **{f"val_{k}": va[k] for k in METRICS}, time_s=round(t2 - t0, 2))
-        write_epoch_outputs(row, step_rows, model, D, sample, amp, base)
-        # checkpoints last: latest.pth then marks an epoch whose logs and plots are complete
-        ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                    best=best, best_epoch=best_epoch, bad_epochs=bad, rng=rng_state(gen), config=cfg,
-                    channels=D["channels"], baselines=base, val_metrics=va,
-                    cpu_autocast=("bf16" if amp else "fp32") if dev.type == "cpu" else None,
-                    arch=dataclasses.asdict(model.arch), data_file=os.path.abspath(D["path"]),
-                    train_fire_hashes=D["train_fire_hashes"])
-        if improved:
-            data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
-        data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
-        if early_stop and bad >= patience:
+        with data.fail_together():  # rank 0 writes; if that fails, every process stops, not rank 0 alone
+            if rank == 0:
+                write_epoch_outputs(row, step_rows, model, D, sample, amp, base)
+                # checkpoints last: latest.pth then marks an epoch whose logs and plots are complete
+                ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                            epoch=epoch, best=best, best_epoch=best_epoch, bad_epochs=bad, rng=rng_state(gen),
+                            config=cfg, channels=D["channels"], baselines=base, val_metrics=va,
+                            cpu_autocast=("bf16" if amp else "fp32") if dev.type == "cpu" else None,
+                            arch=dataclasses.asdict(model.arch), data_file=os.path.abspath(D["path"]),
+                            train_fire_hashes=D["train_fire_hashes"])
+                if improved:
+                    data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
+                data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
+        if data.any_rank(early_stop and bad >= patience):  # decided alike by every process
             print(f"early stopping at epoch {epoch}: best {monitor}={best:.4f} at epoch {best_epoch}")
             break
         if stop_after and epoch - start >= stop_after:
@@ -1275,7 +1349,7 @@ def evaluate_file(cfg, given):
     """--eval_only: --model on every pair of --data_path beside the baselines, and with --rollout N its N-step
     forecasts, into out_dir/eval_<file stem>/ (a training run's logs and checkpoints are never touched). Every
     check runs before anything is written."""
-    check_config(cfg)
+    check_config(cfg, data.rank_world()[1])  # refused under torchrun with several processes
     dev = pick_device(cfg["device"])
     net, ckpt = load_trained(cfg["model"], dev)
     cfg = eval_config(cfg, ckpt, given)
@@ -1317,17 +1391,18 @@ def report_rollout(net, D, amp, eval_dir):
 
 def main(argv=None):
     cfg = get_config(argv)
+    data.ddp_setup()  # under torchrun with several processes: join the process group; otherwise nothing
     try:
         if cfg["eval_only"]:
             evaluate_file(cfg, given_flags(argv))
         else:
             train(cfg)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except data.NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    except (data.DataError, data.NonFiniteLoss) as e:  # every process stops alike; rank 0 says why
+        if data.is_rank0():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, data.DataError) else 3)
+    finally:
+        data.ddp_cleanup()
 
 
 if __name__ == "__main__":

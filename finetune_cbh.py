@@ -8,6 +8,8 @@ Fine-tunes the masked-autoencoder encoder from mae.py and compares it, on identi
   probe     a linear head on the frozen pre-trained encoder (how much the features already know)
   trees     gradient-boosted regression trees (numpy) on hand-crafted profile features
   physics   a straight line on one physical feature: warmest minus coldest pixel (surface-to-cloud-top contrast)
+With --prior physics (default) the networks learn a correction to that line, starting exactly at it, and keep
+a correction only if the held-out validation flight's error drops.
 Splits: lofo (leave one flight out, default: the question a user asks is "does it work on a new flight"),
 blocked (contiguous time blocks within flights, with a gap), random (the seed's protocol; neighbouring
 frames are strongly correlated, so it leaks and flatters every method; comparison only).
@@ -543,6 +545,15 @@ def stages(method, cfg):
     return [(cfg["head_epochs"], cfg["lr"], False), (cfg["epochs"], cfg["ft_lr"], True)]
 
 
+def resume_stage(ck, opt, scaler, gen):
+    """Put the interrupted stage's optimizer, scaler and generator back -> (next epoch, epochs without gain)."""
+    opt.load_state_dict(ck["optimizer"])
+    if ck["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
+        scaler.load_state_dict(ck["scaler"])
+    set_rng_state(ck["rng"], gen)
+    return ck["epoch"] + 1, ck["bad_epochs"]
+
+
 def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=None):
     """Two-stage training of one network on one fold; returns (test predictions in km, the model with its
     best weights, the fold_inputs statistics).
@@ -576,13 +587,7 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
         model.encoder.requires_grad_(train_enc)  # stage 1: the encoder is frozen (and gets no optimizer state)
         opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["layer_decay"] if train_enc else 1.0),
                                 lr=peak, betas=(0.9, 0.999))
-        start_epoch, bad = 0, 0
-        if ck is not None and si == start_stage:
-            opt.load_state_dict(ck["optimizer"])
-            if ck["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
-                scaler.load_state_dict(ck["scaler"])
-            start_epoch, bad = ck["epoch"] + 1, ck["bad_epochs"]
-            set_rng_state(ck["rng"], gen)
+        start_epoch, bad = resume_stage(ck, opt, scaler, gen) if ck is not None and si == start_stage else (0, 0)
         for epoch in range(start_epoch, n_ep):
             if bad >= cfg["patience"]:
                 break

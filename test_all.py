@@ -2296,3 +2296,269 @@ def test_a_rollout_never_unburns_a_cell(fire_files, monkeypatch, target):
         with torch.no_grad():
             raw = torch.sigmoid(net(hist, w, lengths, D["static"][s])) > em.pred_thresh
         assert (start & ~raw).any()
+
+
+# ==============================================================================================
+# emberformer.py under torchrun (gloo on the CPU). EmberFormer cannot repeat a 1-process run exactly with several
+# processes: its dropout masks and, on the CPU, its BatchNorm batch statistics are per process. The runs here check
+# what must hold anyway: every sample is counted once (the logged val metrics and the test report equal a 1-process
+# evaluation of the saved checkpoint), rank 0 alone writes one set of files, and --resume works across process
+# counts. The gradient test runs the model in eval mode (no dropout, BatchNorm's running statistics), where 2
+# processes must give the 1-process gradient of the global batch. Tiny data (16x16 fires), 1 thread per process.
+# 8 fires x 5 samples: 2 val fires (10 samples), 1 test fire (5), 22 of the 25 training samples. A global batch of 7
+# splits 4/3 over 2 processes; the last of each epoch (22 = 3 * 7 + 1) holds one sample, so rank 1's slice is empty
+EMBER_DDP = ["--epochs", "2", "--batch_size", "7", "--max_samples", "22", "--num_threads", "1", "--cpu_bf16", "off",
+             "--log_every", "1"]
+STEPS_PER_EPOCH = 4
+
+
+@pytest.fixture(scope="module")
+def fire_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ember_ddp") / "fires.h5"
+    data.write_fire(path, **data.generate_fires(n_seq=8, size=16, n_frames=6, seed=1))
+    return str(path)
+
+
+def ember_torchrun(n, *args, timeout=DDP_TIMEOUT):
+    """`torchrun --standalone --nproc_per_node n emberformer.py *args` -> (exit code, stdout, stderr)."""
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                          "emberformer.py", *map(str, args)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return p.returncode, out, err
+
+
+def ember_one_process(*args, timeout=DDP_TIMEOUT):
+    r = subprocess.run([sys.executable, "emberformer.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return r.returncode, r.stdout, r.stderr
+
+
+def evaluate_checkpoint(path, split, monkeypatch):
+    """A saved checkpoint scored on a split in this one process (no process group) -> metrics dict."""
+    ckpt = data.load_checkpoint(path)
+    for k, v in ckpt["config"].items():
+        monkeypatch.setattr(em, k, v)
+    D = em.load_data(torch.device("cpu"))
+    model = em.EmberFormer(len(D["channels"]), em.patch_size, em.wind_scale, em.target, em.Arch(**ckpt["arch"]))
+    model.load_state_dict(ckpt["model"])
+    return em.evaluate(model, D, None, split)
+
+
+def assert_same_metrics(logged, scores, prefix=""):
+    for k in em.METRICS:
+        assert float(logged[prefix + k]) == pytest.approx(scores[k], rel=1e-5, abs=1e-6), k
+
+
+@pytest.fixture(scope="module")
+def first_epochs(fire_file, tmp_path_factory):
+    """Epoch 1 of the same run with 1 process and with 2 (real torchrun), each paused with --stop_after 1."""
+    base = tmp_path_factory.mktemp("ember_ddp_runs")
+    flags = ["--data_path", fire_file, *EMBER_DDP]  # --stop_after may change on --resume: the resumed runs finish
+    rc, out1, err = ember_one_process(*flags, "--stop_after", "1", "--out_dir", base / "one")
+    assert rc == 0, err
+    rc, out2, err = ember_torchrun(2, *flags, "--stop_after", "1", "--out_dir", base / "two")
+    assert rc == 0, err
+    return dict(one=base / "one", two=base / "two", stdout1=out1, stdout2=out2, flags=flags)
+
+
+def test_two_processes_train_write_once_and_count_every_sample_once(first_epochs, monkeypatch):
+    one, two = first_epochs["one"], first_epochs["two"]
+    assert ddp_listing(one) == ddp_listing(two)  # the same files, written once: no lock left, nothing per rank
+    out = first_epochs["stdout2"]
+    assert "train 22 / val 10 / test 5 samples" in out and "2 processes share each batch of 7" in out
+    assert out.count("[Epoch 1/2]") == 1 and out.count("stopping after 1 epoch") == 1
+    (row1,), (row2,) = read_csv(one / "log.csv"), read_csv(two / "log.csv")
+    assert row1["step"] == row2["step"] == str(STEPS_PER_EPOCH)
+    assert (row1["lr_temporal"], row1["lr_spatial"]) == (row2["lr_temporal"], row2["lr_spatial"])
+    # the same start and batches; only dropout masks and per-process BatchNorm statistics differ. A sample counted
+    # twice, or only rank 0's, would put the train loss near 2x or 0.5x
+    assert float(row2["train_loss"]) == pytest.approx(float(row1["train_loss"]), rel=0.05)
+    steps1, steps2 = read_csv(one / "log_steps.csv"), read_csv(two / "log_steps.csv")
+    assert [r["step"] for r in steps1] == [r["step"] for r in steps2] == ["1", "2", "3", "4"]
+    assert float(steps2[0]["loss"]) == pytest.approx(float(steps1[0]["loss"]), rel=0.05)
+    # the val metrics of the 2-process run (each process scored its slices, the sums were added) are the saved
+    # model's, scored here by one process: every val sample counted once, with rank 0's BatchNorm statistics
+    for run, row in ((two, row2), (one, row1)):
+        assert_same_metrics(row, evaluate_checkpoint(run / "checkpoints/latest.pth", "val", monkeypatch), "val_")
+    ck1, ck2 = (data.load_checkpoint(run / "checkpoints/latest.pth") for run in (one, two))
+    assert ck1["model"].keys() == ck2["model"].keys()  # a plain checkpoint: no DDP "module." prefix
+    assert torch.equal(ck1["rng"]["gen"], ck2["rng"]["gen"])  # the shuffling generator drew the same batches
+
+
+def test_ember_resume_across_process_counts(first_epochs, tmp_path, monkeypatch):
+    """Epoch 1 of 1 process resumed with 2, and epoch 1 of 2 processes resumed with 1: each finishes the run (the
+    optimizer, schedule and shuffling continue) and reports the test split once, over every test sample."""
+    for src, dst in (("one", "one_then_two"), ("two", "two_then_one")):
+        shutil.copytree(first_epochs[src], tmp_path / dst)
+    resume = ["--resume", tmp_path / "one_then_two/checkpoints/latest.pth", "--out_dir", tmp_path / "one_then_two"]
+    results = launch(2, lambda rank: ["emberformer.py", *first_epochs["flags"], *resume], tmp_path)
+    assert [r[0] for r in results] == [0, 0], results
+    assert "test (5 samples" in results[0][1] and results[1][1] == ""  # only rank 0 prints
+    rc, out, err = ember_one_process(*first_epochs["flags"], "--resume", tmp_path / "two_then_one/checkpoints/latest.pth",
+                               "--out_dir", tmp_path / "two_then_one")
+    assert rc == 0, err
+    ckpts = {}
+    for src, dst in (("one", "one_then_two"), ("two", "two_then_one")):
+        rows = read_csv(tmp_path / dst / "log.csv")
+        assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == read_csv(first_epochs[src] / "log.csv")[0]
+        assert len(read_csv(tmp_path / dst / "log_steps.csv")) == 2 * STEPS_PER_EPOCH
+        ckpts[dst] = ckpt = data.load_checkpoint(tmp_path / dst / "checkpoints/latest.pth")
+        assert ckpt["epoch"] == 2 and ckpt["optimizer"]["state"][0]["step"] == 2 * STEPS_PER_EPOCH
+        report = json.loads((tmp_path / dst / "test_metrics.json").read_text())
+        assert report["test_samples"] == 5 and report["best_epoch"] == data.load_checkpoint(
+            tmp_path / dst / "checkpoints/best.pth")["epoch"]
+        assert_same_metrics(report["model"], evaluate_checkpoint(tmp_path / dst / "checkpoints/best.pth", "test",
+                                                                 monkeypatch))
+        assert not (tmp_path / dst / ".lock").exists()
+    a, b = ckpts.values()
+    assert torch.equal(a["rng"]["gen"], b["rng"]["gen"])
+    rows_a, rows_b = (read_csv(tmp_path / dst / "log.csv") for dst in ckpts)
+    assert [(r["step"], r["lr_temporal"], r["lr_spatial"]) for r in rows_a] == \
+           [(r["step"], r["lr_temporal"], r["lr_spatial"]) for r in rows_b]
+
+
+# A tiny model in eval mode (no dropout; BatchNorm uses its running statistics), so the split is the only difference
+# between 1 and 2 processes. The global batches: 5 samples split 3/2 and 1 sample split 1/0 (rank 1 runs an empty
+# slice and still joins the all-reduce). Each of its samples has another number of cells burning at t, so the pixel
+# weighting of the BCE matters: weighting each process by its share of the SAMPLES (data.rank_loss_weight, right
+# for a mean over samples) gives another gradient, and so does DDP's plain average of the slices' mean losses.
+EMBER_GRADIENT_WORKER = textwrap.dedent("""
+    import sys, torch, data, losses, emberformer as em
+    torch.set_num_threads(1)
+    data.ddp_setup()
+    em.history, em.target = 4, "new"
+    fires = data.generate_fires(n_seq=3, size=16, n_frames=6, seed=1)
+    D = {k: torch.from_numpy(fires[k]) for k in ("fire", "wind", "static")}
+    S, T = torch.tensor([0, 1, 2, 0, 2]), torch.tensor([4, 1, 3, 0, 2])
+    torch.manual_seed(0)
+    arch = em.Arch(dim=16, heads=2, layers=2, ffn=32, mit_dims=(8, 16, 16, 16), mit_heads=(1, 1, 1, 1), decode_dim=16,
+                   refine_dim=8)  # test_all.EVAL_ARCH
+    model = em.EmberFormer(4, 4, target="new", arch=arch).eval()
+    ddp_model = data.ddp_wrap(model, torch.device("cpu"))
+    world = data.rank_world()[1]
+
+    def slice_mean_loss(s, t):  # this process's slice alone, as one process would score it
+        mine = data.rank_slice(len(s))
+        hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s[mine], t[mine], em.history)
+        logits = ddp_model(hist, wind, lengths, D["static"][s[mine]])
+        current = hist[torch.arange(len(lengths)), lengths - 1] > 0.5
+        return losses.bce_dice_loss(logits, nxt, mask=~current)[0]
+    grads = {}
+    for n, weighting in ((5, "share"), (1, "share"), (5, "samples"), (5, "none")):
+        s, t = S[:n], T[:n]
+        if weighting == "share":
+            loss = em.forward_batch(ddp_model, D, s, t, None)[0] * world
+        else:
+            loss = slice_mean_loss(s, t) * (data.rank_loss_weight(n) if weighting == "samples" else 1.0)
+        model.zero_grad()
+        loss.backward()
+        grads[n, weighting] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    if data.is_rank0():
+        torch.save(grads, sys.argv[1])
+    data.ddp_cleanup()
+""")
+
+
+def tiny_model_and_batch():
+    """The gradient worker's model (the same initial weights), data and global batch of 5, in this process."""
+    fires = data.generate_fires(n_seq=3, size=16, n_frames=6, seed=1)
+    D = {k: torch.from_numpy(fires[k]) for k in ("fire", "wind", "static")}
+    torch.manual_seed(0)
+    model = em.EmberFormer(4, 4, target="new", arch=EVAL_ARCH).eval()
+    return model, D, torch.tensor([0, 1, 2, 0, 2]), torch.tensor([4, 1, 3, 0, 2])
+
+
+def test_ember_two_process_gradient_of_uneven_slices_equals_the_full_batch_gradient(tmp_path):
+    results = launch(2, lambda rank: ["-c", EMBER_GRADIENT_WORKER, tmp_path / "grads.pth"], tmp_path)
+    assert [r[0] for r in results] == [0, 0], results
+    ddp_grads = torch.load(tmp_path / "grads.pth")
+    model, D, S, T = tiny_model_and_batch()
+    for n in (5, 1):  # the reference: the loss's own definition over the whole batch, in one process
+        hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], S[:n], T[:n], 4)
+        current = hist[torch.arange(n), lengths - 1] > 0.5
+        assert n == 1 or len(set((~current).flatten(1).sum(1).tolist())) == n  # kept pixels differ per sample
+        model.zero_grad()
+        losses.bce_dice_loss(model(hist, wind, lengths, D["static"][S[:n]]), nxt, mask=~current)[0].backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(ddp_grads[n, "share"][name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+        if n == 5:
+            for wrong in ("samples", "none"):
+                assert any(not torch.allclose(ddp_grads[5, wrong][name], p.grad, rtol=1e-3, atol=1e-6)
+                           for name, p in model.named_parameters()), wrong
+
+
+def test_one_process_loss_is_bce_dice_loss_exactly(monkeypatch):
+    """Without a process group forward_batch's loss is losses.bce_dice_loss itself, bit for bit (the shares are 1.0)."""
+    monkeypatch.setattr(em, "history", 4)
+    model, D, S, T = tiny_model_and_batch()
+    for target, pos_weight in (("new", 0.0), ("full", 3.0)):
+        monkeypatch.setattr(em, "target", target)
+        monkeypatch.setattr(em, "pos_weight", pos_weight)
+        model.target = target
+        loss, s3, *_ = em.forward_batch(model, D, S, T, None)
+        hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], S, T, 4)
+        current = hist[torch.arange(5), lengths - 1] > 0.5
+        want = losses.bce_dice_loss(model(hist, wind, lengths, D["static"][S]), nxt, 0.5, 0.5, pos_weight or None,
+                                    mask=~current if target == "new" else None)
+        assert torch.equal(loss, want[0]) and torch.equal(s3, torch.stack(want) * 5)
+
+
+def test_flags_refused_under_torchrun():
+    cfg = em.get_config(["--batch_size", "1"])
+    em.check_config(cfg)  # one process: fine
+    with pytest.raises(data.DataError, match="--batch_size 1 is the global batch, split over the 2 processes"):
+        em.check_config(cfg, world=2)
+    cfg = em.get_config(["--eval_only", "--model", "best.pth"])
+    em.check_config(cfg)
+    with pytest.raises(data.DataError, match="--eval_only runs in one process: start it with python, not torchrun"):
+        em.check_config(cfg, world=2)
+
+
+def test_bad_combination_and_one_rank_failing_stop_every_rank_with_one_line(fire_file, tmp_path):
+    """A global batch smaller than the number of processes: one line from rank 0, exit 2 on every rank, nothing
+    written. A file missing on rank 1 alone stops rank 0 too, with rank 1's message, without a hang."""
+    out = tmp_path / "out"
+    results = launch(2, lambda rank: ["emberformer.py", "--data_path", fire_file, "--out_dir", out, *EMBER_DDP,
+                                      "--batch_size", "1"], tmp_path)
+    assert_one_line_on_rank0_and_exit_everywhere(results, 2, "--batch_size 1 is the global batch", "at least 2")
+    assert not out.exists()
+    results = launch(2, lambda rank: ["emberformer.py", "--data_path", fire_file if rank == 0 else tmp_path / "gone.h5",
+                                      "--out_dir", out, *EMBER_DDP], tmp_path)
+    assert_one_line_on_rank0_and_exit_everywhere(results, 2, "gone.h5")
+    assert not out.exists()
+
+
+# rank 1's loss turns NaN at the last step of epoch 1, where its slice is empty: rank 0's own losses and weights stay
+# finite, so only the all-reduced check can stop it. Rank 0 also copies the out_dir lock while it trains.
+EMBER_NAN_ON_RANK1 = textwrap.dedent("""
+    import os, shutil, sys, data, emberformer as em
+    real, calls = em.forward_batch, [0]
+    def nan_on_rank1_last_step(model, D, s, t, amp):
+        out = real(model, D, s, t, amp)
+        if model.training:
+            calls[0] += 1
+            if calls[0] == 1 and data.is_rank0():
+                shutil.copy(os.path.join(em.out_dir, ".lock"), os.path.join(em.out_dir, "..", "lock_seen"))
+            if calls[0] == %d and not data.is_rank0():
+                return (out[0] * float("nan"), out[1] * float("nan"), *out[2:])
+        return out
+    em.forward_batch = nan_on_rank1_last_step
+    em.main(sys.argv[1:])
+""" % STEPS_PER_EPOCH)
+
+
+def test_ember_nonfinite_loss_on_one_rank_stops_every_rank_with_exit_3(fire_file, tmp_path):
+    out = tmp_path / "out"
+    results = launch(2, lambda rank: ["-c", EMBER_NAN_ON_RANK1, "--data_path", fire_file, "--out_dir", out, *EMBER_DDP],
+                     tmp_path)
+    assert_one_line_on_rank0_and_exit_everywhere(results, 3, "non-finite loss", "epoch 1")
+    assert not (out / "checkpoints").exists() and not (out / "log.csv").exists()  # nothing of epoch 1 saved
+    pid, host = (tmp_path / "lock_seen").read_text().split()  # rank 0 took the lock: "pid host"
+    assert pid.isdigit() and host == socket.gethostname()
+    assert not (out / ".lock").exists()  # released at exit
