@@ -894,7 +894,7 @@ def plot_preview(model, D, sample, amp, path):
                   (tgt.float(), f"target t+1 (seq {s[r].item()}, t={t[r].item()})", "gray"),
                   (prob[r], "predicted probability", "magma"), (err, "error: white hit, red FP, blue FN", None)]
         for ax, (img, title, cmap) in zip(axes[r], panels):
-            ax.imshow(img, cmap=cmap, vmin=0 if cmap in ("gray", "magma") else None,
+            ax.imshow(img.numpy(), cmap=cmap, vmin=0 if cmap in ("gray", "magma") else None,
                       vmax=1 if cmap in ("gray", "magma") else None, interpolation="nearest")
             ax.set_title(title, fontsize=8)
             ax.axis("off")
@@ -1015,7 +1015,7 @@ def plot_rollout_strip(model, D, n_steps, amp, path):
             f1 = losses.seg_metrics(losses.confusion_counts(f[k], truth[k], ~start))["f1"]
             panels.append((error_image(f[k], truth[k], start), f"{m}: new-burn F1 {f1:.2f}"))
         for r, (img, title) in enumerate(panels):
-            axes[r, k].imshow(img, interpolation="nearest")
+            axes[r, k].imshow(img.numpy(), interpolation="nearest")
             axes[r, k].set_title(title, fontsize=8)
             axes[r, k].axis("off")
     fig.suptitle(f"rollout of sequence {s[0].item()} from t0={t0[0].item()} (observed wind)", fontsize=9)
@@ -1240,6 +1240,19 @@ def setup(cfg, rank, world):
     return dev, amp, D, model, opt, scaler, gen, maybe_resume(cfg, model, opt, scaler, gen)
 
 
+def announce_run(D, dev, amp, world, model):
+    """Print the data, precision, sizes and the val baselines; returns the baselines (they go in every log row)."""
+    print(f"data: {D['path']}  fire {tuple(D['fire'].shape)}  static {D['channels']}  train {len(D['train'][0])} / "
+          f"val {len(D['val'][0])} / test {len(D['test'][0])} samples  device {dev}  amp {amp}  target {target}" +
+          (f"; {world} processes share each batch of {batch_size}" if world > 1 else ""))
+    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in part_params(model).items()))
+    base = baselines(D, *D["val"])
+    for k, m in base.items():
+        print(f"baseline {k:<11} val: f1={m['f1']:.3f} prec={m['precision']:.3f} iou={m['iou']:.3f} "
+              f"new_f1={m['new_f1']:.3f} new_ap(precision x recall)={m['new_ap']:.3f}")
+    return base
+
+
 def train(cfg):
     globals().update(cfg)  # the constants above now hold this run's values
     rank, world = data.rank_world()  # (0, 1) without torchrun
@@ -1259,14 +1272,7 @@ def train(cfg):
     total_steps = epochs * steps_per_epoch
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     n_train, n_val, n_test = len(D["train"][0]), len(D["val"][0]), len(D["test"][0])
-    print(f"data: {D['path']}  fire {tuple(D['fire'].shape)}  static {D['channels']}  train {n_train} / val {n_val}"
-          f" / test {n_test} samples  device {dev}  amp {amp}  target {target}" +
-          (f"; {world} processes share each batch of {batch_size}" if world > 1 else ""))
-    print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in part_params(model).items()))
-    base = baselines(D, *D["val"])
-    for k, m in base.items():
-        print(f"baseline {k:<11} val: f1={m['f1']:.3f} prec={m['precision']:.3f} iou={m['iou']:.3f} "
-              f"new_f1={m['new_f1']:.3f} new_ap(precision x recall)={m['new_ap']:.3f}")
+    base = announce_run(D, dev, amp, world, model)
     sample = preview_samples(D)
     step, stopped_early = start * steps_per_epoch, False
     for epoch in range(start + 1, epochs + 1):
