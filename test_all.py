@@ -1405,6 +1405,25 @@ def test_ember_gradient_reaches_every_parameter_and_optimizer_holds_all(ember_fi
         em.check_groups(model, [dict(params=list(model.parameters()))] * 2)
 
 
+def test_ember_bf16_patch_merging_on_a_one_cell_wide_map_gives_the_same_gradient_every_time():
+    """torch's CPU bf16 conv backward gives a stride-2 3x3 conv on a map one cell wide a different weight
+    gradient on every call (up to 1e20; it made bf16 training diverge on small grids). OverlapEmbed runs that
+    case in fp32: identical gradients each time, equal to the fp32 ones."""
+    torch.manual_seed(0)
+    embed = em.OverlapEmbed(64, 128, 2)
+    x = torch.randn(8, 64, 2, 1)  # (B, C, H, W): W = 1
+
+    def weight_grad(dtype):
+        embed.zero_grad()
+        with torch.autocast("cpu", dtype or torch.float32, enabled=dtype is not None):
+            out = embed(x)[0]
+        out.float().square().mean().backward()
+        return embed.conv.weight.grad.clone()
+    want = weight_grad(None)
+    for _ in range(6):
+        torch.testing.assert_close(weight_grad(torch.bfloat16), want, rtol=0, atol=0)
+
+
 def test_ember_lr_schedule_warmup_then_cosine():
     total = 1000
     lrs = [em.get_lr(s, total) for s in range(total)]
