@@ -82,7 +82,7 @@ dice_weight = 0.5  # weight of the soft-Dice term
 pos_weight = 0.0  # BCE weight of burning pixels (0 = unweighted)
 dil_wind = 6.0  # m/s; dilation baseline: calm spreads to all 8 neighbours, dil_wind m/s only within 90 deg of downwind
 log_every = 20  # write a row to log_steps.csv every this many optimizer steps
-cpu_bf16 = 'off'  # CPU precision: off = fp32; on = bf16 autocast; auto = time both. bf16 diverged here (README)
+cpu_bf16 = 'auto'  # CPU precision: auto = time fp32 and bf16 autocast steps, take the faster; on | off
 stop_after = 0  # stop after this many epochs of this run (0 = never), schedule still set by --epochs; then --resume
 model = ''  # a trained checkpoint (best.pth) for --eval_only; its model and data settings are used, not these flags
 eval_only = False  # score --model on every t -> t+1 pair of --data_path (no split, no training) -> out_dir/eval_<stem>/
