@@ -290,19 +290,19 @@ def rank_loss_weight(n):
 
 def all_reduce_sum(t):
     """The sum of tensor t over the ranks (a new tensor; t itself without a process group)."""
-    if not _distributed():
-        return t
-    t = t.clone()
-    dist.all_reduce(t, dist.ReduceOp.SUM)
-    return t
+    return _all_reduce(t, "SUM")
 
 
 def all_reduce_max(t):
     """The elementwise max of tensor t over the ranks (a new tensor; t itself without a process group)."""
+    return _all_reduce(t, "MAX")
+
+
+def _all_reduce(t, op):
     if not _distributed():
         return t
     t = t.clone()
-    dist.all_reduce(t, dist.ReduceOp.MAX)
+    dist.all_reduce(t, getattr(dist.ReduceOp, op))
     return t
 
 

@@ -1852,10 +1852,10 @@ def launch(n, argv_of_rank, tmp_path, timeout=DDP_TIMEOUT):
     return results
 
 
-def torchrun(n, *args, timeout=DDP_TIMEOUT):
-    """`torchrun --standalone --nproc_per_node n mae.py *args`; -> (exit code, stdout, stderr)."""
+def torchrun(n, *args, timeout=DDP_TIMEOUT, script="mae.py"):
+    """`torchrun --standalone --nproc_per_node n script *args`; -> (exit code, stdout, stderr)."""
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                          "mae.py", *map(str, args)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          script, *map(str, args)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -1866,8 +1866,8 @@ def torchrun(n, *args, timeout=DDP_TIMEOUT):
     return p.returncode, out, err
 
 
-def one_process(*args, timeout=DDP_TIMEOUT):
-    r = subprocess.run([sys.executable, "mae.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+def one_process(*args, timeout=DDP_TIMEOUT, script="mae.py"):
+    r = subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, capture_output=True, text=True,
                        timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
     return r.returncode, r.stdout, r.stderr
 
@@ -2050,17 +2050,21 @@ def assert_one_line_on_rank0_and_exit_everywhere(results, code, *words):
     assert all(r[2].strip() == "" for r in results[1:]), results  # the other ranks say nothing
 
 
-def test_bad_combinations_and_one_rank_failing_stop_every_rank_with_one_line(ddp_clouds, tmp_path):
+@pytest.mark.parametrize("script", ["mae.py", "emberformer.py"])
+def test_bad_combinations_and_one_rank_failing_stop_every_rank_with_one_line(script, request, tmp_path):
     """A global batch smaller than the number of processes: one line from rank 0, exit 2 on every rank, nothing
-    written. A problem seen by one rank only (here its data file) stops the others too, without a hang."""
+    written. A problem seen by one rank only (here its data file) stops the others too, with that rank's
+    message, without a hang."""
+    path, flags = ((request.getfixturevalue("ddp_clouds"), DDP_MAE_TINY) if script == "mae.py" else
+                   (request.getfixturevalue("fire_file"), EMBER_DDP))
     out = tmp_path / "out"
-    results = launch(2, lambda rank: ["mae.py", "--data_path", ddp_clouds, "--out_dir", out, *DDP_MAE_TINY,
-                                      "--batch_size", "1"], tmp_path)
+    results = launch(2, lambda rank: [script, "--data_path", path, "--out_dir", out, *flags, "--batch_size", "1"],
+                     tmp_path)
     assert_one_line_on_rank0_and_exit_everywhere(results, 2, "--batch_size 1 is the global batch", "at least 2")
     assert not out.exists()
-    results = launch(2, lambda rank: ["mae.py", "--data_path", ddp_clouds if rank == 0 else tmp_path / "missing.h5",
-                                      "--out_dir", out, *DDP_MAE_TINY], tmp_path)
-    assert_one_line_on_rank0_and_exit_everywhere(results, 2, "missing.h5", "not found")
+    results = launch(2, lambda rank: [script, "--data_path", path if rank == 0 else tmp_path / "missing.h5",
+                                      "--out_dir", out, *flags], tmp_path)
+    assert_one_line_on_rank0_and_exit_everywhere(results, 2, "missing.h5")
     assert not out.exists()
 
 
@@ -2339,23 +2343,11 @@ def fire_file(tmp_path_factory):
 
 
 def ember_torchrun(n, *args, timeout=DDP_TIMEOUT):
-    """`torchrun --standalone --nproc_per_node n emberformer.py *args` -> (exit code, stdout, stderr)."""
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                          "emberformer.py", *map(str, args)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    return p.returncode, out, err
+    return torchrun(n, *args, timeout=timeout, script="emberformer.py")
 
 
 def ember_one_process(*args, timeout=DDP_TIMEOUT):
-    r = subprocess.run([sys.executable, "emberformer.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                       timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    return r.returncode, r.stdout, r.stderr
+    return one_process(*args, timeout=timeout, script="emberformer.py")
 
 
 def evaluate_checkpoint(path, split, monkeypatch):
@@ -2537,20 +2529,6 @@ def test_flags_refused_under_torchrun():
     em.check_config(cfg)
     with pytest.raises(data.DataError, match="--eval_only runs in one process: start it with python, not torchrun"):
         em.check_config(cfg, world=2)
-
-
-def test_bad_combination_and_one_rank_failing_stop_every_rank_with_one_line(fire_file, tmp_path):
-    """A global batch smaller than the number of processes: one line from rank 0, exit 2 on every rank, nothing
-    written. A file missing on rank 1 alone stops rank 0 too, with rank 1's message, without a hang."""
-    out = tmp_path / "out"
-    results = launch(2, lambda rank: ["emberformer.py", "--data_path", fire_file, "--out_dir", out, *EMBER_DDP,
-                                      "--batch_size", "1"], tmp_path)
-    assert_one_line_on_rank0_and_exit_everywhere(results, 2, "--batch_size 1 is the global batch", "at least 2")
-    assert not out.exists()
-    results = launch(2, lambda rank: ["emberformer.py", "--data_path", fire_file if rank == 0 else tmp_path / "gone.h5",
-                                      "--out_dir", out, *EMBER_DDP], tmp_path)
-    assert_one_line_on_rank0_and_exit_everywhere(results, 2, "gone.h5")
-    assert not out.exists()
 
 
 # rank 1's loss turns NaN at the last step of epoch 1, where its slice is empty: rank 0's own losses and weights stay
