@@ -1780,7 +1780,7 @@ def test_ember_resume_trims_logs_and_bad_flags_write_nothing(tmp_path, capsys, r
 
 def test_ft_bad_flags_and_log_trim(ft_tiny, tmp_path):
     for flags, words in ((["--batch_size", "0"], "--batch_size"), (["--n_blocks", "1"], "--n_blocks"),
-                         (["--val_frac", "1"], "--val_frac")):
+                         (["--val_frac", "1"], "--val_frac"), (["--prior", "lines"], "--prior 'lines'")):
         r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
                        "--out_dir", tmp_path / "out", *flags)
         assert_one_line_error(r, words)
