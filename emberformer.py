@@ -116,6 +116,7 @@ CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite los
 # flags that may change on --resume (they only change where and how the run reports, or when it ends);
 # every other flag must match the checkpoint's, else the resumed run would not continue the same run
 FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "stop_after", "patience", "early_stop", "log_every",
+                  "cpu_bf16",  # a resumed run keeps the precision its checkpoint stored, whatever this says
                   "model", "eval_only", "rollout")  # the last three: --eval_only flags, off in every training run
 # --model takes these from its checkpoint: the model was built and trained with them, so a different explicit flag is
 # refused. EVAL_SETTINGS also come from the checkpoint, but an explicit flag may change how the forecast is scored
@@ -1243,7 +1244,10 @@ def setup(cfg, rank, world):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(model)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp is torch.float16)
-    return dev, amp, D, model, opt, scaler, gen, maybe_resume(cfg, model, opt, scaler, gen)
+    resumed = maybe_resume(cfg, model, opt, scaler, gen)
+    if world > 1:  # dropout and drop-path masks per process (DDP has given every process rank 0's weights)
+        torch.manual_seed(seed + 1_000_003 * rank + 7919 * resumed[0])
+    return dev, amp, D, model, opt, scaler, gen, resumed
 
 
 def announce_run(D, dev, amp, world, model):
@@ -1371,7 +1375,9 @@ def evaluate_file(cfg, given):
     D = load_eval_data(dev, ckpt)
     eval_dir = os.path.join(out_dir, "eval_" + os.path.splitext(os.path.basename(D["path"]))[0])
     data.claim_out_dir(eval_dir)
-    amp = amp_dtype_for(dev)  # the CPU evaluates in fp32
+    amp = amp_dtype_for(dev)  # CUDA's policy; on the CPU the precision the model trained in (its val_metrics match)
+    if dev.type == "cpu" and ckpt.get("cpu_autocast") == "bf16":
+        amp = torch.bfloat16
     print(f"model {model} (epoch {ckpt.get('epoch')}, target {target}, history {history}, patch {patch_size}, "
           f"pred_thresh {pred_thresh}) -> {eval_dir}")
     report_one_step(net, D, amp, eval_dir)
