@@ -2163,6 +2163,20 @@ def one_step_direct(net, path, K):
 # ----------------------------------------------------------------------------------------------
 # --eval_only
 
+@pytest.mark.parametrize("trained_in", ["fp32", "bf16"])
+def test_eval_only_scores_in_the_precision_the_model_trained_in(fire_files, tmp_path, capsys, restore_globals,
+                                                                monkeypatch, trained_in):
+    ckpt = tmp_path / "best.pth"
+    write_checkpoint(ckpt, fire_files["train"])
+    torch.save(dict(torch.load(ckpt, weights_only=False), cpu_autocast=trained_in), ckpt)
+    seen, real = set(), em.model_logits
+    monkeypatch.setattr(em, "model_logits", lambda model, *a: seen.add(a[-1]) or real(model, *a))
+    code, _, err = main_exit(["--eval_only", "--model", ckpt, "--data_path", fire_files["other"], "--out_dir",
+                              tmp_path / "out", "--batch_size", "64"], capsys)
+    assert code == 0, err
+    assert seen == {torch.bfloat16 if trained_in == "bf16" else None}
+
+
 def test_eval_only_scores_every_pair_of_another_file(fire_files, tmp_path, capsys, restore_globals):
     run = tmp_path / "run"
     net = write_checkpoint(run / "checkpoints" / "best.pth", fire_files["train"])
