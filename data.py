@@ -92,8 +92,7 @@ def check_out_dir(out_dir):
         os.remove(tempfile.mkstemp(dir=probe, prefix=".write_test_")[1])
     except OSError:
         raise DataError(f"--out_dir {out_dir}: {probe} is not a writable folder") from None
-    holder = _lock_holder(os.path.join(path, ".lock"))
-    host = _lock_host(os.path.join(path, ".lock"))
+    holder, host = _lock_owner(os.path.join(path, ".lock"))
     if holder is not None and host not in (None, socket.gethostname()):  # its liveness cannot be seen from here
         raise DataError(f"--out_dir {out_dir}: in use by process {holder} on host {host} (its lock {path}/.lock); "
                         "wait for it, choose another --out_dir, or delete the lock if that run has ended")
@@ -112,30 +111,22 @@ def claim_out_dir(out_dir):
     except OSError as e:
         raise DataError(f"--out_dir {out_dir}: cannot create it ({e.strerror})") from None
     lock = os.path.join(out_dir, ".lock")
-    holder = _lock_holder(lock)
+    holder = _lock_owner(lock)[0]
     if holder is not None and holder != os.getpid():
         print(f"note: taking over the stale lock {lock} of process {holder}, which is no longer running")
     with open(lock, "w") as f:
         f.write(str(os.getpid()) + (f" {socket.gethostname()}" if _distributed() else ""))
-    atexit.register(lambda: _lock_holder(lock) == os.getpid() and os.remove(lock))
+    atexit.register(lambda: _lock_owner(lock)[0] == os.getpid() and os.remove(lock))
 
 
-def _lock_holder(lock):
-    try:
-        with open(lock) as f:
-            return int((f.read().split() or ["-1"])[0])  # "pid", or "pid host" (a torchrun job)
-    except (OSError, ValueError):
-        return None
-
-
-def _lock_host(lock):
-    """The host a lock names ("pid host", written under torchrun), or None."""
+def _lock_owner(lock):
+    """(pid, host) a lock names: "pid", or "pid host" under torchrun; None for what is missing or unreadable."""
     try:
         with open(lock) as f:
             words = f.read().split()
-    except OSError:
-        return None
-    return words[1] if len(words) > 1 else None
+        return int(words[0]), (words[1] if len(words) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return None, None
 
 
 def _alive(pid):
@@ -217,13 +208,11 @@ def ddp_setup():
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a plain run, or torchrun with one process, starts none. One group
     serves CPU tensors with gloo and, where CUDA exists, CUDA tensors with nccl, so small decisions can always
     be agreed on the CPU. On ranks > 0 stdout goes to /dev/null: only rank 0 prints (stderr stays, for
-    tracebacks). Returns (rank, world_size, local_rank)."""
+    tracebacks)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _distributed():
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         if dist.get_rank() > 0:
             sys.stdout = open(os.devnull, "w")
-    rank, world = rank_world()
-    return rank, world, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
 
 
 def ddp_cleanup():

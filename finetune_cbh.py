@@ -468,9 +468,7 @@ def fold_inputs(fold, t, enc, dev, prior="none"):
     mean, std = enc["norm_mean"], enc["norm_std"]
     if mean is None:  # --pretrained none
         mean, std = data.norm_stats(t["x"][fit].cpu().numpy())
-    line = None
-    if prior == "physics":
-        line = np.polyfit(t["phys"][fit].cpu().double().numpy(), t["y"][fit].cpu().double().numpy(), 1).tolist()
+    line = physics_line(t["phys"][fit].cpu().numpy(), t["y"][fit].cpu().numpy()) if prior == "physics" else None
     stats = dict(norm_mean=list(mean), norm_std=list(std), y_mean=float(t["y"][fit].mean()),
                  y_std=float(t["y"][fit].std()) + 1e-6, prior_line=line)
     mean, std = (torch.tensor(v, dtype=torch.float32, device=dev)[:, None] for v in (mean, std))  # (C, 1)
@@ -624,9 +622,14 @@ def physics_feature(images):
     return centre.max(1) - centre.min(1)
 
 
+def physics_line(feature, y):
+    """[a, b] of the least-squares line CBH = a * feature + b: the physics row, and the networks' prior."""
+    return np.polyfit(np.asarray(feature, np.float64), np.asarray(y, np.float64), 1).tolist()
+
+
 def fit_physics(feature, y, fit, test):
-    """The `physics` row: a straight line CBH = a * feature + b, least squares on the fit frames."""
-    a, b = np.polyfit(feature[fit], y[fit], 1)
+    """The `physics` row: the line fitted on the fit frames, applied to the test frames."""
+    a, b = physics_line(feature[fit], y[fit])
     return a * feature[test] + b
 
 
@@ -634,16 +637,15 @@ def fit_physics(feature, y, fit, test):
 # outputs: csv files, table, plots
 
 def write_csv(path, rows, mode="w"):
-    """mode 'w': whole file atomically (temp + rename); 'a': append rows, header only for a new file."""
-    new = mode == "w" or not os.path.isfile(path)
-    target = path + ".tmp" if mode == "w" else path
-    with open(target, mode, newline="") as f:
+    """mode 'w': whole file atomically (data.atomic_write_csv); 'a': append rows, header only for a new file."""
+    if mode == "w":
+        return data.atomic_write_csv(path, rows)
+    new = not os.path.isfile(path)
+    with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         if new:
             w.writeheader()
         w.writerows(rows)
-    if mode == "w":
-        os.replace(target, path)
 
 
 def pooled(done, folds, m, seed=None):
@@ -1009,7 +1011,7 @@ def train_final(cfg, dev):
         saved["trees"] = gbrt_fit(feats, d["cbh_km"], cfg["n_trees"], cfg["tree_depth"], cfg["tree_lr"],
                                   cfg["tree_min_leaf"], cfg["tree_bins"])
     elif method == "physics":
-        saved["line"] = np.polyfit(physics_feature(d["images"]), d["cbh_km"], 1).tolist()
+        saved["line"] = physics_line(physics_feature(d["images"]), d["cbh_km"])
     else:
         t = network_tensors(d, cfg["input"], dev)
         amp = amp_policy(dev, cfg, [fold], t, enc)

@@ -78,7 +78,8 @@ num_threads = 0  # torch CPU threads (0 = torch default)
 
 CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite losses (a sync each time)
 # settings that may change on --resume: they do not alter the run's losses, only where and how it reports
-FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "save_every", "plot_every", "n_plot", "patience")
+FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "save_every", "plot_every", "n_plot", "patience",
+                  "cpu_bf16")  # cpu_bf16: a resumed run keeps the precision its checkpoint stored
 
 MODEL_SIZES = {
     "tiny": dict(embed_dim=128, depth=3, num_heads=2, dec_dim=64, dec_depth=1, dec_heads=2, patch_size=20),
