@@ -215,8 +215,15 @@ def ddp_setup():
             sys.stdout = open(os.devnull, "w")
 
 
-def ddp_cleanup():
+def ddp_cleanup(together):
+    """Leave the process group. together: every rank reached this point alike (a normal end, or an error that
+    fail_together raised on every rank); they then wait for each other first, because rank 0 is still
+    writing outputs when the others finish, and a peer that tears down its gloo connections meanwhile can
+    abort rank 0 at exit ("terminate called without an active exception", seen in CI). After an error on
+    one rank only there is nobody to wait for: torchrun stops the rest."""
     if _distributed():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

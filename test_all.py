@@ -1976,7 +1976,7 @@ GRADIENT_WORKER = textwrap.dedent("""
         grads[n, weighted] = {name: p.grad.clone() for name, p in model.named_parameters()}
     if data.is_rank0():
         torch.save(grads, sys.argv[1])
-    data.ddp_cleanup()
+    data.ddp_cleanup(True)
 """)
 
 
@@ -2495,7 +2495,7 @@ EMBER_GRADIENT_WORKER = textwrap.dedent("""
         grads[n, weighting] = {name: p.grad.clone() for name, p in model.named_parameters()}
     if data.is_rank0():
         torch.save(grads, sys.argv[1])
-    data.ddp_cleanup()
+    data.ddp_cleanup(True)
 """)
 
 
