@@ -879,6 +879,26 @@ def test_ft_lofo_validation_by_flight_never_trains_on_val_or_test_flights(ft_tin
     assert sorted(val_flights) == [0, 1, 2]  # the rotation gives every flight the validation role once
 
 
+def test_ft_each_seed_is_stopped_by_another_training_flight(ft_tiny):
+    """Seed s of a network holds out turn s of the training flights (wrapping past their number): its fit and
+    val are whole training flights, never a test frame, and together the turns cover every training flight."""
+    d = ft_tiny["d"]
+    for f in ft.make_folds(d, ft_cfg(split="lofo", val_mode="flight", seeds=3)):
+        test_fl = set(d["flight"][f["test"]])
+        seen = []
+        for s in range(3):
+            sf = ft.seed_fold(f, s)
+            fit_fl, val_fl = set(d["flight"][sf["fit"]]), set(d["flight"][sf["val"]])
+            assert len(val_fl) == 1 and not fit_fl & val_fl and not (fit_fl | val_fl) & test_fl
+            assert sorted(np.concatenate([sf["fit"], sf["val"]])) == sorted(f["train"])
+            assert np.array_equal(sf["test"], f["test"])
+            seen += list(val_fl)
+        assert seen[0] == d["flight"][f["val"]][0] and sorted(set(seen)) == sorted(set(d["flight"][f["train"]]))
+        assert seen[2] == seen[0]  # 2 training flights: seed 2 takes turn 0 again
+    tail = ft.make_folds(d, ft_cfg(split="lofo", val_mode="tail", val_gap="5"))[0]
+    assert ft.seed_fold(tail, 2) is tail  # a time tail is the same for every seed
+
+
 def test_ft_lofo_tail_validation_inside_train(ft_tiny):
     d = ft_tiny["d"]
     folds = ft.make_folds(d, ft_cfg(split="lofo", val_mode="tail", val_gap="30"))
@@ -1069,8 +1089,9 @@ def test_ft_test_labels_never_reach_training(ft_tiny):
 
 def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_only_hurts(ft_tiny, monkeypatch):
     """prior physics: the untrained network's prediction IS the physics row's line (the head's output layer
-    starts at zero), and if every epoch makes the validation flight worse, the test predictions are the
-    physics row's, so a correction is only ever kept when an unseen flight wants it."""
+    starts at zero), and if every epoch makes the validation flight worse, the test predictions are that line
+    (fitted on the fit frames), so a correction is only ever kept when an unseen flight wants it. The physics
+    row itself, which needs no stopping, fits its line on every training flight (fit and val)."""
     d, dev = ft_tiny["d"], torch.device("cpu")
     cfg = ft_cfg(head_epochs=1, epochs=1, batch_size=16, seeds=1, cpu_bf16="off")
     folds = ft.make_folds(d, cfg)
@@ -1096,6 +1117,10 @@ def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_o
     pred = ft.train_network("finetune", folds[0], t, enc, cfg, dev, (None, False), 1, lambda row: None,
                             lambda st: None)[0]
     np.testing.assert_allclose(pred, line_km, rtol=1e-5, atol=1e-5)
+    row = ft.run_unit(("physics", 0, 0), folds, d, t, enc, cfg, dev, None, None, None, None)
+    a, b = np.polyfit(ft.physics_feature(d["images"])[folds[0]["train"]], d["cbh_km"][folds[0]["train"]], 1)
+    np.testing.assert_allclose(row, a * ft.physics_feature(d["images"])[folds[0]["test"]] + b, rtol=1e-6)
+    assert len(folds[0]["train"]) == len(folds[0]["fit"]) + len(folds[0]["val"]) > len(folds[0]["fit"])
 
 
 def test_ft_layer_decay_groups():
@@ -1900,6 +1925,22 @@ def ddp_listing(out_dir):
 
 # ----------------------------------------------------------------------------------------------
 # helpers in data.py, in one process
+
+def test_ddp_cleanup_waits_for_every_rank_only_when_all_got_there(monkeypatch):
+    """Leaving the process group after a normal end (or an error every rank raised) waits at a barrier first,
+    so no rank tears its connections down while rank 0 still writes (the CI abort at exit); after an error on
+    one rank only it must not wait (the others never come), and without a group it does nothing."""
+    calls = []
+    monkeypatch.setattr(data.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(data.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    data.ddp_cleanup(True)
+    assert calls == []  # no process group
+    monkeypatch.setattr(data, "_distributed", lambda: True)
+    data.ddp_cleanup(True)
+    assert calls == ["barrier", "destroy"]
+    data.ddp_cleanup(False)
+    assert calls == ["barrier", "destroy", "destroy"]
+
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_rank_slices_partition_a_batch_and_weights_give_its_mean(world, monkeypatch):
