@@ -690,7 +690,8 @@ def score_row(method, seed, fold, pred, true):
 
 def results_table(done, folds, d, names):
     """Rows of results.csv. Per method: every (seed, fold); every seed's pooled score (all test frames at
-    once); the mean and std over seeds of the pooled scores; the mean and std over folds of the per-fold
+    once); the mean and std over seeds of the pooled scores; the pooled score of the seed-averaged
+    predictions (seed 'committee': what the paired rows compare); the mean and std over folds of the per-fold
     scores (seed-averaged predictions). Then paired differences of pooled R2 (see paired_rows)."""
     y, rows = d["cbh_km"], []
     for m in names:
@@ -699,6 +700,8 @@ def results_table(done, folds, d, names):
                  for u in done if u["method"] == m]
         per_seed = [score_row(m, s, "pooled", p, y[test]) for s in seeds for test, p in [pooled(done, folds, m, s)]]
         rows += per_seed
+        test, committee = pooled(done, folds, m)
+        rows.append(score_row(m, "committee", "pooled", committee, y[test]))
         per_fold = [losses.regression_metrics(np.mean([u["pred"] for u in done if (u["method"], u["fold"]) == (m, k)],
                                                       axis=0), y[f["test"]]) for k, f in enumerate(folds)]
         spread = lambda a: float(np.std(a, ddof=1)) if len(a) > 1 else 0.0
@@ -730,16 +733,16 @@ def paired_rows(done, folds, d, names):
 
 
 def print_table(rows):
-    """The summary: pooled scores (mean +- std over seeds), per-fold R2 (mean +- std over folds), paired
-    differences with their intervals."""
+    """The summary: pooled scores (mean +- std over seeds), per-fold R2 (mean +- std over folds), the pooled R2
+    of the seed-averaged predictions (committee), paired differences with their intervals."""
     get = lambda m, seed, fold: next((r for r in rows if (r["method"], r["seed"], r["fold"]) == (m, seed, fold)),
                                      None)
-    print(f"{'method':<9} {'pooled R2':>16} {'MAE km':>16} {'RMSE km':>16} {'per-flight R2':>16}")
+    print(f"{'method':<9} {'pooled R2':>16} {'MAE km':>16} {'RMSE km':>16} {'per-flight R2':>16} {'committee R2':>13}")
     for m in dict.fromkeys(r["method"] for r in rows if " - " not in r["method"]):
         mu, sd = get(m, "mean", "pooled"), get(m, "std", "pooled")
         fm, fs = get(m, "mean", "fold mean"), get(m, "mean", "fold std")
         cells = [f"{mu[c]:.3f} +- {sd[c]:.3f}" for c in ("r2", "mae_km", "rmse_km")]
-        cells.append(f"{fm['r2']:.3f} +- {fs['r2']:.3f}")
+        cells += [f"{fm['r2']:.3f} +- {fs['r2']:.3f}", f"{get(m, 'committee', 'pooled')['r2']:.3f}"]
         print(f"{m:<9} " + " ".join(f"{c:>16}" for c in cells))
     for r in rows:
         if " - " in r["method"]:

@@ -1149,7 +1149,8 @@ def test_ft_end_to_end_tiny(ft_tiny, tmp_path):
         seeds = ["0", "1"] if m in ft.NETWORKS else ["0"]
         keys = [(x["seed"], x["fold"]) for x in rows if x["method"] == m]
         assert keys == [(s, f"flight {k}") for s in seeds for k in range(3)] + [(s, "pooled") for s in seeds] + [
-            ("mean", "pooled"), ("mean", "fold mean"), ("std", "pooled"), ("mean", "fold std")], (m, keys)
+            ("committee", "pooled"), ("mean", "pooled"), ("mean", "fold mean"), ("std", "pooled"),
+            ("mean", "fold std")], (m, keys)
         assert all(np.isfinite(float(x["mae_km"])) for x in rows if x["method"] == m)
     pooled = {x["seed"]: float(x["r2"]) for x in rows if x["method"] == "finetune" and x["fold"] == "pooled"}
     assert pooled["mean"] == pytest.approx((pooled["0"] + pooled["1"]) / 2)
@@ -1160,6 +1161,10 @@ def test_ft_end_to_end_tiny(ft_tiny, tmp_path):
     assert len(preds) == 5 * len(ft_tiny["d"]["cbh_km"])  # every frame tested once per method under lofo
     assert len({(p["method"], p["frame"], p["flight"]) for p in preds}) == len(preds)
     assert {p["n_seeds"] for p in preds if p["method"] == "finetune"} == {"2"}
+    mine = [(float(p["cbh_km"]), float(p["pred_km"])) for p in preds if p["method"] == "finetune"]
+    committee = losses.regression_metrics(np.array([q for _, q in mine]), np.array([t for t, _ in mine]))["r2"]
+    assert pooled["committee"] == pytest.approx(committee, abs=1e-6)  # the R2 of the seed-mean predictions
+    assert pooled["committee"] != pytest.approx(pooled["mean"], abs=1e-9)  # not the mean of the seeds' R2
     for p in ("pred_vs_true.png", "per_flight_error.png"):
         assert (out / "plots" / p).stat().st_size > 1000
     log = read_csv(out / "log.csv")
