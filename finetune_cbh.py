@@ -66,6 +66,7 @@ acf_threshold = 0.2  # auto gaps: the lag where the training labels' autocorrela
 seeds = 3  # repeats of every network (method, fold) with other init/shuffle seeds; trees/physics: one run
 use_angles = False  # concat scaled sza/saa to the pooled embedding; off: angles track time of day, a shortcut
 prior = 'physics'  # networks learn a correction to the physics line (fitted on the fit frames), or none: from scratch
+within_flight = True  # prior physics: train the correction on labels minus their flight's mean offset from the line
 pool = 'cls'  # what the head reads: cls (the CLS token) or mean (the mean of the patch tokens, as in MAE's fine-tuning)
 drop_path = 0.1  # stage 2 stochastic depth: the last encoder block's drop rate, rising linearly from 0
 model_size = 'small'  # encoder size for --pretrained none (a key of mae.MODEL_SIZES)
@@ -97,6 +98,7 @@ max_samples = 0  # use only the first N labelled samples (0 = all)
 num_threads = 0  # torch CPU threads (0 = torch default)
 # --- end config ---
 METHODS = ("finetune", "scratch", "probe", "trees", "physics")
+BEFORE_FLAG = dict(within_flight=False)  # what a checkpoint written before this flag existed ran with
 NETWORKS = ("finetune", "scratch", "probe")  # trained with seeds; trees and physics are deterministic
 
 
@@ -472,8 +474,10 @@ def set_rng_state(s, gen):
 
 def network_tensors(d, input_mode, dev):
     """What every network unit shares, resident on dev: x (N, C, W) raw input channels (each fold
-    normalises), ang (N, 2) scaled solar angles (~[-2, 2]), phys (N,) the physics feature, y (N,) CBH in km."""
+    normalises), ang (N, 2) scaled solar angles (~[-2, 2]), phys (N,) the physics feature, y (N,) CBH in km,
+    flight (N,) flight index."""
     return dict(x=torch.as_tensor(data.profile_channels(d["images"], input_mode), device=dev),
+                flight=torch.as_tensor(d["flight"], device=dev),
                 ang=torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev),
                 phys=torch.as_tensor(physics_feature(d["images"]), dtype=torch.float32, device=dev),
                 y=torch.as_tensor(d["cbh_km"], device=dev))
@@ -502,6 +506,19 @@ def prior_std(phys, stats):
         return torch.zeros_like(phys)
     a, b = stats["prior_line"]
     return (a * phys + b - stats["y_mean"]) / stats["y_std"]
+
+
+def within_flight_targets(y, prior, flight, fit):
+    """Training targets (N,) for a correction that may only model within-flight structure: on the fit frames,
+    y minus its flight's mean residual from the prior line (other frames unchanged). Why: with 3 fit flights,
+    how a flight's CBH regime sits against the line is 3 numbers, and a network that learns them from
+    brightness (which mostly encodes the flight) shifts a new flight by an offset that does not transfer;
+    without them the best correction leaves every fit flight's mean on the line."""
+    out = y.clone()
+    for fl in torch.unique(flight[fit]):
+        rows = fit[flight[fit] == fl]
+        out[rows] -= (y[rows] - prior[rows]).mean()
+    return out
 
 
 def build_network(method, enc, cfg, n_angles):
@@ -583,6 +600,9 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
     is the first candidate for the best model: a correction is kept only if the validation flight wants it."""
     fit, val, test = (torch.as_tensor(fold[k], device=dev) for k in ("fit", "val", "test"))
     x, y, prior, stats = fold_inputs(fold, t, enc, dev, cfg["prior"])
+    y_train = y  # (N,) what the fit frames train on; validation and test always score against y
+    if cfg["within_flight"] and cfg["prior"] == "physics":
+        y_train = within_flight_targets(y, prior, t["flight"], fit)
     ang = t["ang"] if cfg["use_angles"] else t["ang"][:, :0]  # (N, 2) or (N, 0)
     model = build_network(method, enc, cfg, ang.shape[1]).to(dev)
     amp_dtype, use_scaler = amp  # from amp_policy
@@ -616,8 +636,9 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
             lr_at = lambda i: get_lr(epoch * steps_per_epoch + i, n_ep * steps_per_epoch,
                                      cfg["warmup_epochs"] * steps_per_epoch, peak, cfg["min_lr_frac"])
             where = f"{method} {fold['name']} seed {unit_seed} stage {si + 1} epoch {epoch + 1}"
-            train_loss, lr_now = train_epoch(model, opt, scaler, (x, ang, prior, y), fit, cfg, gen, amp_dtype, lr_at, where)
-            val_loss = F.mse_loss(predict(val), y[val]).item()
+            train_loss, lr_now = train_epoch(model, opt, scaler, (x, ang, prior, y_train), fit, cfg, gen, amp_dtype, lr_at,
+                                             where)
+            val_loss = F.mse_loss(predict(val), y[val]).item()  # the true labels: a flight's offset counts here
             improved = val_loss < best_val
             if improved:
                 best_val, bad = val_loss, 0
@@ -883,8 +904,10 @@ def load_inputs(cfg, dev):
 
 def maybe_resume(cfg, log_path):
     """(checkpoint or None, finished units). A fresh run starts a fresh log; --resume trims the log back to
-    the rows its checkpoint accounts for and skips the units it finished."""
-    same = lambda c: {k: v for k, v in c.items() if k not in ("resume", "device", "num_threads", "out_dir")}
+    the rows its checkpoint accounts for and skips the units it finished. A checkpoint written before a flag
+    existed ran as BEFORE_FLAG says, so it resumes when that flag is given that value."""
+    same = lambda c: {k: v for k, v in {**BEFORE_FLAG, **c}.items() if k not in ("resume", "device", "num_threads",
+                                                                                 "out_dir")}
     if not cfg["resume"]:
         if os.path.isfile(log_path):
             os.remove(log_path)
@@ -1006,7 +1029,7 @@ def cross_validated(cfg, method):
         return "not cross-validated"
     run = data.load_checkpoint(ckpt_path).get("config", {})
     keys = ("data_path", "max_samples", "pretrained", "input", "split", "val_mode", "gap", "val_gap", "use_angles",
-            "tree_angles", "prior", "pool", "drop_path", "head_epochs", "epochs", "lr", "ft_lr", "layer_decay")
+            "tree_angles", "prior", "within_flight", "pool", "drop_path", "head_epochs", "epochs", "lr", "ft_lr", "layer_decay")
     with open(res_path) as f:
         row = next((r for r in csv.DictReader(f) if (r["method"], r["seed"], r["fold"]) == (method, "mean", "pooled")),
                    None)

@@ -1123,6 +1123,33 @@ def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_o
     assert len(folds[0]["train"]) == len(folds[0]["fit"]) + len(folds[0]["val"]) > len(folds[0]["fit"])
 
 
+def test_ft_within_flight_targets_remove_each_fit_flights_offset_from_the_line(ft_tiny, monkeypatch):
+    """--within_flight: on the fit frames the training labels are y minus their flight's mean residual from
+    the prior line (so each fit flight's mean sits on the line; within a flight nothing moves); validation
+    and test frames keep their true labels, and train_network trains on exactly those targets."""
+    d, dev = ft_tiny["d"], torch.device("cpu")
+    cfg = ft_cfg(head_epochs=1, epochs=0, batch_size=16, seeds=1, cpu_bf16="off", within_flight=True,
+                 val_mode="tail", val_gap="5")  # 2 fit flights (with 1 the line's own fit leaves no offset)
+    fold = ft.make_folds(d, cfg)[0]
+    assert len(np.unique(d["flight"][fold["fit"]])) == 2
+    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
+    t = ft.network_tensors(d, "raw", dev)
+    x, y, prior, stats = ft.fold_inputs(fold, t, enc, dev, "physics")
+    fit = torch.as_tensor(fold["fit"])
+    target = ft.within_flight_targets(y, prior, t["flight"], fit)
+    others = torch.as_tensor(np.setdiff1d(np.arange(len(y)), fold["fit"]))
+    assert torch.equal(target[others], y[others])
+    for fl in np.unique(d["flight"][fold["fit"]]):
+        rows = fit[t["flight"][fit] == int(fl)]
+        assert abs(float((target[rows] - prior[rows]).mean())) < 1e-5  # the flight's mean is on the line
+        shift = target[rows] - y[rows]
+        assert float(shift.std()) < 1e-6 and abs(float(shift[0])) > 1e-3  # one offset per flight, not zero
+    seen = []
+    monkeypatch.setattr(ft, "train_epoch", lambda model, opt, scaler, inputs, *a: (seen.append(inputs[3]), (0.0, 0.0))[1])
+    ft.train_network("finetune", fold, t, enc, cfg, dev, (None, False), 1, lambda row: None, lambda st: None)
+    assert len(seen) == 1 and torch.equal(seen[0], target)
+
+
 def test_ft_layer_decay_groups():
     enc = mae.build_encoder(mae.encoder_config(dict(mae.MODEL_SIZES["tiny"], width=440)))
     model = ft.CBHNet(enc, 2, 8, 0.0)
@@ -1371,6 +1398,16 @@ def test_ft_resume_with_other_settings_is_refused(ft_tiny, tmp_path):
                    "--methods", "trees", "--out_dir", out, "--n_trees", "6", "--val_gap", "10",
                    "--resume", out / "checkpoints" / "latest.pth")
     assert_one_line_error(r, "latest.pth", "settings")
+    # a checkpoint from before --within_flight existed ran without it: it resumes with --within_flight false only
+    ck = torch.load(out / "checkpoints" / "latest.pth", weights_only=False)
+    del ck["config"]["within_flight"]
+    torch.save(ck, tmp_path / "old.pth")
+    same = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "trees", "--n_trees", "5",
+            "--val_gap", "10", "--resume", tmp_path / "old.pth"]
+    r = run_script("finetune_cbh.py", *same, "--out_dir", tmp_path / "resumed", "--within_flight", "false")
+    assert r.returncode == 0, r.stderr
+    r = run_script("finetune_cbh.py", *same, "--out_dir", tmp_path / "other")  # the default: within_flight true
+    assert_one_line_error(r, "old.pth", "settings")
 
 
 # ==============================================================================================
