@@ -220,7 +220,8 @@ def ddp_cleanup(together):
     fail_together raised on every rank); they then wait for each other first, because rank 0 is still
     writing outputs when the others finish, and a peer that tears down its gloo connections meanwhile can
     abort rank 0 at exit ("terminate called without an active exception", seen in CI). After an error on
-    one rank only there is nobody to wait for: torchrun stops the rest."""
+    one rank only there is nobody to wait for: torchrun stops the rest. So an error that can happen on one rank
+    alone must be raised inside a fail_together block, or this barrier would wait for it forever."""
     if _distributed():
         if together:
             dist.barrier()

@@ -58,7 +58,7 @@ predict = ''  # HDF5 cloud file (labelled or not): write out_dir/cbh_pred_<stem>
 model = ''  # a cbh_model.pth written by --final, for --predict
 split = 'lofo'  # lofo (leave one flight out) | blocked (time blocks with a gap) | random (leaky, comparison only)
 n_blocks = 5  # blocked: time blocks per flight (one fold each); random: number of folds
-val_mode = 'flight'  # lofo: early stopping on a held-out training flight, another per seed (flight), or on a time tail of each (tail)
+val_mode = 'flight'  # lofo: stop on a held-out training flight, another per seed (flight), or a time tail of each (tail)
 gap = 'auto'  # blocked: drop training frames within this many frames of a test block; auto = from the labels' ACF
 val_frac = 0.15  # tail validation: the last val_frac of each training flight's labelled frames
 val_gap = 'auto'  # tail validation: drop training frames within this many frames before it; auto = from the ACF
@@ -98,7 +98,7 @@ max_samples = 0  # use only the first N labelled samples (0 = all)
 num_threads = 0  # torch CPU threads (0 = torch default)
 # --- end config ---
 METHODS = ("finetune", "scratch", "probe", "trees", "physics")
-BEFORE_FLAG = dict(within_flight=False)  # what a checkpoint written before this flag existed ran with
+PROTOCOL = 2  # in checkpoints: 2 = each seed its own stopping flight, trees/physics on all training flights
 NETWORKS = ("finetune", "scratch", "probe")  # trained with seeds; trees and physics are deterministic
 
 
@@ -398,8 +398,9 @@ def raw_folds(d, cfg):
 
 
 def make_folds(d, cfg):
-    """[dict(name, train, fit, val, test, how, turns)] index arrays into the labelled set; every method sees the
-    same. train = every training-side frame: trees and physics, which need no stopping, fit on all of it. Validation (early stopping, best epoch) always comes from the training side: a whole held-out
+    """[dict(name, train, fit, val, test, how, turns)] index arrays into the labelled set; every method sees
+    the same. train = every training-side frame: trees and physics, which need no stopping, fit on all of it.
+    Validation (early stopping, best epoch) always comes from the training side: a whole held-out
     training flight (lofo, val_mode flight; turns = [(fit, val)] with each training flight held out in
     turn, one per seed: see seed_fold; fit/val are turn 0) or a time tail of every training flight after a gap."""
     folds = []
@@ -521,6 +522,13 @@ def within_flight_targets(y, prior, flight, fit):
     return out
 
 
+def training_targets(y, prior, flight, fit, cfg):
+    """What the fit frames train on (N,): within_flight_targets under --within_flight with the physics prior
+    (any split: under blocked/random the test flight's own offset then also reaches the model only through
+    the line), else y itself."""
+    return within_flight_targets(y, prior, flight, fit) if cfg["within_flight"] and cfg["prior"] == "physics" else y
+
+
 def build_network(method, enc, cfg, n_angles):
     """CBHNet on the pre-trained encoder (finetune, probe) or on a random one of the same size (scratch)."""
     encoder = mae.build_encoder(enc["config"], drop_path=cfg["drop_path"])
@@ -593,16 +601,14 @@ def resume_stage(ck, opt, scaler, gen):
 def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=None):
     """Two-stage training of one network on one fold; returns (test predictions in km, the model with its
     best weights, the fold_inputs statistics).
-    t: tensors on dev (x raw input channels (N, C, W), ang (N, 2), phys (N,) physics feature, y km (N,)); enc: dict(config, state (None
-    without a pre-trained encoder), norm_mean, norm_std (None: statistics of this fold's fit frames)).
+    t: network_tensors on dev (x (N, C, W), ang (N, 2), phys (N,), y km (N,), flight (N,)); enc: dict(config,
+    state (None without a pre-trained encoder), norm_mean, norm_std (None: the fit frames' statistics)).
     amp = (autocast dtype or None, use a GradScaler). save(state) writes the checkpoint after every epoch;
     ck = that state when resuming this unit. With prior physics the untrained network (the physics line)
     is the first candidate for the best model: a correction is kept only if the validation flight wants it."""
     fit, val, test = (torch.as_tensor(fold[k], device=dev) for k in ("fit", "val", "test"))
     x, y, prior, stats = fold_inputs(fold, t, enc, dev, cfg["prior"])
-    y_train = y  # (N,) what the fit frames train on; validation and test always score against y
-    if cfg["within_flight"] and cfg["prior"] == "physics":
-        y_train = within_flight_targets(y, prior, t["flight"], fit)
+    y_train = training_targets(y, prior, t["flight"], fit, cfg)  # (N,); validation and test score against y
     ang = t["ang"] if cfg["use_angles"] else t["ang"][:, :0]  # (N, 2) or (N, 0)
     model = build_network(method, enc, cfg, ang.shape[1]).to(dev)
     amp_dtype, use_scaler = amp  # from amp_policy
@@ -636,8 +642,8 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
             lr_at = lambda i: get_lr(epoch * steps_per_epoch + i, n_ep * steps_per_epoch,
                                      cfg["warmup_epochs"] * steps_per_epoch, peak, cfg["min_lr_frac"])
             where = f"{method} {fold['name']} seed {unit_seed} stage {si + 1} epoch {epoch + 1}"
-            train_loss, lr_now = train_epoch(model, opt, scaler, (x, ang, prior, y_train), fit, cfg, gen, amp_dtype, lr_at,
-                                             where)
+            inputs = (x, ang, prior, y_train)
+            train_loss, lr_now = train_epoch(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where)
             val_loss = F.mse_loss(predict(val), y[val]).item()  # the true labels: a flight's offset counts here
             improved = val_loss < best_val
             if improved:
@@ -758,7 +764,7 @@ def print_table(rows):
     of the seed-averaged predictions (committee), paired differences with their intervals."""
     get = lambda m, seed, fold: next((r for r in rows if (r["method"], r["seed"], r["fold"]) == (m, seed, fold)),
                                      None)
-    print(f"{'method':<9} {'pooled R2':>16} {'MAE km':>16} {'RMSE km':>16} {'per-flight R2':>16} {'committee R2':>13}")
+    print(f"{'method':<9} {'pooled R2':>16} {'MAE km':>16} {'RMSE km':>16} {'per-flight R2':>16} {'committee R2':>16}")
     for m in dict.fromkeys(r["method"] for r in rows if " - " not in r["method"]):
         mu, sd = get(m, "mean", "pooled"), get(m, "std", "pooled")
         fm, fs = get(m, "mean", "fold mean"), get(m, "mean", "fold std")
@@ -904,15 +910,17 @@ def load_inputs(cfg, dev):
 
 def maybe_resume(cfg, log_path):
     """(checkpoint or None, finished units). A fresh run starts a fresh log; --resume trims the log back to
-    the rows its checkpoint accounts for and skips the units it finished. A checkpoint written before a flag
-    existed ran as BEFORE_FLAG says, so it resumes when that flag is given that value."""
-    same = lambda c: {k: v for k, v in {**BEFORE_FLAG, **c}.items() if k not in ("resume", "device", "num_threads",
-                                                                                 "out_dir")}
+    the rows its checkpoint accounts for and skips the units it finished. A checkpoint of an older PROTOCOL is
+    refused: its finished units were run another way, and results.csv would silently mix the two."""
+    same = lambda c: {k: v for k, v in c.items() if k not in ("resume", "device", "num_threads", "out_dir")}
     if not cfg["resume"]:
         if os.path.isfile(log_path):
             os.remove(log_path)
         return None, []
     ck = data.load_checkpoint(cfg["resume"])
+    if "done" in ck and ck.get("protocol") != PROTOCOL:
+        raise data.DataError(f"{cfg['resume']}: written by an older finetune_cbh.py (before each seed had its own "
+                             "stopping flight); its units cannot be mixed with new ones: start a new run")
     if "done" not in ck or same(ck.get("config", {})) != same(cfg):
         raise data.DataError(f"{cfg['resume']}: not a finetune_cbh checkpoint of a run with these settings")
     trim_rows(log_path, ck.get("log_rows", 0))
@@ -980,12 +988,13 @@ def compare(cfg, dev):
         if any((u["method"], u["fold"], u["seed"]) == unit for u in done):
             continue  # finished before the interruption
         t0 = time.time()
-        save = lambda st: data.atomic_torch_save(dict(config=cfg, done=done, unit=unit, cpu_autocast=cpu_autocast,
-                                                      log_rows=count_rows(log_path), **st), ckpt_path)
+        save = lambda st: data.atomic_torch_save(dict(config=cfg, protocol=PROTOCOL, done=done, unit=unit,
+                                                      cpu_autocast=cpu_autocast, log_rows=count_rows(log_path), **st),
+                                                 ckpt_path)
         pred = run_unit(unit, folds, d, t, enc, cfg, dev, amp, lambda row: log_epoch(log_path, row), save, ck)
         m, k, s = unit
         done.append(dict(method=m, fold=k, seed=s, pred=np.asarray(pred, np.float64)))
-        data.atomic_torch_save(dict(config=cfg, done=done, unit=None, cpu_autocast=cpu_autocast,
+        data.atomic_torch_save(dict(config=cfg, protocol=PROTOCOL, done=done, unit=None, cpu_autocast=cpu_autocast,
                                     log_rows=count_rows(log_path)), ckpt_path)
         sc = losses.regression_metrics(pred, d["cbh_km"][folds[k]["test"]])
         print(f"{m} {folds[k]['name']} seed {s}: R2 {sc['r2']:.3f} MAE {sc['mae']:.4f} km "
@@ -1027,9 +1036,13 @@ def cross_validated(cfg, method):
     ckpt_path, res_path = (os.path.join(cfg["out_dir"], p) for p in ("checkpoints/latest.pth", "results.csv"))
     if not (os.path.isfile(ckpt_path) and os.path.isfile(res_path)):
         return "not cross-validated"
-    run = data.load_checkpoint(ckpt_path).get("config", {})
+    ckpt = data.load_checkpoint(ckpt_path)
+    if ckpt.get("protocol") != PROTOCOL:
+        return "not cross-validated"
+    run = ckpt.get("config", {})
     keys = ("data_path", "max_samples", "pretrained", "input", "split", "val_mode", "gap", "val_gap", "use_angles",
-            "tree_angles", "prior", "within_flight", "pool", "drop_path", "head_epochs", "epochs", "lr", "ft_lr", "layer_decay")
+            "tree_angles", "prior", "within_flight", "pool", "drop_path", "head_epochs", "epochs", "lr", "ft_lr",
+            "layer_decay")
     with open(res_path) as f:
         row = next((r for r in csv.DictReader(f) if (r["method"], r["seed"], r["fold"]) == (method, "mean", "pooled")),
                    None)

@@ -759,7 +759,7 @@ def main(argv=None):
     except (data.DataError, data.NonFiniteLoss) as e:  # every process stops alike; rank 0 says why
         if data.is_rank0():
             print(f"error: {e}", file=sys.stderr)
-        together = True  # data.fail_together raised it on every process
+        together = True  # every process raised it alike (fail_together, or the all-reduced loss check)
         sys.exit(2 if isinstance(e, data.DataError) else 3)
     finally:
         data.ddp_cleanup(together)

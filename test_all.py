@@ -899,6 +899,21 @@ def test_ft_each_seed_is_stopped_by_another_training_flight(ft_tiny):
     assert ft.seed_fold(tail, 2) is tail  # a time tail is the same for every seed
 
 
+def test_ft_run_unit_trains_each_seed_on_its_own_turn(ft_tiny, monkeypatch):
+    """run_unit hands train_network the fold as its seed sees it: seed 1 is stopped by turn 1's flight."""
+    d = ft_tiny["d"]
+    cfg = ft_cfg(split="lofo", val_mode="flight", seeds=2)
+    folds = ft.make_folds(d, cfg)
+    got = []
+    monkeypatch.setattr(ft, "train_network", lambda method, fold, *a: (got.append(fold), [np.zeros(len(fold["test"]))])[1])
+    for seed in (0, 1):
+        ft.run_unit(("finetune", 0, seed), folds, d, None, None, cfg, None, None, None, None, None)
+    for seed, fold in enumerate(got):
+        want = ft.seed_fold(folds[0], seed)
+        assert np.array_equal(fold["val"], want["val"]) and np.array_equal(fold["fit"], want["fit"])
+    assert set(d["flight"][got[0]["val"]]) != set(d["flight"][got[1]["val"]])
+
+
 def test_ft_lofo_tail_validation_inside_train(ft_tiny):
     d = ft_tiny["d"]
     folds = ft.make_folds(d, ft_cfg(split="lofo", val_mode="tail", val_gap="30"))
@@ -1398,16 +1413,15 @@ def test_ft_resume_with_other_settings_is_refused(ft_tiny, tmp_path):
                    "--methods", "trees", "--out_dir", out, "--n_trees", "6", "--val_gap", "10",
                    "--resume", out / "checkpoints" / "latest.pth")
     assert_one_line_error(r, "latest.pth", "settings")
-    # a checkpoint from before --within_flight existed ran without it: it resumes with --within_flight false only
+    # a checkpoint of an older protocol (its units were run another way) is refused even with equal settings
     ck = torch.load(out / "checkpoints" / "latest.pth", weights_only=False)
-    del ck["config"]["within_flight"]
+    assert ck["protocol"] == ft.PROTOCOL
+    del ck["protocol"]
     torch.save(ck, tmp_path / "old.pth")
-    same = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "trees", "--n_trees", "5",
-            "--val_gap", "10", "--resume", tmp_path / "old.pth"]
-    r = run_script("finetune_cbh.py", *same, "--out_dir", tmp_path / "resumed", "--within_flight", "false")
-    assert r.returncode == 0, r.stderr
-    r = run_script("finetune_cbh.py", *same, "--out_dir", tmp_path / "other")  # the default: within_flight true
-    assert_one_line_error(r, "old.pth", "settings")
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "trees",
+                   "--out_dir", tmp_path / "resumed", "--n_trees", "5", "--val_gap", "10", "--resume", tmp_path / "old.pth")
+    assert_one_line_error(r, "old.pth", "older finetune_cbh.py")
+    assert not (tmp_path / "resumed").exists()
 
 
 # ==============================================================================================
