@@ -228,6 +228,24 @@ def ddp_cleanup(together):
         dist.destroy_process_group()
 
 
+def run_stage(work):
+    """A stage's main: join the process group under torchrun (ddp_setup), run work(), leave the group
+    (ddp_cleanup). A DataError (bad input) exits 2 and a NonFiniteLoss exits 3, with one line from rank 0;
+    every process raises those alike (fail_together, or the all-reduced loss check), so all of them exit."""
+    ddp_setup()
+    together = False  # did every process get to the end alike?
+    try:
+        work()
+        together = True
+    except (DataError, NonFiniteLoss) as e:
+        if is_rank0():
+            print(f"error: {e}", file=sys.stderr)
+        together = True
+        sys.exit(2 if isinstance(e, DataError) else 3)
+    finally:
+        ddp_cleanup(together)
+
+
 def rank_world():
     """(rank, world_size); (0, 1) without a process group."""
     return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)

@@ -1409,21 +1409,7 @@ def report_rollout(net, D, amp, eval_dir):
 
 def main(argv=None):
     cfg = get_config(argv)
-    data.ddp_setup()  # under torchrun with several processes: join the process group; otherwise nothing
-    together = False  # did every process get to the end alike? (see data.ddp_cleanup)
-    try:
-        if cfg["eval_only"]:
-            evaluate_file(cfg, given_flags(argv))
-        else:
-            train(cfg)
-        together = True
-    except (data.DataError, data.NonFiniteLoss) as e:  # every process stops alike; rank 0 says why
-        if data.is_rank0():
-            print(f"error: {e}", file=sys.stderr)
-        together = True  # every process raised it alike (fail_together, or the all-reduced loss check)
-        sys.exit(2 if isinstance(e, data.DataError) else 3)
-    finally:
-        data.ddp_cleanup(together)
+    data.run_stage(lambda: evaluate_file(cfg, given_flags(argv)) if cfg["eval_only"] else train(cfg))
 
 
 if __name__ == "__main__":

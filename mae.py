@@ -20,7 +20,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 
 import matplotlib
@@ -751,18 +750,7 @@ def train(cfg):
 
 def main(argv=None):
     cfg = parse_args(argv)
-    data.ddp_setup()  # under torchrun with several processes: join the process group; otherwise nothing
-    together = False  # did every process get to the end alike? (see data.ddp_cleanup)
-    try:
-        train(cfg)
-        together = True
-    except (data.DataError, data.NonFiniteLoss) as e:  # every process stops alike; rank 0 says why
-        if data.is_rank0():
-            print(f"error: {e}", file=sys.stderr)
-        together = True  # every process raised it alike (fail_together, or the all-reduced loss check)
-        sys.exit(2 if isinstance(e, data.DataError) else 3)
-    finally:
-        data.ddp_cleanup(together)
+    data.run_stage(lambda: train(cfg))
 
 
 if __name__ == "__main__":
