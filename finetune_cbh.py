@@ -13,9 +13,11 @@ a correction only if the held-out validation flight's error drops.
 Splits: lofo (leave one flight out, default: the question a user asks is "does it work on a new flight"),
 blocked (contiguous time blocks within flights, with a gap), random (the seed's protocol; neighbouring
 frames are strongly correlated, so it leaks and flatters every method; comparison only).
-Early stopping always uses the training side of a fold, never its test frames: a held-out training flight
-(lofo, --val_mode flight; each seed holds out another one) or a tail block of each training flight after a gap;
-trees and physics, which need no stopping, fit on all training flights. Networks run --seeds times;
+Early stopping always uses the training side of a fold, never its test frames: under lofo every training flight
+held out in turn (--val_mode cv: one member network per held-out flight, all stopped together where their pooled
+out-of-fold error is lowest; the unit predicts their mean), one held-out training flight per seed (flight), or a
+tail block of each training flight after a gap (tail); trees and physics, which need no stopping, fit on all
+training flights. Networks run --seeds times;
 results.csv gives mean +- std over seeds and paired differences (of the seed-mean predictions) with
 block-bootstrap intervals.
 
@@ -58,7 +60,7 @@ predict = ''  # HDF5 cloud file (labelled or not): write out_dir/cbh_pred_<stem>
 model = ''  # a cbh_model.pth written by --final, for --predict
 split = 'lofo'  # lofo (leave one flight out) | blocked (time blocks with a gap) | random (leaky, comparison only)
 n_blocks = 5  # blocked: time blocks per flight (one fold each); random: number of folds
-val_mode = 'flight'  # lofo: stop on a held-out training flight, another per seed (flight), or a time tail of each (tail)
+val_mode = 'cv'  # lofo: stop on every training flight held out in turn (cv), on one per seed (flight), or on time tails (tail)
 gap = 'auto'  # blocked: drop training frames within this many frames of a test block; auto = from the labels' ACF
 val_frac = 0.15  # tail validation: the last val_frac of each training flight's labelled frames
 val_gap = 'auto'  # tail validation: drop training frames within this many frames before it; auto = from the ACF
@@ -98,7 +100,7 @@ max_samples = 0  # use only the first N labelled samples (0 = all)
 num_threads = 0  # torch CPU threads (0 = torch default)
 # --- end config ---
 METHODS = ("finetune", "scratch", "probe", "trees", "physics")
-PROTOCOL = 2  # in checkpoints: 2 = each seed its own stopping flight, trees/physics on all training flights
+PROTOCOL = 3  # in checkpoints: 3 = a unit is a list of member networks (val_mode cv); 2 = one network per unit
 NETWORKS = ("finetune", "scratch", "probe")  # trained with seeds; trees and physics are deterministic
 
 
@@ -364,14 +366,16 @@ def flight_val(train, test, flight, turn=0):
 
 
 def seed_fold(fold, seed):
-    """The fold as seed `seed` of a network sees it: with validation by flight, its own held-out training flight
-    (turn seed % number of training flights); else the fold itself. Why: one validation flight can accept a
-    correction to the physics line that only it likes (measured: flight 2 let through corrections that cost
-    flight 1 its R2 0.88 -> -0.6); seeds stopped by different flights, averaged (the seed-mean predictions
-    of predictions.csv and the paired rows), dilute such a correction instead of repeating it."""
+    """The fold as seed `seed` of a network sees it. val_mode cv: fold["members"] = every turn, one member
+    network each, stopped together (see train_network). val_mode flight: its own held-out training flight
+    (turn seed % number of training flights). Else (tail) the fold itself. Why not one flight: one
+    validation flight can accept a correction to the physics line that only it likes (measured: flight 2 let
+    through corrections that cost flight 1 its R2 0.88 -> -0.6); cv asks every training flight at once."""
     turns = fold.get("turns")
     if turns is None:
         return fold
+    if fold["cv"]:
+        return dict(fold, members=turns)
     fit, val = turns[seed % len(turns)]
     return dict(fold, fit=fit, val=val)
 
@@ -398,22 +402,25 @@ def raw_folds(d, cfg):
 
 
 def make_folds(d, cfg):
-    """[dict(name, train, fit, val, test, how, turns)] index arrays into the labelled set; every method sees
-    the same. train = every training-side frame: trees and physics, which need no stopping, fit on all of it.
-    Validation (early stopping, best epoch) always comes from the training side: a whole held-out
-    training flight (lofo, val_mode flight; turns = [(fit, val)] with each training flight held out in
-    turn, one per seed: see seed_fold; fit/val are turn 0) or a time tail of every training flight after a gap."""
+    """[dict(name, train, fit, val, test, how, turns, cv)] index arrays into the labelled set; every method
+    sees the same. train = every training-side frame: trees and physics, which need no stopping, fit on all of
+    it. Validation (early stopping, best epoch) always comes from the training side: whole held-out training
+    flights (lofo, val_mode cv or flight; turns = [(fit, val)] with each training flight held out in turn:
+    all of them at once under cv, one per seed under flight, see seed_fold; fit/val are turn 0) or a time
+    tail of every training flight after a gap."""
     folds = []
     for name, train, test in raw_folds(d, cfg):
-        turns = None
-        if cfg["split"] == "lofo" and cfg["val_mode"] == "flight":
+        turns, by_flight = None, cfg["split"] == "lofo" and cfg["val_mode"] in ("cv", "flight")
+        if by_flight:
             n_train_fl = len(np.unique(d["flight"][train]))
             if n_train_fl < 2:
-                raise data.DataError("--val_mode flight needs at least 3 flights; use --val_mode tail")
+                raise data.DataError(f"--val_mode {cfg['val_mode']} needs at least 3 flights; use --val_mode tail")
             turns = [flight_val(train, test, d["flight"], k) for k in range(n_train_fl)]
             fit, val = turns[0]
-            seed_val = [int(d["flight"][turns[s % n_train_fl][1][0]]) for s in range(cfg["seeds"])]
-            how = "val flight " + "/".join(map(str, seed_val)) + (" (by seed)" if cfg["seeds"] > 1 else "")
+            val_fl = [int(d["flight"][v[0]]) for _, v in turns]
+            seed_val = [val_fl[s % n_train_fl] for s in range(cfg["seeds"])]
+            how = ("cv over val flights " + "/".join(map(str, val_fl)) if cfg["val_mode"] == "cv" else
+                   "val flight " + "/".join(map(str, seed_val)) + (" (by seed)" if cfg["seeds"] > 1 else ""))
         else:
             val_gap = gap_for(cfg["val_gap"], train, d, cfg)
             fit, val = split_val(train, d["flight"], d["frame"], cfg["val_frac"], val_gap)
@@ -421,7 +428,8 @@ def make_folds(d, cfg):
         if min(len(fit), len(val), len(test)) == 0:
             raise data.DataError(f"{name}: too few labelled frames for train/validation/test "
                                  f"({len(fit)}/{len(val)}/{len(test)}); use more data or another --split")
-        folds.append(dict(name=name, train=train, fit=fit, val=val, test=test, how=how, turns=turns))
+        folds.append(dict(name=name, train=train, fit=fit, val=val, test=test, how=how, turns=turns,
+                          cv=by_flight and cfg["val_mode"] == "cv"))
     return folds
 
 
@@ -456,19 +464,21 @@ def amp_policy(dev, cfg, folds, t, enc, stored=None):
     return dtype, False
 
 
-def rng_state(gen):
+def rng_state(gens):
+    """The global RNGs and every member's shuffling generator, for an exact resume."""
     s = dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-             gen=gen.get_state())
+             gens=[g.get_state() for g in gens])
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
 
 
-def set_rng_state(s, gen):
+def set_rng_state(s, gens):
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
-    gen.set_state(s["gen"])
+    for g, state in zip(gens, s["gens"]):
+        g.set_state(state)
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -589,76 +599,114 @@ def stages(method, cfg):
     return [(cfg["head_epochs"], cfg["lr"], False), (cfg["epochs"], cfg["ft_lr"], True)]
 
 
-def resume_stage(ck, opt, scaler, gen):
-    """Put the interrupted stage's optimizer, scaler and generator back -> (next epoch, epochs without gain)."""
-    opt.load_state_dict(ck["optimizer"])
-    if ck["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
-        scaler.load_state_dict(ck["scaler"])
-    set_rng_state(ck["rng"], gen)
+def make_member(method, fold, fit, val, t, enc, cfg, dev, gen_seed, use_scaler):
+    """One network of a unit and everything it sees: it trains on the `fit` frames and is scored on the `val`
+    frames (index arrays), with its own fold statistics (input normalisation, target scaling and physics line
+    from its fit frames), GradScaler and shuffling generator."""
+    x, y, prior, stats = fold_inputs(dict(fold, fit=fit), t, enc, dev, cfg["prior"])
+    fit = torch.as_tensor(fit, device=dev)
+    ang = t["ang"] if cfg["use_angles"] else t["ang"][:, :0]  # (N, 2) or (N, 0)
+    return dict(model=build_network(method, enc, cfg, ang.shape[1]).to(dev), x=x, y=y, ang=ang, prior=prior,
+                y_train=training_targets(y, prior, t["flight"], fit, cfg), stats=stats, fit=fit,
+                val=torch.as_tensor(val, device=dev), gen=torch.Generator().manual_seed(gen_seed),
+                scaler=torch.amp.GradScaler("cuda", enabled=use_scaler))
+
+
+def member_predict(mb, idx, amp_dtype):
+    """A member's predictions (len(idx),) for frames idx, in standardised target units."""
+    mb["model"].eval()
+    with torch.no_grad(), torch.autocast(idx.device.type, amp_dtype, enabled=amp_dtype is not None):
+        return mb["model"](mb["x"][idx], mb["ang"][idx], mb["prior"][idx]).float()
+
+
+def criterion(members, amp_dtype):
+    """What stops training and picks the best epoch: the members' validation MSE against the TRUE labels (a
+    flight's offset counts here), pooled over all their validation frames in km^2 and divided by the mean of
+    their target variances. One member: its validation MSE in standardised units. val_mode cv: the
+    out-of-fold MSE over every training flight, each predicted by the member that never trained on it."""
+    sse = sum(float(((member_predict(mb, mb["val"], amp_dtype) - mb["y"][mb["val"]]) * mb["stats"]["y_std"])
+                    .pow(2).sum()) for mb in members)
+    n = sum(len(mb["val"]) for mb in members)
+    return sse / n / float(np.mean([mb["stats"]["y_std"] ** 2 for mb in members]))
+
+
+def member_epoch(mb, opt, cfg, amp_dtype, stage, epoch, where):
+    """One epoch of one member in stage = (epochs, peak LR, train the encoder); returns (mean loss, last LR)."""
+    n_ep, peak, train_enc = stage
+    steps = math.ceil(len(mb["fit"]) / cfg["batch_size"])
+    lr_at = lambda i: get_lr(epoch * steps + i, n_ep * steps, cfg["warmup_epochs"] * steps, peak, cfg["min_lr_frac"])
+    mb["model"].train()
+    mb["model"].encoder.train(train_enc)  # a frozen encoder stays in eval mode (no dropout, no drop path)
+    inputs = (mb["x"], mb["ang"], mb["prior"], mb["y_train"])  # training targets; val and test score against y
+    return train_epoch(mb["model"], opt, mb["scaler"], inputs, mb["fit"], cfg, mb["gen"], amp_dtype, lr_at, where)
+
+
+def stage_optimizers(members, train_enc, peak, cfg):
+    """Stage 1 freezes the encoder (it then gets no optimizer state); stage 2 trains it with layer-wise LR decay."""
+    opts = []
+    for mb in members:
+        mb["model"].encoder.requires_grad_(train_enc)
+        groups = param_groups(mb["model"], cfg["weight_decay"], cfg["layer_decay"] if train_enc else 1.0)
+        opts.append(torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.999)))
+    return opts
+
+
+def resume_stage(ck, opts, members):
+    """Put the interrupted stage's optimizers, scalers and generators back -> (next epoch, epochs without gain)."""
+    for opt, mb, o_state, s_state in zip(opts, members, ck["optimizer"], ck["scaler"]):
+        opt.load_state_dict(o_state)
+        if s_state:  # empty when the run had no GradScaler (CPU, bf16)
+            mb["scaler"].load_state_dict(s_state)
+    set_rng_state(ck["rng"], [mb["gen"] for mb in members])
     return ck["epoch"] + 1, ck["bad_epochs"]
 
 
 def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=None):
-    """Two-stage training of one network on one fold; returns (test predictions in km, the model with its
-    best weights, the fold_inputs statistics).
-    t: network_tensors on dev (x (N, C, W), ang (N, 2), phys (N,), y km (N,), flight (N,)); enc: dict(config,
-    state (None without a pre-trained encoder), norm_mean, norm_std (None: the fit frames' statistics)).
-    amp = (autocast dtype or None, use a GradScaler). save(state) writes the checkpoint after every epoch;
-    ck = that state when resuming this unit. With prior physics the untrained network (the physics line)
-    is the first candidate for the best model: a correction is kept only if the validation flight wants it."""
-    fit, val, test = (torch.as_tensor(fold[k], device=dev) for k in ("fit", "val", "test"))
-    x, y, prior, stats = fold_inputs(fold, t, enc, dev, cfg["prior"])
-    y_train = training_targets(y, prior, t["flight"], fit, cfg)  # (N,); validation and test score against y
-    ang = t["ang"] if cfg["use_angles"] else t["ang"][:, :0]  # (N, 2) or (N, 0)
-    model = build_network(method, enc, cfg, ang.shape[1]).to(dev)
+    """Two-stage training of one unit on one fold; returns (test predictions in km, the members with their best
+    weights). A unit is one network, stopped on fold["val"], or with fold["members"] = [(fit, val)] (val_mode
+    cv) one network per pair, trained in lockstep and stopped together at the epoch with the lowest pooled
+    out-of-fold error (criterion); the unit then predicts the mean of its members.
+    t: network_tensors on dev; enc: dict(config, state (None: no pre-trained encoder), norm_mean, norm_std);
+    amp = (autocast dtype or None, use a GradScaler); save(state) writes the checkpoint after every epoch; ck =
+    that state when resuming this unit. With prior physics the untrained members (each its physics line) are the
+    first candidate for the best model: a correction is kept only if held-out flights want it."""
     amp_dtype, use_scaler = amp  # from amp_policy
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    gen = torch.Generator().manual_seed(unit_seed)  # shuffling and flips
-    best_val, best_state, start_stage = float("inf"), None, 0
-    steps_per_epoch = math.ceil(len(fit) / cfg["batch_size"])
-
-    def predict(idx):
-        model.eval()
-        with torch.no_grad(), torch.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
-            return model(x[idx], ang[idx], prior[idx]).float()
-
+    pairs = fold.get("members") or [(fold["fit"], fold["val"])]
+    members = [make_member(method, fold, fit, val, t, enc, cfg, dev, unit_seed + 1_000_000 * j, use_scaler)
+               for j, (fit, val) in enumerate(pairs)]
+    snapshot = lambda: [{k: v.detach().clone() for k, v in mb["model"].state_dict().items()} for mb in members]
+    best_val, best, start_stage = float("inf"), None, 0
     if ck is not None:
-        model.load_state_dict(ck["model"])
-        best_val, best_state, start_stage = ck["best_val"], ck["best_state"], ck["stage"]
+        for mb, state in zip(members, ck["model"]):
+            mb["model"].load_state_dict(state)
+        best_val, best, start_stage = ck["best_val"], ck["best_state"], ck["stage"]
     elif cfg["prior"] == "physics":
-        best_val = F.mse_loss(predict(val), y[val]).item()
-        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for si, (n_ep, peak, train_enc) in enumerate(stages(method, cfg)[start_stage:], start_stage):
-        model.encoder.requires_grad_(train_enc)  # stage 1: the encoder is frozen (and gets no optimizer state)
-        opt = torch.optim.AdamW(param_groups(model, cfg["weight_decay"], cfg["layer_decay"] if train_enc else 1.0),
-                                lr=peak, betas=(0.9, 0.999))
-        start_epoch, bad = resume_stage(ck, opt, scaler, gen) if ck is not None and si == start_stage else (0, 0)
-        for epoch in range(start_epoch, n_ep):
+        best_val, best = criterion(members, amp_dtype), snapshot()
+    for si, stage in enumerate(stages(method, cfg)[start_stage:], start_stage):
+        opts = stage_optimizers(members, stage[2], stage[1], cfg)
+        start_epoch, bad = resume_stage(ck, opts, members) if ck is not None and si == start_stage else (0, 0)
+        for epoch in range(start_epoch, stage[0]):
             if bad >= cfg["patience"]:
                 break
             t0 = time.time()
-            model.train()
-            model.encoder.train(train_enc)  # a frozen encoder stays in eval mode (no dropout, no drop path)
-            lr_at = lambda i: get_lr(epoch * steps_per_epoch + i, n_ep * steps_per_epoch,
-                                     cfg["warmup_epochs"] * steps_per_epoch, peak, cfg["min_lr_frac"])
             where = f"{method} {fold['name']} seed {unit_seed} stage {si + 1} epoch {epoch + 1}"
-            inputs = (x, ang, prior, y_train)
-            train_loss, lr_now = train_epoch(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where)
-            val_loss = F.mse_loss(predict(val), y[val]).item()  # the true labels: a flight's offset counts here
+            losses_lrs = [member_epoch(mb, opt, cfg, amp_dtype, stage, epoch, where + (f" member {j}" if j else ""))
+                          for j, (mb, opt) in enumerate(zip(members, opts))]
+            val_loss = criterion(members, amp_dtype)
             improved = val_loss < best_val
-            if improved:
-                best_val, bad = val_loss, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                bad += 1
+            best_val, bad, best = (val_loss, 0, snapshot()) if improved else (best_val, bad + 1, best)
             log(dict(method=method, fold=fold["name"], seed=unit_seed, stage=si + 1, epoch=epoch + 1,
-                     train_loss=train_loss, val_loss=val_loss, lr=lr_now, seconds=time.time() - t0))
-            save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                      stage=si, epoch=epoch, best_val=best_val, best_state=best_state, bad_epochs=bad,
-                      rng=rng_state(gen)))
-        if best_state is not None:  # the next stage (and the test) starts from the best model so far
-            model.load_state_dict(best_state)
-    return (predict(test) * stats["y_std"] + stats["y_mean"]).cpu().numpy(), model, stats
+                     train_loss=float(np.mean([l for l, _ in losses_lrs])), val_loss=val_loss, lr=losses_lrs[0][1],
+                     seconds=time.time() - t0))
+            save(dict(model=[mb["model"].state_dict() for mb in members], optimizer=[o.state_dict() for o in opts],
+                      scaler=[mb["scaler"].state_dict() for mb in members], stage=si, epoch=epoch, best_val=best_val,
+                      best_state=best, bad_epochs=bad, rng=rng_state([mb["gen"] for mb in members])))
+        if best is not None:  # the next stage (and the test) starts from the best models so far
+            for mb, state in zip(members, best):
+                mb["model"].load_state_dict(state)
+    test = torch.as_tensor(fold["test"], device=dev)
+    km = [member_predict(mb, test, amp_dtype) * mb["stats"]["y_std"] + mb["stats"]["y_mean"] for mb in members]
+    return torch.stack(km).mean(0).cpu().numpy(), members
 
 
 def physics_feature(images):
@@ -859,7 +907,7 @@ def check_config(cfg):
                 (not 0 < cfg["val_frac"] < 1, f"--val_frac {cfg['val_frac']}: must be between 0 and 1"),
                 (cfg["lr"] <= 0 or cfg["ft_lr"] <= 0 or cfg["grad_clip"] < 0,
                  "--lr and --ft_lr must be > 0, --grad_clip >= 0"),
-                (cfg["val_mode"] not in ("flight", "tail"), f"--val_mode {cfg['val_mode']!r}: use flight or tail"),
+                (cfg["val_mode"] not in ("cv", "flight", "tail"), f"--val_mode {cfg['val_mode']!r}: use cv, flight or tail"),
                 (cfg["pool"] not in ("cls", "mean"), f"--pool {cfg['pool']!r}: use cls or mean"),
                 (cfg["prior"] not in ("physics", "none"), f"--prior {cfg['prior']!r}: use physics or none"),
                 (cfg["input"] not in data.INPUT_MODES, f"--input {cfg['input']!r}: use {', '.join(data.INPUT_MODES)}"),
@@ -919,8 +967,9 @@ def maybe_resume(cfg, log_path):
         return None, []
     ck = data.load_checkpoint(cfg["resume"])
     if "done" in ck and ck.get("protocol") != PROTOCOL:
-        raise data.DataError(f"{cfg['resume']}: written by an older finetune_cbh.py (before each seed had its own "
-                             "stopping flight); its units cannot be mixed with new ones: start a new run")
+        raise data.DataError(f"{cfg['resume']}: written by an older finetune_cbh.py (checkpoint protocol "
+                             f"{ck.get('protocol', 1)}, this one writes {PROTOCOL}); its units ran another way and "
+                             "cannot be mixed with new ones: start a new run")
     if "done" not in ck or same(ck.get("config", {})) != same(cfg):
         raise data.DataError(f"{cfg['resume']}: not a finetune_cbh checkpoint of a run with these settings")
     trim_rows(log_path, ck.get("log_rows", 0))
@@ -1007,15 +1056,20 @@ def compare(cfg, dev):
 # the final model (--final) and CBH for new files (--predict)
 
 def final_fold(d, cfg):
-    """--final: networks train on every labelled flight but the last in flight order, which sets the
-    stopping epoch (as a flight flown after the others would: the held-out-flight validation of the
-    comparison); trees and physics, which need no stopping, train on all flights."""
-    last = int(d["flight"].max())
+    """--final: trees and physics, which need no stopping, train on all flights. Networks: under val_mode cv
+    one member per labelled flight, each trained on all the others and held out on it, stopped together as
+    in the comparison (the model predicts their mean); else one network on every flight but the last in
+    flight order, which sets the stopping epoch (as a flight flown after the others would)."""
+    last, everything = int(d["flight"].max()), np.arange(len(d["flight"]))
     if cfg["final"] not in NETWORKS:
-        everything = np.arange(len(d["flight"]))
         return dict(name="final (all flights)", fit=everything, val=everything[:1], test=everything[:1], how="")
-    if len(np.unique(d["flight"])) < 2:
+    flights = np.unique(d["flight"])
+    if len(flights) < 2:
         raise data.DataError(f"--final {cfg['final']} needs at least 2 flights (one sets the stopping epoch)")
+    if cfg["val_mode"] == "cv":
+        members = [(np.flatnonzero(d["flight"] != fl), np.flatnonzero(d["flight"] == fl)) for fl in flights]
+        return dict(name=f"final ({len(flights)} members, each stopped by another flight)", fit=everything,
+                    val=everything, test=everything[:1], members=members, how="cv")
     val = np.flatnonzero(d["flight"] == last)
     return dict(name=f"final (stopping flight {last})", fit=np.flatnonzero(d["flight"] != last), val=val,
                 test=val, how=f"val flight {last}")
@@ -1077,12 +1131,13 @@ def train_final(cfg, dev):
         t = network_tensors(d, cfg["input"], dev)
         amp = amp_policy(dev, cfg, [fold], t, enc)
         torch.manual_seed(cfg["seed"])
-        _, net, stats = train_network(method, fold, t, enc, cfg, dev, amp, cfg["seed"],
-                                      lambda row: print(f"  {method} {fold['name']} stage {row['stage']} epoch "
-                                                        f"{row['epoch']} val {row['val_loss']:.4f}"), lambda st: None)
-        saved.update(state=net.state_dict(), encoder_config=enc["config"], pool=cfg["pool"],
-                     head_hidden=0 if method == "probe" else cfg["head_hidden"], head_dropout=cfg["head_dropout"],
-                     cpu_autocast="bf16" if amp[0] is torch.bfloat16 else "fp32", **stats)
+        _, members = train_network(method, fold, t, enc, cfg, dev, amp, cfg["seed"],
+                                   lambda row: print(f"  {method} {fold['name']} stage {row['stage']} epoch "
+                                                     f"{row['epoch']} val {row['val_loss']:.4f}"), lambda st: None)
+        saved.update(members=[dict(state=mb["model"].state_dict(), **mb["stats"]) for mb in members],
+                     encoder_config=enc["config"], pool=cfg["pool"], head_hidden=0 if method == "probe" else
+                     cfg["head_hidden"], head_dropout=cfg["head_dropout"],
+                     cpu_autocast="bf16" if amp[0] is torch.bfloat16 else "fp32")
     out = os.path.join(cfg["out_dir"], "cbh_model.pth")
     data.claim_out_dir(cfg["out_dir"])
     data.atomic_torch_save(saved, out)
@@ -1097,26 +1152,33 @@ def load_cbh_model(path):
 
 
 def predict_km(m, d, dev):
-    """CBH (km) of every frame of d with the saved model m, clipped to the schema's 0..20 km. Networks run
-    in batches of 4096 resident frames under the precision the model was trained with."""
+    """CBH (km) of every frame of d with the saved model m, clipped to the schema's 0..20 km. A network model
+    predicts the mean of its members (one, or one per flight under val_mode cv), each with its own
+    normalisation, target scaling and physics line; they run in batches of 4096 resident frames under the
+    precision the model was trained with."""
     if m["method"] == "trees":
         pred = gbrt_predict(m["trees"], profile_features(d["images"], d["sza"], d["saa"], m["tree_angles"]))
     elif m["method"] == "physics":
         pred = np.polyval(m["line"], physics_feature(d["images"]))
     else:
-        net = CBHNet(mae.build_encoder(m["encoder_config"]), 2 if m["use_angles"] else 0, m["head_hidden"],
-                     m["head_dropout"], m["pool"]).to(dev).eval()
-        net.load_state_dict(m["state"])
-        mean, std = (torch.tensor(v, dtype=torch.float32, device=dev)[:, None] for v in (m["norm_mean"], m["norm_std"]))
-        x = (torch.as_tensor(data.profile_channels(d["images"], m["input"]), device=dev) - mean) / std  # (N, C, W)
+        channels = torch.as_tensor(data.profile_channels(d["images"], m["input"]), device=dev)  # (N, C, W)
         ang = torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev)  # (N, 2)
         ang = ang if m["use_angles"] else ang[:, :0]
-        prior = prior_std(torch.as_tensor(physics_feature(d["images"]), dtype=torch.float32, device=dev), m)  # (N,)
+        phys = torch.as_tensor(physics_feature(d["images"]), dtype=torch.float32, device=dev)  # (N,)
         bf16 = dev.type == "cuda" or m.get("cpu_autocast") == "bf16"
-        with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16 and dev.type != "mps"):
-            pred = torch.cat([net(x[i:i + 4096], ang[i:i + 4096], prior[i:i + 4096]).float()
-                              for i in range(0, len(x), 4096)])
-        pred = (pred * m["y_std"] + m["y_mean"]).cpu().numpy()
+        preds = []
+        for mb in m.get("members") or [m]:  # a model saved before members existed holds one network's keys itself
+            net = CBHNet(mae.build_encoder(m["encoder_config"]), ang.shape[1], m["head_hidden"], m["head_dropout"],
+                         m["pool"]).to(dev).eval()
+            net.load_state_dict(mb["state"])
+            mean, std = (torch.tensor(v, dtype=torch.float32, device=dev)[:, None] for v in (mb["norm_mean"],
+                                                                                             mb["norm_std"]))
+            x, prior = (channels - mean) / std, prior_std(phys, mb)  # (N, C, W), (N,)
+            with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16 and dev.type != "mps"):
+                out = torch.cat([net(x[i:i + 4096], ang[i:i + 4096], prior[i:i + 4096]).float()
+                                 for i in range(0, len(x), 4096)])
+            preds.append(out * mb["y_std"] + mb["y_mean"])
+        pred = torch.stack(preds).mean(0).cpu().numpy()
     return np.clip(pred, 0.0, data.MAX_CBH_KM).astype(np.float32)
 
 

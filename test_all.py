@@ -914,6 +914,70 @@ def test_ft_run_unit_trains_each_seed_on_its_own_turn(ft_tiny, monkeypatch):
     assert set(d["flight"][got[0]["val"]]) != set(d["flight"][got[1]["val"]])
 
 
+def test_ft_cv_unit_holds_out_every_training_flight_once_and_never_a_test_frame(ft_tiny):
+    """val_mode cv (the default): every seed's unit gets one member per training flight; member j trains on the
+    other training flights and is scored on flight j; no member sees a test frame."""
+    d = ft_tiny["d"]
+    cfg = ft_cfg(split="lofo", val_mode="cv", seeds=2)
+    assert ft.parse_config([])["val_mode"] == "cv"
+    for f in ft.make_folds(d, cfg):
+        assert f["cv"] and "cv over val flights" in f["how"]
+        for s in range(2):
+            members = ft.seed_fold(f, s)["members"]
+            val_fls = [set(d["flight"][v]) for _, v in members]
+            assert all(len(v) == 1 for v in val_fls)
+            assert sorted(int(next(iter(v))) for v in val_fls) == sorted(np.unique(d["flight"][f["train"]]))
+            for fit, val in members:
+                assert not set(d["flight"][fit]) & set(d["flight"][val])
+                assert not (set(fit) | set(val)) & set(f["test"])
+                assert sorted(np.concatenate([fit, val])) == sorted(f["train"])
+    assert "members" not in ft.seed_fold(ft.make_folds(d, ft_cfg(split="lofo", val_mode="flight"))[0], 0)
+
+
+def test_ft_cv_members_stop_together_on_the_pooled_out_of_fold_error(ft_tiny, monkeypatch):
+    """The criterion is the pooled out-of-fold MSE (each training flight scored by the member that never
+    trained on it), every member keeps the weights of the SAME epoch (the one with the lowest criterion), and
+    the unit predicts the mean of its members in km."""
+    d, dev = ft_tiny["d"], torch.device("cpu")
+    cfg = ft_cfg(head_epochs=3, epochs=0, batch_size=16, seeds=1, cpu_bf16="off", patience=100)
+    fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
+    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
+    t = ft.network_tensors(d, "raw", dev)
+    bias = {1: 1.0, 2: -1.0, 3: 0.3}  # what each epoch sets every member's output bias to (0 = untrained)
+    calls = []
+
+    def epoch_bias(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where):
+        calls.append(where)
+        with torch.no_grad():
+            model.head[-1].bias.fill_(bias[int(where.split("epoch ")[1].split()[0])])
+        return 0.0, lr_at(0)
+    monkeypatch.setattr(ft, "train_epoch", epoch_bias)
+    rows = []
+    pred, members = ft.train_network("finetune", fold, t, enc, cfg, dev, (None, False), 1, rows.append, lambda st: None)
+    assert len(members) == 2 and len(calls) == 6 and [r["epoch"] for r in rows] == [1, 2, 3]  # lockstep
+
+    def by_hand(b):  # every validation frame once, squared km error, over the mean target variance
+        sq, var = [], []
+        for mb in members:
+            with torch.no_grad():
+                mb["model"].head[-1].bias.fill_(b)
+                sq.append(((ft.member_predict(mb, mb["val"], None) - mb["y"][mb["val"]]) * mb["stats"]["y_std"]) ** 2)
+            var.append(mb["stats"]["y_std"] ** 2)
+        return float(torch.cat(sq).mean()) / np.mean(var)
+    kept = members[0]["model"].head[-1].bias.item()
+    assert all(mb["model"].head[-1].bias.item() == kept for mb in members)  # one epoch's state for all
+    want = {b: by_hand(b) for b in (0.0, 1.0, -1.0, 0.3)}
+    assert [r["val_loss"] for r in rows] == pytest.approx([want[bias[e]] for e in (1, 2, 3)], rel=1e-6)
+    assert kept == min(want, key=want.get) != 0.0, want  # an epoch, not the untrained start
+    for mb in members:
+        with torch.no_grad():
+            mb["model"].head[-1].bias.fill_(kept)
+    test = torch.as_tensor(fold["test"])
+    km = [ft.member_predict(mb, test, None) * mb["stats"]["y_std"] + mb["stats"]["y_mean"] for mb in members]
+    np.testing.assert_allclose(pred, torch.stack(km).mean(0).numpy(), rtol=1e-6)
+    assert members[0]["stats"]["prior_line"] != members[1]["stats"]["prior_line"]  # each its own fit flights
+
+
 def test_ft_lofo_tail_validation_inside_train(ft_tiny):
     d = ft_tiny["d"]
     folds = ft.make_folds(d, ft_cfg(split="lofo", val_mode="tail", val_gap="30"))
@@ -1056,7 +1120,7 @@ def test_ft_stage1_trains_only_the_head_and_stage2_changes_the_encoder(ft_tiny):
     fold, t, enc = one_fold_setup(ft_tiny)
     cfg = ft_cfg(head_epochs=2, epochs=2, batch_size=16, patience=100)
     states = []
-    save = lambda st: states.append({k: v.clone() for k, v in st["model"].items()} | {"_opt": st["optimizer"]})
+    save = lambda st: states.append({k: v.clone() for k, v in st["model"][0].items()} | {"_opt": st["optimizer"][0]})
     ft.train_network("finetune", fold, t, enc, cfg, torch.device("cpu"), (None, False), 0, lambda row: None, save)
     enc0 = {"encoder." + k: v for k, v in enc["state"].items()}
     head_keys = [k for k in states[0] if k.startswith("head.")]
@@ -1250,14 +1314,18 @@ def test_ft_decorrelation_lag_of_a_known_process():
     assert ft.gap_for("37", np.arange(3 * n), d, dict(acf_threshold=0.2)) == 37
 
 
-def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path):
+@pytest.mark.parametrize("val_mode,flights,n_members", [("cv", [0, 1, 2], 3), ("flight", [0, 1], 1)])
+def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, val_mode, flights, n_members):
+    """--final under cv: one member per flight, each held out on it; --predict gives the mean of the members'
+    own forward passes. Under flight: one network, stopped by the last flight."""
     out = tmp_path / "out"
     r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
-                   "--final", "finetune", *FT_TINY, "--cpu_bf16", "off")  # fp32: comparable to a plain forward
+                   "--final", "finetune", *FT_TINY, "--cpu_bf16", "off",  # fp32: comparable to a plain forward
+                   "--val_mode", val_mode)
     assert r.returncode == 0, r.stderr
     m = ft.load_cbh_model(out / "cbh_model.pth")
-    assert m["cpu_autocast"] == "fp32"
-    assert m["method"] == "finetune" and m["flights"] == [0, 1] and m["cv"] == "not cross-validated"
+    assert m["cpu_autocast"] == "fp32" and len(m["members"]) == n_members
+    assert m["method"] == "finetune" and m["flights"] == flights and m["cv"] == "not cross-validated"
     before = open(ft_tiny["lab"], "rb").read()
     r = run_script("finetune_cbh.py", "--predict", ft_tiny["lab"], "--model", out / "cbh_model.pth", "--out_dir", out)
     assert r.returncode == 0, r.stderr
@@ -1266,16 +1334,20 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path):
         pred, meta = f["cbh_pred_km"][:], f["metadata"][:]
     d = ft_tiny["d"]
     np.testing.assert_array_equal(meta, d["metadata"])
-    # the model's own forward pass, by hand: raw input normalised with the stored statistics, plus the
-    # physics line (fitted on the training flights) in standardised units
-    net = ft.CBHNet(mae.build_encoder(m["encoder_config"]), 0, m["head_hidden"], m["head_dropout"], m["pool"]).eval()
-    net.load_state_dict(m["state"])
-    x = (torch.as_tensor(d["images"])[:, None] - m["norm_mean"][0]) / m["norm_std"][0]  # (N, 1, W)
-    a, b = m["prior_line"]
-    prior = torch.as_tensor((a * ft.physics_feature(d["images"]) + b - m["y_mean"]) / m["y_std"], dtype=torch.float32)
-    with torch.no_grad():
-        want = net(x, torch.zeros(len(x), 0), prior).numpy() * m["y_std"] + m["y_mean"]
-    np.testing.assert_allclose(pred, np.clip(want, 0, 20), rtol=1e-4, atol=1e-4)
+    # each member's own forward pass, by hand: raw input normalised with its stored statistics, plus its
+    # physics line (fitted on its training flights) in standardised units; the model predicts their mean
+    want = []
+    for mb in m["members"]:
+        net = ft.CBHNet(mae.build_encoder(m["encoder_config"]), 0, m["head_hidden"], m["head_dropout"], m["pool"]).eval()
+        net.load_state_dict(mb["state"])
+        x = (torch.as_tensor(d["images"])[:, None] - mb["norm_mean"][0]) / mb["norm_std"][0]  # (N, 1, W)
+        a, b = mb["prior_line"]
+        prior = torch.as_tensor((a * ft.physics_feature(d["images"]) + b - mb["y_mean"]) / mb["y_std"],
+                                dtype=torch.float32)
+        with torch.no_grad():
+            want.append(net(x, torch.zeros(len(x), 0), prior).numpy() * mb["y_std"] + mb["y_mean"])
+    assert n_members == 1 or not np.allclose(want[0], want[1])  # distinct members, really averaged
+    np.testing.assert_allclose(pred, np.clip(np.mean(want, 0), 0, 20), rtol=1e-4, atol=1e-4)
     assert all((out / "plots" / f"cbh_lab_flight_{fl}.png").stat().st_size > 1000 for fl in range(3))
 
 
@@ -1316,8 +1388,8 @@ def test_ft_nonfinite_loss_stops_the_comparison_with_exit_3_and_stays_resumable(
 
     def nan_late(self, x, ang, prior=None):
         out = real(self, x, ang, prior)
-        calls[0] += self.training  # training steps only: the 2nd unit's stage 2 (3 steps an epoch), after checkpoints
-        return out * float("nan") if self.training and calls[0] == 20 else out
+        calls[0] += self.training  # training steps: 2 members x 3 steps an epoch; 40 = 2nd unit, stage 2, member 1
+        return out * float("nan") if self.training and calls[0] == 40 else out
     monkeypatch.setattr(ft.CBHNet, "forward", nan_late)
     args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "finetune",
             "--head_epochs", "2", "--epochs", "2", "--num_threads", "1", "--batch_size", "16", "--seeds", "1",
@@ -1328,7 +1400,7 @@ def test_ft_nonfinite_loss_stops_the_comparison_with_exit_3_and_stays_resumable(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "non-finite loss" in err[0] and "finetune flight" in err[0], err
     ckpt = data.load_checkpoint(tmp_path / "checkpoints" / "latest.pth")
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert all(torch.isfinite(v).all() for state in ckpt["model"] for v in state.values())
     monkeypatch.setattr(ft.CBHNet, "forward", real)
     trained, real_train = [], ft.train_network
     monkeypatch.setattr(ft, "train_network", lambda *a, **k: trained.append(k.get("ck") or a[-1]) or real_train(*a, **k))
