@@ -9,7 +9,7 @@ Fine-tunes the masked-autoencoder encoder from mae.py and compares it, on identi
   trees     gradient-boosted regression trees (numpy) on hand-crafted profile features
   physics   a straight line on one physical feature: warmest minus coldest pixel (surface-to-cloud-top contrast)
 With --prior physics (default) the networks learn a correction to that line, starting exactly at it, and keep
-a correction only if the held-out validation flight's error drops.
+a correction only if the error on held-out training flights drops.
 Splits: lofo (leave one flight out, default: the question a user asks is "does it work on a new flight"),
 blocked (contiguous time blocks within flights, with a gap), random (the seed's protocol; neighbouring
 frames are strongly correlated, so it leaks and flatters every method; comparison only).
@@ -60,7 +60,7 @@ predict = ''  # HDF5 cloud file (labelled or not): write out_dir/cbh_pred_<stem>
 model = ''  # a cbh_model.pth written by --final, for --predict
 split = 'lofo'  # lofo (leave one flight out) | blocked (time blocks with a gap) | random (leaky, comparison only)
 n_blocks = 5  # blocked: time blocks per flight (one fold each); random: number of folds
-val_mode = 'cv'  # lofo: stop on every training flight held out in turn (cv), on one per seed (flight), or on time tails (tail)
+val_mode = 'cv'  # lofo: stop on all training flights held out in turn (cv), one per seed (flight), or time tails (tail)
 gap = 'auto'  # blocked: drop training frames within this many frames of a test block; auto = from the labels' ACF
 val_frac = 0.15  # tail validation: the last val_frac of each training flight's labelled frames
 val_gap = 'auto'  # tail validation: drop training frames within this many frames before it; auto = from the ACF
@@ -100,7 +100,7 @@ max_samples = 0  # use only the first N labelled samples (0 = all)
 num_threads = 0  # torch CPU threads (0 = torch default)
 # --- end config ---
 METHODS = ("finetune", "scratch", "probe", "trees", "physics")
-PROTOCOL = 3  # in checkpoints: 3 = a unit is a list of member networks (val_mode cv); 2 = one network per unit
+PROTOCOL = 3  # in checkpoints: 3 = a unit's states are lists over its member networks (one unless val_mode cv)
 NETWORKS = ("finetune", "scratch", "probe")  # trained with seeds; trees and physics are deterministic
 
 
@@ -401,6 +401,11 @@ def raw_folds(d, cfg):
     raise data.DataError(f"--split {cfg['split']!r}: expected lofo, blocked or random")
 
 
+def uses_cv(cfg):
+    """Members stopped together (val_mode cv) exist only where whole flights can be held out: split lofo."""
+    return cfg["split"] == "lofo" and cfg["val_mode"] == "cv"
+
+
 def make_folds(d, cfg):
     """[dict(name, train, fit, val, test, how, turns, cv)] index arrays into the labelled set; every method
     sees the same. train = every training-side frame: trees and physics, which need no stopping, fit on all of
@@ -411,16 +416,18 @@ def make_folds(d, cfg):
     folds = []
     for name, train, test in raw_folds(d, cfg):
         turns, by_flight = None, cfg["split"] == "lofo" and cfg["val_mode"] in ("cv", "flight")
-        if by_flight:
+        if by_flight:  # whole training flights: every one of them in turn
             n_train_fl = len(np.unique(d["flight"][train]))
             if n_train_fl < 2:
                 raise data.DataError(f"--val_mode {cfg['val_mode']} needs at least 3 flights; use --val_mode tail")
             turns = [flight_val(train, test, d["flight"], k) for k in range(n_train_fl)]
             fit, val = turns[0]
             val_fl = [int(d["flight"][v[0]]) for _, v in turns]
-            seed_val = [val_fl[s % n_train_fl] for s in range(cfg["seeds"])]
-            how = ("cv over val flights " + "/".join(map(str, val_fl)) if cfg["val_mode"] == "cv" else
-                   "val flight " + "/".join(map(str, seed_val)) + (" (by seed)" if cfg["seeds"] > 1 else ""))
+            if uses_cv(cfg):
+                how = "cv over val flights " + "/".join(map(str, val_fl))
+            else:
+                how = "val flight " + "/".join(str(val_fl[s % n_train_fl]) for s in range(cfg["seeds"]))
+                how += " (by seed)" if cfg["seeds"] > 1 else ""
         else:
             val_gap = gap_for(cfg["val_gap"], train, d, cfg)
             fit, val = split_val(train, d["flight"], d["frame"], cfg["val_frac"], val_gap)
@@ -428,8 +435,7 @@ def make_folds(d, cfg):
         if min(len(fit), len(val), len(test)) == 0:
             raise data.DataError(f"{name}: too few labelled frames for train/validation/test "
                                  f"({len(fit)}/{len(val)}/{len(test)}); use more data or another --split")
-        folds.append(dict(name=name, train=train, fit=fit, val=val, test=test, how=how, turns=turns,
-                          cv=by_flight and cfg["val_mode"] == "cv"))
+        folds.append(dict(name=name, train=train, fit=fit, val=val, test=test, how=how, turns=turns, cv=uses_cv(cfg)))
     return folds
 
 
@@ -690,7 +696,8 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
                 break
             t0 = time.time()
             where = f"{method} {fold['name']} seed {unit_seed} stage {si + 1} epoch {epoch + 1}"
-            losses_lrs = [member_epoch(mb, opt, cfg, amp_dtype, stage, epoch, where + (f" member {j}" if j else ""))
+            tag = lambda j: f" member {j} (val flight {int(t['flight'][members[j]['val'][0]])})" * (len(members) > 1)
+            losses_lrs = [member_epoch(mb, opt, cfg, amp_dtype, stage, epoch, where + tag(j))
                           for j, (mb, opt) in enumerate(zip(members, opts))]
             val_loss = criterion(members, amp_dtype)
             improved = val_loss < best_val
@@ -907,7 +914,8 @@ def check_config(cfg):
                 (not 0 < cfg["val_frac"] < 1, f"--val_frac {cfg['val_frac']}: must be between 0 and 1"),
                 (cfg["lr"] <= 0 or cfg["ft_lr"] <= 0 or cfg["grad_clip"] < 0,
                  "--lr and --ft_lr must be > 0, --grad_clip >= 0"),
-                (cfg["val_mode"] not in ("cv", "flight", "tail"), f"--val_mode {cfg['val_mode']!r}: use cv, flight or tail"),
+                (cfg["val_mode"] not in ("cv", "flight", "tail"),
+                 f"--val_mode {cfg['val_mode']!r}: use cv, flight or tail"),
                 (cfg["pool"] not in ("cls", "mean"), f"--pool {cfg['pool']!r}: use cls or mean"),
                 (cfg["prior"] not in ("physics", "none"), f"--prior {cfg['prior']!r}: use physics or none"),
                 (cfg["input"] not in data.INPUT_MODES, f"--input {cfg['input']!r}: use {', '.join(data.INPUT_MODES)}"),
@@ -968,8 +976,8 @@ def maybe_resume(cfg, log_path):
     ck = data.load_checkpoint(cfg["resume"])
     if "done" in ck and ck.get("protocol") != PROTOCOL:
         raise data.DataError(f"{cfg['resume']}: written by an older finetune_cbh.py (checkpoint protocol "
-                             f"{ck.get('protocol', 1)}, this one writes {PROTOCOL}); its units ran another way and "
-                             "cannot be mixed with new ones: start a new run")
+                             f"{ck.get('protocol', 1)}, this one reads {PROTOCOL}); its units were run or stored "
+                             "another way and cannot be mixed with new ones: start a new run")
     if "done" not in ck or same(ck.get("config", {})) != same(cfg):
         raise data.DataError(f"{cfg['resume']}: not a finetune_cbh checkpoint of a run with these settings")
     trim_rows(log_path, ck.get("log_rows", 0))
@@ -1066,10 +1074,10 @@ def final_fold(d, cfg):
     flights = np.unique(d["flight"])
     if len(flights) < 2:
         raise data.DataError(f"--final {cfg['final']} needs at least 2 flights (one sets the stopping epoch)")
-    if cfg["val_mode"] == "cv":
+    if uses_cv(cfg):
         members = [(np.flatnonzero(d["flight"] != fl), np.flatnonzero(d["flight"] == fl)) for fl in flights]
-        return dict(name=f"final ({len(flights)} members, each stopped by another flight)", fit=everything,
-                    val=everything, test=everything[:1], members=members, how="cv")
+        return dict(name=f"final ({len(flights)} members, each held out on one flight)", fit=everything,
+                    test=everything[:1], members=members)
     val = np.flatnonzero(d["flight"] == last)
     return dict(name=f"final (stopping flight {last})", fit=np.flatnonzero(d["flight"] != last), val=val,
                 test=val, how=f"val flight {last}")

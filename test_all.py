@@ -943,35 +943,40 @@ def test_ft_cv_members_stop_together_on_the_pooled_out_of_fold_error(ft_tiny, mo
     fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
     _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
     t = ft.network_tensors(d, "raw", dev)
-    bias = {1: 1.0, 2: -1.0, 3: 0.3}  # what each epoch sets every member's output bias to (0 = untrained)
-    calls = []
+    # what each epoch sets each member's output bias to (0 = untrained): the members disagree about the best epoch
+    bias = {0: {1: 1.0, 2: -1.0, 3: 0.3}, 1: {1: 0.3, 2: 1.0, 3: -1.0}}
+    seen = []
 
     def epoch_bias(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where):
-        calls.append(where)
+        j, ep = int(where.split("member ")[1].split()[0]), int(where.split("epoch ")[1].split()[0])
+        seen.append((j, fit))
         with torch.no_grad():
-            model.head[-1].bias.fill_(bias[int(where.split("epoch ")[1].split()[0])])
+            model.head[-1].bias.fill_(bias[j][ep])
         return 0.0, lr_at(0)
     monkeypatch.setattr(ft, "train_epoch", epoch_bias)
     rows = []
     pred, members = ft.train_network("finetune", fold, t, enc, cfg, dev, (None, False), 1, rows.append, lambda st: None)
-    assert len(members) == 2 and len(calls) == 6 and [r["epoch"] for r in rows] == [1, 2, 3]  # lockstep
+    assert len(members) == 2 and len(seen) == 6 and [r["epoch"] for r in rows] == [1, 2, 3]  # lockstep
+    for j, fit in seen:  # a member never trains on its own validation flight
+        assert torch.equal(fit, members[j]["fit"])
+        assert not set(d["flight"][fit.numpy()]) & set(d["flight"][members[j]["val"].numpy()])
 
-    def by_hand(b):  # every validation frame once, squared km error, over the mean target variance
-        sq, var = [], []
-        for mb in members:
-            with torch.no_grad():
-                mb["model"].head[-1].bias.fill_(b)
-                sq.append(((ft.member_predict(mb, mb["val"], None) - mb["y"][mb["val"]]) * mb["stats"]["y_std"]) ** 2)
-            var.append(mb["stats"]["y_std"] ** 2)
-        return float(torch.cat(sq).mean()) / np.mean(var)
-    kept = members[0]["model"].head[-1].bias.item()
-    assert all(mb["model"].head[-1].bias.item() == kept for mb in members)  # one epoch's state for all
-    want = {b: by_hand(b) for b in (0.0, 1.0, -1.0, 0.3)}
-    assert [r["val_loss"] for r in rows] == pytest.approx([want[bias[e]] for e in (1, 2, 3)], rel=1e-6)
-    assert kept == min(want, key=want.get) != 0.0, want  # an epoch, not the untrained start
-    for mb in members:
+    def sq_err(mb, b):  # squared km errors of a member with output bias b on its validation flight
         with torch.no_grad():
-            mb["model"].head[-1].bias.fill_(kept)
+            mb["model"].head[-1].bias.fill_(b)
+            return ((ft.member_predict(mb, mb["val"], None) - mb["y"][mb["val"]]) * mb["stats"]["y_std"]) ** 2
+    kept = [mb["model"].head[-1].bias.item() for mb in members]
+    var = np.mean([mb["stats"]["y_std"] ** 2 for mb in members])
+    pooled = {ep: float(torch.cat([sq_err(mb, bias[j][ep] if ep else 0.0) for j, mb in enumerate(members)]).mean())
+              / var for ep in (0, 1, 2, 3)}  # by hand: every validation frame once, over the mean target variance
+    assert [r["val_loss"] for r in rows] == pytest.approx([pooled[e] for e in (1, 2, 3)], rel=1e-6)
+    best = min(pooled, key=pooled.get)
+    assert best != 0 and kept == pytest.approx([bias[j][best] for j in (0, 1)]), (pooled, kept)  # one epoch for all
+    own_best = [min((1, 2, 3), key=lambda ep: float(sq_err(mb, bias[j][ep]).mean())) for j, mb in enumerate(members)]
+    assert own_best != [best, best]  # alone, a member would have kept another epoch: the test can tell
+    for mb, b in zip(members, kept):
+        with torch.no_grad():
+            mb["model"].head[-1].bias.fill_(b)
     test = torch.as_tensor(fold["test"])
     km = [ft.member_predict(mb, test, None) * mb["stats"]["y_std"] + mb["stats"]["y_mean"] for mb in members]
     np.testing.assert_allclose(pred, torch.stack(km).mean(0).numpy(), rtol=1e-6)
@@ -1348,7 +1353,30 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
             want.append(net(x, torch.zeros(len(x), 0), prior).numpy() * mb["y_std"] + mb["y_mean"])
     assert n_members == 1 or not np.allclose(want[0], want[1])  # distinct members, really averaged
     np.testing.assert_allclose(pred, np.clip(np.mean(want, 0), 0, 20), rtol=1e-4, atol=1e-4)
+    for j, mb in enumerate(m["members"]):  # member j's targets were scaled on the flights it trained on
+        trained = d["flight"] != (j if n_members > 1 else 2)
+        assert mb["y_mean"] == pytest.approx(float(d["cbh_km"][trained].mean()), rel=1e-5)
+    if n_members == 1:  # a model file written before members existed: one network's keys at the top level
+        old = {k: v for k, v in m.items() if k != "members"} | m["members"][0]
+        torch.save(old, tmp_path / "old_model.pth")
+        r = run_script("finetune_cbh.py", "--predict", ft_tiny["lab"], "--model", tmp_path / "old_model.pth",
+                       "--out_dir", tmp_path / "old")
+        assert r.returncode == 0, r.stderr
+        with h5py.File(tmp_path / "old" / "cbh_pred_lab.h5") as f:
+            np.testing.assert_array_equal(f["cbh_pred_km"][:], pred)
     assert all((out / "plots" / f"cbh_lab_flight_{fl}.png").stat().st_size > 1000 for fl in range(3))
+
+
+def test_ft_final_members_only_where_the_comparison_has_them(ft_tiny):
+    """--final under val_mode cv trains members only with split lofo, as the comparison does; under blocked or
+    random the comparison stops single networks on time tails, so the final model is one network too."""
+    d = ft_tiny["d"]
+    fold = ft.final_fold(d, ft_cfg(final="finetune"))
+    assert [sorted(set(d["flight"][v])) for _, v in fold["members"]] == [[0], [1], [2]]
+    assert all(not set(d["flight"][fit]) & set(d["flight"][v]) for fit, v in fold["members"])
+    for split in ("blocked", "random"):
+        assert "members" not in ft.final_fold(d, ft_cfg(final="finetune", split=split))
+    assert "members" not in ft.final_fold(d, ft_cfg(final="trees"))
 
 
 def test_ft_final_records_the_cross_validated_score_only_for_matching_settings(ft_tiny, tmp_path):
