@@ -939,7 +939,7 @@ def test_ft_cv_members_stop_together_on_the_pooled_out_of_fold_error(ft_tiny, mo
     trained on it), every member keeps the weights of the SAME epoch (the one with the lowest criterion), and
     the unit predicts the mean of its members in km."""
     d, dev = ft_tiny["d"], torch.device("cpu")
-    cfg = ft_cfg(head_epochs=3, epochs=0, batch_size=16, seeds=1, cpu_bf16="off", patience=100)
+    cfg = ft_cfg(head_epochs=3, epochs=0, batch_size=16, seeds=1, cpu_bf16="off", patience=100, select="min")
     fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
     _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
     t = ft.network_tensors(d, "raw", dev)
@@ -981,6 +981,49 @@ def test_ft_cv_members_stop_together_on_the_pooled_out_of_fold_error(ft_tiny, mo
     km = [ft.member_predict(mb, test, None) * mb["stats"]["y_std"] + mb["stats"]["y_mean"] for mb in members]
     np.testing.assert_allclose(pred, torch.stack(km).mean(0).numpy(), rtol=1e-6)
     assert members[0]["stats"]["prior_line"] != members[1]["stats"]["prior_line"]  # each its own fit flights
+
+
+def test_ft_one_se_rule_keeps_the_lines_unless_the_gain_beats_its_standard_error(ft_tiny, monkeypatch):
+    """--select one_se (default): a correction that lowers the pooled error but not every held-out flight's (2
+    members: both must gain) is dropped and the unit predicts exactly its physics lines; one that every flight
+    gains from is kept. --select min keeps whatever had the lowest pooled error."""
+    assert ft.parse_config([])["select"] == "one_se"
+    assert ft.beats_lines([1.0, 1.0, 1.0], [0.5, 0.6, 0.55]) and not ft.beats_lines([1.0, 1.0], [0.2, 1.1])
+    assert not ft.beats_lines([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])  # no gain is no reason
+    d, dev = ft_tiny["d"], torch.device("cpu")
+    cfg = ft_cfg(head_epochs=1, epochs=0, batch_size=16, seeds=1, cpu_bf16="off")
+    fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
+    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
+    t = ft.network_tensors(d, "raw", dev)
+    test = torch.as_tensor(fold["test"])
+    # each member's best constant shift of its line on its own validation flight (standardised units)
+    shift = []
+    for j, (fit, val) in enumerate(fold["members"]):
+        mb = ft.make_member("finetune", fold, fit, val, t, enc, cfg, dev, 0, False)
+        shift.append(float((mb["y"][mb["val"]] - mb["prior"][mb["val"]]).mean()))
+    assert min(abs(s) for s in shift) > 0.05
+
+    def run(biases, select):
+        def epoch_bias(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where):
+            with torch.no_grad():
+                model.head[-1].bias.fill_(biases[int(where.split("member ")[1].split()[0])])
+            return 0.0, lr_at(0)
+        monkeypatch.setattr(ft, "train_epoch", epoch_bias)
+        rows = []
+        pred, members = ft.train_network("finetune", fold, t, enc, dict(cfg, select=select), dev, (None, False), 1,
+                                         rows.append, lambda st: None)
+        lines = torch.stack([mb["prior"][test] * mb["stats"]["y_std"] + mb["stats"]["y_mean"] for mb in members])
+        line_val = ft.criterion(members, np.array([float(((mb["prior"][mb["val"]] - mb["y"][mb["val"]]) *
+                                                           mb["stats"]["y_std"]).pow(2).mean()) for mb in members]))
+        return pred, lines.mean(0).numpy(), rows[0]["val_loss"], line_val
+    one_sided = [shift[0], -0.2 * shift[1]]  # member 0's flight gains a lot, member 1's loses a little
+    pred, lines, val, line_val = run(one_sided, "one_se")
+    assert val < line_val  # the pooled error did drop ...
+    np.testing.assert_allclose(pred, lines, rtol=1e-6)  # ... yet the lines are kept
+    pred, lines, val, line_val = run(one_sided, "min")
+    assert not np.allclose(pred, lines, rtol=1e-3)  # min keeps the correction
+    pred, lines, val, line_val = run(shift, "one_se")
+    assert val < line_val and not np.allclose(pred, lines, rtol=1e-3)  # every flight gains: kept
 
 
 def test_ft_lofo_tail_validation_inside_train(ft_tiny):
@@ -1253,7 +1296,7 @@ def test_ft_layer_decay_groups():
 def test_ft_end_to_end_tiny(ft_tiny, tmp_path):
     out = tmp_path / "out"
     r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
-                   *FT_TINY, "--seeds", "2")
+                   *FT_TINY, "--seeds", "2", "--select", "min")  # min: the seeds keep different corrections
     assert r.returncode == 0, r.stderr
     rows = read_csv(out / "results.csv")
     for m in ft.METHODS:
