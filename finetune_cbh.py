@@ -745,9 +745,32 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
               "kept the physics lines")
         for mb in members:
             zero_correction(mb["model"])
-    test = torch.as_tensor(fold["test"], device=dev)
-    km = [member_predict(mb, test, amp_dtype) * mb["stats"]["y_std"] + mb["stats"]["y_mean"] for mb in members]
-    return torch.stack(km).mean(0).cpu().numpy(), members
+    line = fold_line(fold, t) if cfg["prior"] == "physics" else None
+    return unit_predict(members, torch.as_tensor(fold["test"], device=dev), t["phys"], line, amp_dtype), members
+
+
+def fold_line(fold, t):
+    """[a, b] of the physics row's line for this fold: fitted on EVERY training flight (fold["train"])."""
+    return physics_line(t["phys"][fold["train"]].cpu().numpy(), t["y"][fold["train"]].cpu().numpy())
+
+
+def unit_predict(members, idx, phys, line, amp_dtype):
+    """A unit's CBH (N,) in km for frames idx (numpy). With a physics prior: `line` (fold_line, the physics row's
+    line) plus the mean of the members' corrections; with every correction rejected the unit IS the physics
+    row. Why not each member's own line: it was fitted without the member's validation flight, and with 3-4
+    training flights one flight moves a 2-number line a lot, so the networks would differ from the physics
+    row by that alone. Without a prior (line None): the mean of the members' predictions."""
+    per = []
+    for mb in members:
+        out = member_predict(mb, idx, amp_dtype)  # (N,) standardised
+        if line is None:
+            per.append(out * mb["stats"]["y_std"] + mb["stats"]["y_mean"])
+        else:
+            per.append((out - mb["prior"][idx]) * mb["stats"]["y_std"])  # the correction alone, in km
+    km = torch.stack(per).mean(0)
+    if line is not None:
+        km = km + line[0] * phys[idx] + line[1]
+    return km.cpu().numpy()
 
 
 def physics_feature(images):
@@ -1112,10 +1135,10 @@ def final_fold(d, cfg):
     if uses_cv(cfg):
         members = [(np.flatnonzero(d["flight"] != fl), np.flatnonzero(d["flight"] == fl)) for fl in flights]
         return dict(name=f"final ({len(flights)} members, each held out on one flight)", fit=everything,
-                    test=everything[:1], members=members)
+                    train=everything, test=everything[:1], members=members)
     val = np.flatnonzero(d["flight"] == last)
     return dict(name=f"final (stopping flight {last})", fit=np.flatnonzero(d["flight"] != last), val=val,
-                test=val, how=f"val flight {last}")
+                train=everything, test=val, how=f"val flight {last}")
 
 
 def setting(cfg, key):
@@ -1177,6 +1200,8 @@ def train_final(cfg, dev):
         _, members = train_network(method, fold, t, enc, cfg, dev, amp, cfg["seed"],
                                    lambda row: print(f"  {method} {fold['name']} stage {row['stage']} epoch "
                                                      f"{row['epoch']} val {row['val_loss']:.4f}"), lambda st: None)
+        if cfg["prior"] == "physics":
+            saved["line"] = fold_line(fold, t)  # the corrections sit on the physics line of every labelled flight
         saved.update(members=[dict(state=mb["model"].state_dict(), **mb["stats"]) for mb in members],
                      encoder_config=enc["config"], pool=cfg["pool"], head_hidden=0 if method == "probe" else
                      cfg["head_hidden"], head_dropout=cfg["head_dropout"],
@@ -1220,8 +1245,12 @@ def predict_km(m, d, dev):
             with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16 and dev.type != "mps"):
                 out = torch.cat([net(x[i:i + 4096], ang[i:i + 4096], prior[i:i + 4096]).float()
                                  for i in range(0, len(x), 4096)])
-            preds.append(out * mb["y_std"] + mb["y_mean"])
+            # with m["line"] (the physics line on all labelled flights) a member adds only its correction, as in
+            # unit_predict; older files and prior none: the member's own prediction
+            preds.append((out - prior) * mb["y_std"] if "line" in m else out * mb["y_std"] + mb["y_mean"])
         pred = torch.stack(preds).mean(0).cpu().numpy()
+        if "line" in m:
+            pred = pred + np.polyval(m["line"], phys.cpu().numpy())
     return np.clip(pred, 0.0, data.MAX_CBH_KM).astype(np.float32)
 
 

@@ -977,9 +977,11 @@ def test_ft_cv_members_stop_together_on_the_pooled_out_of_fold_error(ft_tiny, mo
     for mb, b in zip(members, kept):
         with torch.no_grad():
             mb["model"].head[-1].bias.fill_(b)
+    # the unit: the physics row's line (every training flight) plus the mean of the members' corrections in km
     test = torch.as_tensor(fold["test"])
-    km = [ft.member_predict(mb, test, None) * mb["stats"]["y_std"] + mb["stats"]["y_mean"] for mb in members]
-    np.testing.assert_allclose(pred, torch.stack(km).mean(0).numpy(), rtol=1e-6)
+    corr = [(ft.member_predict(mb, test, None) - mb["prior"][test]) * mb["stats"]["y_std"] for mb in members]
+    a, b = np.polyfit(t["phys"][fold["train"]].numpy(), d["cbh_km"][fold["train"]], 1)
+    np.testing.assert_allclose(pred, a * t["phys"][test].numpy() + b + torch.stack(corr).mean(0).numpy(), rtol=1e-5)
     assert members[0]["stats"]["prior_line"] != members[1]["stats"]["prior_line"]  # each its own fit flights
 
 
@@ -1012,14 +1014,15 @@ def test_ft_one_se_rule_keeps_the_lines_unless_the_gain_beats_its_standard_error
         rows = []
         pred, members = ft.train_network("finetune", fold, t, enc, dict(cfg, select=select), dev, (None, False), 1,
                                          rows.append, lambda st: None)
-        lines = torch.stack([mb["prior"][test] * mb["stats"]["y_std"] + mb["stats"]["y_mean"] for mb in members])
+        a, b = ft.fold_line(fold, t)  # the physics row's line: every training flight
+        lines = (a * t["phys"][test] + b)[None]
         line_val = ft.criterion(members, np.array([float(((mb["prior"][mb["val"]] - mb["y"][mb["val"]]) *
                                                            mb["stats"]["y_std"]).pow(2).mean()) for mb in members]))
         return pred, lines.mean(0).numpy(), rows[0]["val_loss"], line_val
     one_sided = [shift[0], -0.2 * shift[1]]  # member 0's flight gains a lot, member 1's loses a little
     pred, lines, val, line_val = run(one_sided, "one_se")
     assert val < line_val  # the pooled error did drop ...
-    np.testing.assert_allclose(pred, lines, rtol=1e-6)  # ... yet the lines are kept
+    np.testing.assert_allclose(pred, lines, rtol=1e-6)  # ... yet the unit is the physics row's line
     pred, lines, val, line_val = run(one_sided, "min")
     assert not np.allclose(pred, lines, rtol=1e-3)  # min keeps the correction
     pred, lines, val, line_val = run(shift, "one_se")
@@ -1215,10 +1218,11 @@ def test_ft_test_labels_never_reach_training(ft_tiny):
 
 
 def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_only_hurts(ft_tiny, monkeypatch):
-    """prior physics: the untrained network's prediction IS the physics row's line (the head's output layer
-    starts at zero), and if every epoch makes the validation flight worse, the test predictions are that line
-    (fitted on the fit frames), so a correction is only ever kept when an unseen flight wants it. The physics
-    row itself, which needs no stopping, fits its line on every training flight (fit and val)."""
+    """prior physics: the untrained network's prediction IS its physics line (fitted on its fit frames; the head's
+    output layer starts at zero), and if every epoch makes the validation flight worse, the unit's test
+    predictions are exactly the physics ROW's (the line on every training flight, fit and val): a correction is
+    only ever kept when an unseen flight wants it, and without one the network is the baseline it is compared
+    with."""
     d, dev = ft_tiny["d"], torch.device("cpu")
     cfg = ft_cfg(head_epochs=1, epochs=1, batch_size=16, seeds=1, cpu_bf16="off")
     folds = ft.make_folds(d, cfg)
@@ -1243,10 +1247,11 @@ def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_o
     monkeypatch.setattr(ft, "train_epoch", harmful_epoch)
     pred = ft.train_network("finetune", folds[0], t, enc, cfg, dev, (None, False), 1, lambda row: None,
                             lambda st: None)[0]
-    np.testing.assert_allclose(pred, line_km, rtol=1e-5, atol=1e-5)
     row = ft.run_unit(("physics", 0, 0), folds, d, t, enc, cfg, dev, None, None, None, None)
+    np.testing.assert_allclose(pred, row, rtol=1e-5, atol=1e-5)
     a, b = np.polyfit(ft.physics_feature(d["images"])[folds[0]["train"]], d["cbh_km"][folds[0]["train"]], 1)
     np.testing.assert_allclose(row, a * ft.physics_feature(d["images"])[folds[0]["test"]] + b, rtol=1e-6)
+    assert not np.allclose(row, line_km, rtol=1e-3)  # the fit-frame line differs: the test can tell them apart
     assert len(folds[0]["train"]) == len(folds[0]["fit"]) + len(folds[0]["val"]) > len(folds[0]["fit"])
 
 
@@ -1369,7 +1374,7 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
     out = tmp_path / "out"
     r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
                    "--final", "finetune", *FT_TINY, "--cpu_bf16", "off",  # fp32: comparable to a plain forward
-                   "--val_mode", val_mode)
+                   "--val_mode", val_mode, "--select", "min")  # min: the members keep real corrections
     assert r.returncode == 0, r.stderr
     m = ft.load_cbh_model(out / "cbh_model.pth")
     assert m["cpu_autocast"] == "fp32" and len(m["members"]) == n_members
@@ -1392,21 +1397,26 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
         a, b = mb["prior_line"]
         prior = torch.as_tensor((a * ft.physics_feature(d["images"]) + b - mb["y_mean"]) / mb["y_std"],
                                 dtype=torch.float32)
-        with torch.no_grad():
-            want.append(net(x, torch.zeros(len(x), 0), prior).numpy() * mb["y_std"] + mb["y_mean"])
+        with torch.no_grad():  # the member's correction in km: what it adds to its line
+            raw = net(x, torch.zeros(len(x), 0), prior).numpy()
+        want.append((raw - prior.numpy()) * mb["y_std"])
+        own = raw * mb["y_std"] + mb["y_mean"]  # on its own line: what a model file without "line" predicts
     assert n_members == 1 or not np.allclose(want[0], want[1])  # distinct members, really averaged
-    np.testing.assert_allclose(pred, np.clip(np.mean(want, 0), 0, 20), rtol=1e-4, atol=1e-4)
+    a, b = np.polyfit(ft.physics_feature(d["images"]), d["cbh_km"], 1)  # the corrections sit on the line of all flights
+    np.testing.assert_allclose(m["line"], [a, b], rtol=1e-4)
+    want = a * ft.physics_feature(d["images"]) + b + np.mean(want, 0)
+    np.testing.assert_allclose(pred, np.clip(want, 0, 20), rtol=1e-4, atol=1e-4)
     for j, mb in enumerate(m["members"]):  # member j's targets were scaled on the flights it trained on
         trained = d["flight"] != (j if n_members > 1 else 2)
         assert mb["y_mean"] == pytest.approx(float(d["cbh_km"][trained].mean()), rel=1e-5)
     if n_members == 1:  # a model file written before members existed: one network's keys at the top level
-        old = {k: v for k, v in m.items() if k != "members"} | m["members"][0]
+        old = {k: v for k, v in m.items() if k not in ("members", "line")} | m["members"][0]
         torch.save(old, tmp_path / "old_model.pth")
         r = run_script("finetune_cbh.py", "--predict", ft_tiny["lab"], "--model", tmp_path / "old_model.pth",
                        "--out_dir", tmp_path / "old")
         assert r.returncode == 0, r.stderr
         with h5py.File(tmp_path / "old" / "cbh_pred_lab.h5") as f:
-            np.testing.assert_array_equal(f["cbh_pred_km"][:], pred)
+            np.testing.assert_allclose(f["cbh_pred_km"][:], np.clip(own, 0, 20), rtol=1e-4, atol=1e-4)
     assert all((out / "plots" / f"cbh_lab_flight_{fl}.png").stat().st_size > 1000 for fl in range(3))
 
 
