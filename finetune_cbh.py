@@ -15,9 +15,10 @@ blocked (contiguous time blocks within flights, with a gap), random (the seed's 
 frames are strongly correlated, so it leaks and flatters every method; comparison only).
 Early stopping always uses the training side of a fold, never its test frames: under lofo every training flight
 held out in turn (--val_mode cv: one member network per held-out flight, all stopped together where their pooled
-out-of-fold error is lowest; the unit predicts their mean), one held-out training flight per seed (flight), or a
+out-of-fold error is lowest), one held-out training flight per seed (flight), or a
 tail block of each training flight after a gap (tail); trees and physics, which need no stopping, fit on all
-training flights. Networks run --seeds times;
+training flights. With --prior physics a unit predicts the physics row's line plus the mean of its members'
+corrections. Networks run --seeds times;
 results.csv gives mean +- std over seeds and paired differences (of the seed-mean predictions) with
 block-bootstrap intervals.
 
@@ -67,7 +68,7 @@ val_gap = 'auto'  # tail validation: drop training frames within this many frame
 acf_threshold = 0.2  # auto gaps: the lag where the training labels' autocorrelation first falls below this
 seeds = 3  # repeats of every network (method, fold) with other init/shuffle seeds; trees/physics: one run
 use_angles = False  # concat scaled sza/saa to the pooled embedding; off: angles track time of day, a shortcut
-prior = 'physics'  # networks learn a correction to the physics line (fitted on the fit frames), or none: from scratch
+prior = 'physics'  # networks learn a correction to the physics line (unit_predict), or none: from scratch
 within_flight = True  # prior physics: train the correction on labels minus their flight's mean offset from the line
 select = 'one_se'  # cv: keep the correction only if it beats the lines by one standard error over flights, or min
 pool = 'cls'  # what the head reads: cls (the CLS token) or mean (the mean of the patch tokens, as in MAE's fine-tuning)
@@ -101,7 +102,7 @@ max_samples = 0  # use only the first N labelled samples (0 = all)
 num_threads = 0  # torch CPU threads (0 = torch default)
 # --- end config ---
 METHODS = ("finetune", "scratch", "probe", "trees", "physics")
-PROTOCOL = 3  # in checkpoints: 3 = a unit's states are lists over its member networks (one unless val_mode cv)
+PROTOCOL = 4  # in checkpoints: 4 = units predict on the fold's physics line; 3 = member lists; 2 = one network
 NETWORKS = ("finetune", "scratch", "probe")  # trained with seeds; trees and physics are deterministic
 
 
@@ -553,7 +554,7 @@ def build_network(method, enc, cfg, n_angles):
         encoder.load_state_dict(enc["state"])
     hidden = 0 if method == "probe" else cfg["head_hidden"]
     net = CBHNet(encoder, n_angles, hidden, cfg["head_dropout"], cfg["pool"])
-    if cfg["prior"] == "physics":  # the head's output layer starts at zero: the untrained net IS the physics line
+    if cfg["prior"] == "physics":  # the head's output layer starts at zero: the untrained net IS its physics line
         zero_correction(net)
     return net
 
@@ -692,7 +693,7 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
     """Two-stage training of one unit on one fold; returns (test predictions in km, the members with their best
     weights). A unit is one network, stopped on fold["val"], or with fold["members"] = [(fit, val)] (val_mode
     cv) one network per pair, trained in lockstep and stopped together at the epoch with the lowest pooled
-    out-of-fold error (criterion); the unit then predicts the mean of its members.
+    out-of-fold error (criterion); the unit then predicts through unit_predict.
     t: network_tensors on dev; enc: dict(config, state (None: no pre-trained encoder), norm_mean, norm_std);
     amp = (autocast dtype or None, use a GradScaler); save(state) writes the checkpoint after every epoch; ck =
     that state when resuming this unit. With prior physics the untrained members (each its physics line) are the
@@ -738,15 +739,23 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
         if book["best_state"] is not None:  # the next stage (and the test) starts from the best models so far
             for mb, state in zip(members, book["best_state"]):
                 mb["model"].load_state_dict(state)
-    judged = cfg["select"] == "one_se" and book["line_mse"] is not None and len(members) > 1
-    if judged and not beats_lines(book["line_mse"], book["best_mse"]):
-        print(f"  {method} {fold['name']} seed {unit_seed}: the correction's gain per held-out flight "
-              f"{np.round(book['line_mse'] - book['best_mse'], 4).tolist()} km^2 is within one standard error of 0: "
-              "kept the physics lines")
-        for mb in members:
-            zero_correction(mb["model"])
+    if cfg["select"] == "one_se" and book["line_mse"] is not None and len(members) > 1:
+        judge_correction(members, book, f"{method} {fold['name']} seed {unit_seed}")
     line = fold_line(fold, t) if cfg["prior"] == "physics" else None
     return unit_predict(members, torch.as_tensor(fold["test"], device=dev), t["phys"], line, amp_dtype), members
+
+
+def judge_correction(members, book, where):
+    """--select one_se: keep the members' best correction only if beats_lines; else zero it, so the unit predicts
+    the physics row's line. Prints the decision with both per-flight MSE vectors (log.csv's val_mse_km2 has the
+    epochs, the lines' MSE is only here)."""
+    keep = beats_lines(book["line_mse"], book["best_mse"])
+    print(f"  {where}: held-out MSE per flight {np.round(book['line_mse'], 4).tolist()} km^2 with the lines, "
+          f"{np.round(book['best_mse'], 4).tolist()} with the best correction: "
+          + ("kept it" if keep else "its gain is within one standard error of 0: no correction"))
+    if not keep:
+        for mb in members:
+            zero_correction(mb["model"])
 
 
 def fold_line(fold, t):
@@ -755,11 +764,12 @@ def fold_line(fold, t):
 
 
 def unit_predict(members, idx, phys, line, amp_dtype):
-    """A unit's CBH (N,) in km for frames idx (numpy). With a physics prior: `line` (fold_line, the physics row's
-    line) plus the mean of the members' corrections; with every correction rejected the unit IS the physics
-    row. Why not each member's own line: it was fitted without the member's validation flight, and with 3-4
-    training flights one flight moves a 2-number line a lot, so the networks would differ from the physics
-    row by that alone. Without a prior (line None): the mean of the members' predictions."""
+    """A unit's CBH (N,) in km (numpy) for frames idx (a tensor on the device). With a physics prior: `line`
+    (fold_line, the physics row's line) plus the mean of the members' corrections; with every correction
+    rejected the unit is the physics row (to float32 precision). Why not each member's own line: it was
+    fitted without the member's validation flight, and with 3-4 training flights one flight moves a 2-number
+    line a lot, so the networks would differ from the physics row by that alone. Without a prior (line None):
+    the mean of the members' predictions."""
     per = []
     for mb in members:
         out = member_predict(mb, idx, amp_dtype)  # (N,) standardised
@@ -1124,7 +1134,7 @@ def compare(cfg, dev):
 def final_fold(d, cfg):
     """--final: trees and physics, which need no stopping, train on all flights. Networks: under val_mode cv
     one member per labelled flight, each trained on all the others and held out on it, stopped together as
-    in the comparison (the model predicts their mean); else one network on every flight but the last in
+    in the comparison; else one network on every flight but the last in
     flight order, which sets the stopping epoch (as a flight flown after the others would)."""
     last, everything = int(d["flight"].max()), np.arange(len(d["flight"]))
     if cfg["final"] not in NETWORKS:
@@ -1161,8 +1171,8 @@ def cross_validated(cfg, method):
         return "not cross-validated"
     run = ckpt.get("config", {})
     keys = ("data_path", "max_samples", "pretrained", "input", "split", "val_mode", "gap", "val_gap", "use_angles",
-            "tree_angles", "prior", "within_flight", "select", "pool", "drop_path", "head_epochs", "epochs", "lr", "ft_lr",
-            "layer_decay")
+            "tree_angles", "prior", "within_flight", "select", "pool", "drop_path", "head_epochs", "epochs", "lr",
+            "ft_lr", "layer_decay")
     with open(res_path) as f:
         row = next((r for r in csv.DictReader(f) if (r["method"], r["seed"], r["fold"]) == (method, "mean", "pooled")),
                    None)
@@ -1186,7 +1196,8 @@ def train_final(cfg, dev):
         raise data.DataError(f"--final {method} needs a pre-trained encoder (--pretrained)")
     saved = dict(kind="cbh_model", method=method, input=cfg["input"], width=d["images"].shape[1],
                  use_angles=cfg["use_angles"], tree_angles=cfg["tree_angles"], cv=cross_validated(cfg, method),
-                 data_path=path, flights=sorted(int(f) for f in np.unique(d["flight"][fold["fit"]])), fold=fold["name"])
+                 data_path=path, fold=fold["name"],
+                 flights=sorted(int(f) for f in np.unique(d["flight"][fold.get("train", fold["fit"])])))
     if method == "trees":
         feats = profile_features(d["images"], d["sza"], d["saa"], cfg["tree_angles"])
         saved["trees"] = gbrt_fit(feats, d["cbh_km"], cfg["n_trees"], cfg["tree_depth"], cfg["tree_lr"],
@@ -1221,9 +1232,9 @@ def load_cbh_model(path):
 
 def predict_km(m, d, dev):
     """CBH (km) of every frame of d with the saved model m, clipped to the schema's 0..20 km. A network model
-    predicts the mean of its members (one, or one per flight under val_mode cv), each with its own
-    normalisation, target scaling and physics line; they run in batches of 4096 resident frames under the
-    precision the model was trained with."""
+    predicts as unit_predict: the stored line of all labelled flights plus the mean of its members' corrections
+    (one member, or one per flight under val_mode cv), each member with its own normalisation, target scaling
+    and line; they run in batches of 4096 resident frames under the precision the model was trained with."""
     if m["method"] == "trees":
         pred = gbrt_predict(m["trees"], profile_features(d["images"], d["sza"], d["saa"], m["tree_angles"]))
     elif m["method"] == "physics":

@@ -987,7 +987,7 @@ def test_ft_cv_members_stop_together_on_the_pooled_out_of_fold_error(ft_tiny, mo
 
 def test_ft_one_se_rule_keeps_the_lines_unless_the_gain_beats_its_standard_error(ft_tiny, monkeypatch):
     """--select one_se (default): a correction that lowers the pooled error but not every held-out flight's (2
-    members: both must gain) is dropped and the unit predicts exactly its physics lines; one that every flight
+    members: both must gain) is dropped and the unit predicts the physics row's line; one that every flight
     gains from is kept. --select min keeps whatever had the lowest pooled error."""
     assert ft.parse_config([])["select"] == "one_se"
     assert ft.beats_lines([1.0, 1.0, 1.0], [0.5, 0.6, 0.55]) and not ft.beats_lines([1.0, 1.0], [0.2, 1.1])
@@ -1005,20 +1005,20 @@ def test_ft_one_se_rule_keeps_the_lines_unless_the_gain_beats_its_standard_error
         shift.append(float((mb["y"][mb["val"]] - mb["prior"][mb["val"]]).mean()))
     assert min(abs(s) for s in shift) > 0.05
 
-    def run(biases, select):
+    def run(biases, select, unit=fold):
         def epoch_bias(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where):
+            j = int(where.split("member ")[1].split()[0]) if "member " in where else 0  # one member: no tag
             with torch.no_grad():
-                model.head[-1].bias.fill_(biases[int(where.split("member ")[1].split()[0])])
+                model.head[-1].bias.fill_(biases[j])
             return 0.0, lr_at(0)
         monkeypatch.setattr(ft, "train_epoch", epoch_bias)
         rows = []
-        pred, members = ft.train_network("finetune", fold, t, enc, dict(cfg, select=select), dev, (None, False), 1,
+        pred, members = ft.train_network("finetune", unit, t, enc, dict(cfg, select=select), dev, (None, False), 1,
                                          rows.append, lambda st: None)
-        a, b = ft.fold_line(fold, t)  # the physics row's line: every training flight
-        lines = (a * t["phys"][test] + b)[None]
+        a, b = ft.fold_line(unit, t)  # the physics row's line: every training flight
         line_val = ft.criterion(members, np.array([float(((mb["prior"][mb["val"]] - mb["y"][mb["val"]]) *
                                                            mb["stats"]["y_std"]).pow(2).mean()) for mb in members]))
-        return pred, lines.mean(0).numpy(), rows[0]["val_loss"], line_val
+        return pred, (a * t["phys"][test] + b).numpy(), rows[0]["val_loss"], line_val
     one_sided = [shift[0], -0.2 * shift[1]]  # member 0's flight gains a lot, member 1's loses a little
     pred, lines, val, line_val = run(one_sided, "one_se")
     assert val < line_val  # the pooled error did drop ...
@@ -1027,6 +1027,9 @@ def test_ft_one_se_rule_keeps_the_lines_unless_the_gain_beats_its_standard_error
     assert not np.allclose(pred, lines, rtol=1e-3)  # min keeps the correction
     pred, lines, val, line_val = run(shift, "one_se")
     assert val < line_val and not np.allclose(pred, lines, rtol=1e-3)  # every flight gains: kept
+    single = ft.seed_fold(ft.make_folds(d, dict(cfg, val_mode="flight"))[0], 0)  # one member: no standard error
+    pred, lines, val, line_val = run([shift[0]], "one_se", single)
+    assert val < line_val and not np.allclose(pred, lines, rtol=1e-3)  # the rule does not apply: kept
 
 
 def test_ft_lofo_tail_validation_inside_train(ft_tiny):
@@ -1367,10 +1370,11 @@ def test_ft_decorrelation_lag_of_a_known_process():
     assert ft.gap_for("37", np.arange(3 * n), d, dict(acf_threshold=0.2)) == 37
 
 
-@pytest.mark.parametrize("val_mode,flights,n_members", [("cv", [0, 1, 2], 3), ("flight", [0, 1], 1)])
+@pytest.mark.parametrize("val_mode,flights,n_members", [("cv", [0, 1, 2], 3), ("flight", [0, 1, 2], 1)])
 def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, val_mode, flights, n_members):
-    """--final under cv: one member per flight, each held out on it; --predict gives the mean of the members'
-    own forward passes. Under flight: one network, stopped by the last flight."""
+    """--final under cv: one member per flight, each held out on it; --predict gives the line of all labelled
+    flights (they are all in `flights`) plus the mean of the members' corrections, from their own forward
+    passes. Under flight: one network trained on flights 0-1, stopped by the last flight."""
     out = tmp_path / "out"
     r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
                    "--final", "finetune", *FT_TINY, "--cpu_bf16", "off",  # fp32: comparable to a plain forward
