@@ -770,17 +770,19 @@ def unit_predict(members, idx, phys, line, amp_dtype):
     fitted without the member's validation flight, and with 3-4 training flights one flight moves a 2-number
     line a lot, so the networks would differ from the physics row by that alone. Without a prior (line None):
     the mean of the members' predictions."""
-    per = []
-    for mb in members:
-        out = member_predict(mb, idx, amp_dtype)  # (N,) standardised
-        if line is None:
-            per.append(out * mb["stats"]["y_std"] + mb["stats"]["y_mean"])
-        else:
-            per.append((out - mb["prior"][idx]) * mb["stats"]["y_std"])  # the correction alone, in km
-    km = torch.stack(per).mean(0)
-    if line is not None:
-        km = km + line[0] * phys[idx] + line[1]
-    return km.cpu().numpy()
+    outs = [member_predict(mb, idx, amp_dtype) for mb in members]  # (N,) each, standardised
+    return members_km(outs, [mb["prior"][idx] for mb in members], [mb["stats"] for mb in members], line,
+                      phys[idx]).cpu().numpy()
+
+
+def members_km(outs, priors, stats, line, phys):
+    """CBH (N,) in km from the members' standardised outputs outs and priors (N,) each, with their target
+    scaling stats (y_mean, y_std): line(phys) plus the mean of the corrections (out - prior) * y_std, or
+    without a line (None) the mean of the members' own predictions. Shared by unit_predict and predict_km."""
+    if line is None:
+        return torch.stack([o * s["y_std"] + s["y_mean"] for o, s in zip(outs, stats)]).mean(0)
+    corrections = torch.stack([(o - p) * s["y_std"] for o, p, s in zip(outs, priors, stats)])  # (members, N) km
+    return corrections.mean(0) + line[0] * phys + line[1]
 
 
 def physics_feature(images):
@@ -1245,8 +1247,8 @@ def predict_km(m, d, dev):
         ang = ang if m["use_angles"] else ang[:, :0]
         phys = torch.as_tensor(physics_feature(d["images"]), dtype=torch.float32, device=dev)  # (N,)
         bf16 = dev.type == "cuda" or m.get("cpu_autocast") == "bf16"
-        preds = []
-        for mb in m.get("members") or [m]:  # a model saved before members existed holds one network's keys itself
+        members, outs, priors = m.get("members") or [m], [], []  # an older file holds one network's keys itself
+        for mb in members:
             net = CBHNet(mae.build_encoder(m["encoder_config"]), ang.shape[1], m["head_hidden"], m["head_dropout"],
                          m["pool"]).to(dev).eval()
             net.load_state_dict(mb["state"])
@@ -1254,14 +1256,11 @@ def predict_km(m, d, dev):
                                                                                              mb["norm_std"]))
             x, prior = (channels - mean) / std, prior_std(phys, mb)  # (N, C, W), (N,)
             with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16 and dev.type != "mps"):
-                out = torch.cat([net(x[i:i + 4096], ang[i:i + 4096], prior[i:i + 4096]).float()
-                                 for i in range(0, len(x), 4096)])
-            # with m["line"] (the physics line on all labelled flights) a member adds only its correction, as in
-            # unit_predict; older files and prior none: the member's own prediction
-            preds.append((out - prior) * mb["y_std"] if "line" in m else out * mb["y_std"] + mb["y_mean"])
-        pred = torch.stack(preds).mean(0).cpu().numpy()
-        if "line" in m:
-            pred = pred + np.polyval(m["line"], phys.cpu().numpy())
+                outs.append(torch.cat([net(x[i:i + 4096], ang[i:i + 4096], prior[i:i + 4096]).float()
+                                       for i in range(0, len(x), 4096)]))
+            priors.append(prior)
+        # m["line"]: the physics line of all labelled flights; older files and prior none have none
+        pred = members_km(outs, priors, members, m.get("line"), phys).cpu().numpy()
     return np.clip(pred, 0.0, data.MAX_CBH_KM).astype(np.float32)
 
 
