@@ -69,6 +69,7 @@ acf_threshold = 0.2  # auto gaps: the lag where the training labels' autocorrela
 seeds = 3  # repeats of every network (method, fold) with other init/shuffle seeds; trees/physics: one run
 use_angles = False  # concat scaled sza/saa to the pooled embedding; off: angles track time of day, a shortcut
 prior = 'physics'  # networks learn a correction to the physics line (unit_predict), or none: from scratch
+flat_field = True  # physics feature on profiles divided by the camera's cross-track response (camera_response)
 within_flight = True  # prior physics: train the correction on labels minus their flight's mean offset from the line
 select = 'one_se'  # cv: keep the correction only if it beats the lines by one standard error over flights, or min
 pool = 'cls'  # what the head reads: cls (the CLS token) or mean (the mean of the patch tokens, as in MAE's fine-tuning)
@@ -785,13 +786,32 @@ def members_km(outs, priors, stats, line, phys):
     return corrections.mean(0) + line[0] * phys + line[1]
 
 
-def physics_feature(images):
+def camera_response(images):
+    """The camera's relative cross-track response (W,) from profiles (N, W): their mean profile over its own
+    mean. Why: an IR camera's optics lose a few percent of the signal towards the swath edges (vignetting), so
+    the same surface reads colder at the edge than at nadir, and warmest minus coldest pixel then depends on
+    WHERE the warm and cold pixels sit as well as on how high the cloud is. Averaged over many frames a scene
+    is the same at every cross-track position, so what is left in the mean profile is the response."""
+    mean_profile = np.asarray(images, np.float64).mean(0)  # (W,)
+    return mean_profile / mean_profile.mean()
+
+
+def physics_feature(images, gain=None):
     """Warmest minus coldest pixel of the centre 400 px of each raw profile (N,): the surface-to-cloud-top
-    contrast, which the lapse rate turns into cloud-top height (and, with the thickness, base height)."""
+    contrast, which the lapse rate turns into cloud-top height (and, with the thickness, base height).
+    gain (W,) from camera_response: the profiles are divided by it first; None = as they are."""
     W = images.shape[1]
     lo = max(0, (W - 400) // 2)
-    centre = np.asarray(images, np.float64)[:, lo:lo + 400]
+    profiles = np.asarray(images, np.float64)
+    if gain is not None:
+        profiles = profiles / np.asarray(gain, np.float64)
+    centre = profiles[:, lo:lo + 400]
     return centre.max(1) - centre.min(1)
+
+
+def fold_gain(images, train, cfg):
+    """--flat_field: the flat field of the fold's training profiles (never the test frames'); else None."""
+    return camera_response(images[train]) if cfg["flat_field"] else None
 
 
 def physics_line(feature, y):
@@ -1073,8 +1093,10 @@ def run_unit(unit, folds, d, t, enc, cfg, dev, amp, log, save, ck):
         tree = gbrt_fit(feats[fold["train"]], d["cbh_km"][fold["train"]], cfg["n_trees"], cfg["tree_depth"],
                         cfg["tree_lr"], cfg["tree_min_leaf"], cfg["tree_bins"])
         return gbrt_predict(tree, feats[fold["test"]])
+    gain = fold_gain(d["images"], fold["train"], cfg)
     if m == "physics":
-        return fit_physics(physics_feature(d["images"]), d["cbh_km"], fold["train"], fold["test"])
+        return fit_physics(physics_feature(d["images"], gain), d["cbh_km"], fold["train"], fold["test"])
+    t = dict(t, phys=torch.as_tensor(physics_feature(d["images"], gain), dtype=torch.float32, device=dev))
     unit_ck = ck if ck is not None and tuple(ck.get("unit") or ()) == unit else None
     return train_network(m, fold, t, enc, cfg, dev, amp, unit_seed, log, save, unit_ck)[0]
 
@@ -1173,8 +1195,8 @@ def cross_validated(cfg, method):
         return "not cross-validated"
     run = ckpt.get("config", {})
     keys = ("data_path", "max_samples", "pretrained", "input", "split", "val_mode", "gap", "val_gap", "use_angles",
-            "tree_angles", "prior", "within_flight", "select", "pool", "drop_path", "head_epochs", "epochs", "lr",
-            "ft_lr", "layer_decay")
+            "tree_angles", "prior", "flat_field", "within_flight", "select", "pool", "drop_path", "head_epochs",
+            "epochs", "lr", "ft_lr", "layer_decay")
     with open(res_path) as f:
         row = next((r for r in csv.DictReader(f) if (r["method"], r["seed"], r["fold"]) == (method, "mean", "pooled")),
                    None)
@@ -1196,7 +1218,9 @@ def train_final(cfg, dev):
     _, enc = load_encoder_source(cfg, [method], d["images"].shape[1])
     if method in ("finetune", "probe") and enc["state"] is None:
         raise data.DataError(f"--final {method} needs a pre-trained encoder (--pretrained)")
+    gain = fold_gain(d["images"], np.arange(len(d["images"])), cfg)  # the flat field of every labelled profile
     saved = dict(kind="cbh_model", method=method, input=cfg["input"], width=d["images"].shape[1],
+                 flat_field=None if gain is None else gain.tolist(),
                  use_angles=cfg["use_angles"], tree_angles=cfg["tree_angles"], cv=cross_validated(cfg, method),
                  data_path=path, fold=fold["name"],
                  flights=sorted(int(f) for f in np.unique(d["flight"][fold.get("train", fold["fit"])])))
@@ -1205,9 +1229,10 @@ def train_final(cfg, dev):
         saved["trees"] = gbrt_fit(feats, d["cbh_km"], cfg["n_trees"], cfg["tree_depth"], cfg["tree_lr"],
                                   cfg["tree_min_leaf"], cfg["tree_bins"])
     elif method == "physics":
-        saved["line"] = physics_line(physics_feature(d["images"]), d["cbh_km"])
+        saved["line"] = physics_line(physics_feature(d["images"], gain), d["cbh_km"])
     else:
         t = network_tensors(d, cfg["input"], dev)
+        t["phys"] = torch.as_tensor(physics_feature(d["images"], gain), dtype=torch.float32, device=dev)
         amp = amp_policy(dev, cfg, [fold], t, enc)
         torch.manual_seed(cfg["seed"])
         _, members = train_network(method, fold, t, enc, cfg, dev, amp, cfg["seed"],
@@ -1240,12 +1265,13 @@ def predict_km(m, d, dev):
     if m["method"] == "trees":
         pred = gbrt_predict(m["trees"], profile_features(d["images"], d["sza"], d["saa"], m["tree_angles"]))
     elif m["method"] == "physics":
-        pred = np.polyval(m["line"], physics_feature(d["images"]))
+        pred = np.polyval(m["line"], physics_feature(d["images"], m.get("flat_field")))  # older files: none
     else:
         channels = torch.as_tensor(data.profile_channels(d["images"], m["input"]), device=dev)  # (N, C, W)
         ang = torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev)  # (N, 2)
         ang = ang if m["use_angles"] else ang[:, :0]
-        phys = torch.as_tensor(physics_feature(d["images"]), dtype=torch.float32, device=dev)  # (N,)
+        phys = torch.as_tensor(physics_feature(d["images"], m.get("flat_field")), dtype=torch.float32,
+                               device=dev)  # (N,)
         bf16 = dev.type == "cuda" or m.get("cpu_autocast") == "bf16"
         members, outs, priors = m.get("members") or [m], [], []  # an older file holds one network's keys itself
         for mb in members:

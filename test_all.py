@@ -904,14 +904,18 @@ def test_ft_run_unit_trains_each_seed_on_its_own_turn(ft_tiny, monkeypatch):
     d = ft_tiny["d"]
     cfg = ft_cfg(split="lofo", val_mode="flight", seeds=2)
     folds = ft.make_folds(d, cfg)
-    got = []
-    monkeypatch.setattr(ft, "train_network", lambda method, fold, *a: (got.append(fold), [np.zeros(len(fold["test"]))])[1])
+    got, tensors = [], []
+    monkeypatch.setattr(ft, "train_network", lambda method, fold, t, *a: (got.append(fold), tensors.append(t),
+                                                                           [np.zeros(len(fold["test"]))])[2])
     for seed in (0, 1):
-        ft.run_unit(("finetune", 0, seed), folds, d, None, None, cfg, None, None, None, None, None)
+        ft.run_unit(("finetune", 0, seed), folds, d, {}, None, cfg, torch.device("cpu"), None, None, None, None)
     for seed, fold in enumerate(got):
         want = ft.seed_fold(folds[0], seed)
         assert np.array_equal(fold["val"], want["val"]) and np.array_equal(fold["fit"], want["fit"])
     assert set(d["flight"][got[0]["val"]]) != set(d["flight"][got[1]["val"]])
+    # the prior's feature: flat-fielded with the response of the fold's training profiles only
+    want_phys = ft.physics_feature(d["images"], ft.camera_response(d["images"][folds[0]["train"]]))
+    np.testing.assert_allclose(tensors[0]["phys"].numpy(), want_phys, rtol=1e-6)
 
 
 def test_ft_cv_unit_holds_out_every_training_flight_once_and_never_a_test_frame(ft_tiny):
@@ -1231,7 +1235,9 @@ def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_o
     folds = ft.make_folds(d, cfg)
     _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
     t = ft.network_tensors(d, "raw", dev)
-    line_km = ft.fit_physics(ft.physics_feature(d["images"]), d["cbh_km"], folds[0]["fit"], folds[0]["test"])
+    phys = ft.physics_feature(d["images"], ft.camera_response(d["images"][folds[0]["train"]]))  # as run_unit makes it
+    t["phys"] = torch.as_tensor(phys, dtype=torch.float32)
+    line_km = ft.fit_physics(phys, d["cbh_km"], folds[0]["fit"], folds[0]["test"])
     for method in ("finetune", "probe", "scratch"):
         net = ft.build_network(method, enc, cfg, 0).eval()
         x, y, prior, stats = ft.fold_inputs(folds[0], t, enc, dev, "physics")
@@ -1252,8 +1258,8 @@ def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_o
                             lambda st: None)[0]
     row = ft.run_unit(("physics", 0, 0), folds, d, t, enc, cfg, dev, None, None, None, None)
     np.testing.assert_allclose(pred, row, rtol=1e-5, atol=1e-5)
-    a, b = np.polyfit(ft.physics_feature(d["images"])[folds[0]["train"]], d["cbh_km"][folds[0]["train"]], 1)
-    np.testing.assert_allclose(row, a * ft.physics_feature(d["images"])[folds[0]["test"]] + b, rtol=1e-6)
+    a, b = np.polyfit(phys[folds[0]["train"]], d["cbh_km"][folds[0]["train"]], 1)
+    np.testing.assert_allclose(row, a * phys[folds[0]["test"]] + b, rtol=1e-6)
     assert not np.allclose(row, line_km, rtol=1e-3)  # the fit-frame line differs: the test can tell them apart
     assert len(folds[0]["train"]) == len(folds[0]["fit"]) + len(folds[0]["val"]) > len(folds[0]["fit"])
 
@@ -1353,6 +1359,27 @@ def test_ft_physics_row_is_a_line_on_the_contrast_feature():
     np.testing.assert_allclose(ft.fit_physics(feat, y, np.arange(4), np.arange(4, 6)), y[4:])
 
 
+def test_ft_flat_field_removes_the_cameras_vignetting_from_the_physics_feature():
+    """camera_response recovers a known cross-track falloff from many frames of a scene that is the same at
+    every position on average, and dividing by it gives back the contrast the vignetting distorted: a warm
+    sea at the swath edge and a cloud at nadir read 1,000 counts apart, not less."""
+    rng = np.random.default_rng(0)
+    W = 440
+    vignette = 1.0 - 0.04 * np.linspace(-1, 1, W) ** 2
+    scenes = 9000.0 + 300.0 * rng.standard_normal((20000, W))  # statistically uniform across the track
+    gain = ft.camera_response(scenes * vignette)
+    np.testing.assert_allclose(gain, vignette / vignette.mean(), atol=2e-3)
+    profile = np.full((1, W), 9000.0)
+    profile[0, 25] = 8000.0  # a cloud 1,000 counts colder than the sea, near the edge of the centre 400 px
+    seen = profile * vignette
+    assert ft.physics_feature(seen)[0] > 1200  # the edge reads colder: the contrast grows by ~260 counts
+    # up to the response's overall scale (its mean is 1), dividing gives back the true contrast
+    exact = ft.physics_feature(seen, vignette / vignette.mean())[0]
+    assert exact == pytest.approx(1000.0 * vignette.mean(), rel=1e-9)
+    assert ft.physics_feature(seen, gain)[0] == pytest.approx(exact, rel=0.03)
+    np.testing.assert_array_equal(ft.physics_feature(seen, None), ft.physics_feature(seen))
+
+
 def test_ft_decorrelation_lag_of_a_known_process():
     """AR(1) labels with correlation 0.9 per 10 frames (rho(lag) = 0.9^(lag/10)): it falls below 0.2 at ~153
     frames; a white-noise series decorrelates within the first lag bin."""
@@ -1392,23 +1419,25 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
     d = ft_tiny["d"]
     np.testing.assert_array_equal(meta, d["metadata"])
     # each member's own forward pass, by hand: raw input normalised with its stored statistics, plus its
-    # physics line (fitted on its training flights) in standardised units; the model predicts their mean
+    # physics line (fitted on its training flights) in standardised units; the model predicts their mean.
+    # The physics feature is flat-fielded with the response of every labelled profile, stored in the file.
+    np.testing.assert_allclose(m["flat_field"], ft.camera_response(d["images"]), rtol=1e-12)
+    phys = ft.physics_feature(d["images"], m["flat_field"])
     want = []
     for mb in m["members"]:
         net = ft.CBHNet(mae.build_encoder(m["encoder_config"]), 0, m["head_hidden"], m["head_dropout"], m["pool"]).eval()
         net.load_state_dict(mb["state"])
         x = (torch.as_tensor(d["images"])[:, None] - mb["norm_mean"][0]) / mb["norm_std"][0]  # (N, 1, W)
         a, b = mb["prior_line"]
-        prior = torch.as_tensor((a * ft.physics_feature(d["images"]) + b - mb["y_mean"]) / mb["y_std"],
-                                dtype=torch.float32)
+        prior = torch.as_tensor((a * phys + b - mb["y_mean"]) / mb["y_std"], dtype=torch.float32)
         with torch.no_grad():  # the member's correction in km: what it adds to its line
             raw = net(x, torch.zeros(len(x), 0), prior).numpy()
         want.append((raw - prior.numpy()) * mb["y_std"])
         own = raw * mb["y_std"] + mb["y_mean"]  # on its own line: what a model file without "line" predicts
     assert n_members == 1 or not np.allclose(want[0], want[1])  # distinct members, really averaged
-    a, b = np.polyfit(ft.physics_feature(d["images"]), d["cbh_km"], 1)  # the corrections sit on the line of all flights
+    a, b = np.polyfit(phys, d["cbh_km"], 1)  # the corrections sit on the line of all flights
     np.testing.assert_allclose(m["line"], [a, b], rtol=1e-4)
-    want = a * ft.physics_feature(d["images"]) + b + np.mean(want, 0)
+    want = a * phys + b + np.mean(want, 0)
     np.testing.assert_allclose(pred, np.clip(want, 0, 20), rtol=1e-4, atol=1e-4)
     for j, mb in enumerate(m["members"]):  # member j's targets were scaled on the flights it trained on
         trained = d["flight"] != (j if n_members > 1 else 2)
