@@ -70,6 +70,7 @@ seeds = 3  # repeats of every network (method, fold) with other init/shuffle see
 use_angles = False  # concat scaled sza/saa to the pooled embedding; off: angles track time of day, a shortcut
 prior = 'physics'  # networks learn a correction to the physics line (unit_predict), or none: from scratch
 flat_field = True  # physics feature on profiles divided by the camera's cross-track response (camera_response)
+correction_domain = True  # prior physics: a member's correction applies only inside its fit frames' physics range
 within_flight = True  # prior physics: train the correction on labels minus their flight's mean offset from the line
 select = 'one_se'  # cv: keep the correction only if it beats the lines by one standard error over flights, or min
 pool = 'cls'  # what the head reads: cls (the CLS token) or mean (the mean of the patch tokens, as in MAE's fine-tuning)
@@ -503,19 +504,20 @@ def network_tensors(d, input_mode, dev):
                 y=torch.as_tensor(d["cbh_km"], device=dev))
 
 
-def fold_inputs(fold, t, enc, dev, prior="none"):
+def fold_inputs(fold, t, enc, dev, prior="none", domain=False):
     """Normalised inputs (N, C, W), standardised targets (N,) and the standardised prior (N,) (zeros for
-    prior none) for one fold, plus dict(y_mean, y_std, norm_mean, norm_std, prior_line) to go back to km and
-    to treat new profiles alike. The target statistics and the physics line come from the fold's fit frames
-    only; the input statistics are the encoder's (computed by mae.py on unlabelled profiles) or, without
-    one, the fit frames' own."""
+    prior none) for one fold, plus dict(y_mean, y_std, norm_mean, norm_std, prior_line, phys_range) to go back
+    to km and to treat new profiles alike. The target statistics, the physics line and (domain) the range of the
+    physics feature come from the fold's fit frames only; the input statistics are the encoder's (computed by
+    mae.py on unlabelled profiles) or, without one, the fit frames' own."""
     fit = torch.as_tensor(fold["fit"], device=dev)
     mean, std = enc["norm_mean"], enc["norm_std"]
     if mean is None:  # --pretrained none
         mean, std = data.norm_stats(t["x"][fit].cpu().numpy())
     line = physics_line(t["phys"][fit].cpu().numpy(), t["y"][fit].cpu().numpy()) if prior == "physics" else None
+    phys_range = [float(t["phys"][fit].min()), float(t["phys"][fit].max())] if domain and line else None
     stats = dict(norm_mean=list(mean), norm_std=list(std), y_mean=float(t["y"][fit].mean()),
-                 y_std=float(t["y"][fit].std()) + 1e-6, prior_line=line)
+                 y_std=float(t["y"][fit].std()) + 1e-6, prior_line=line, phys_range=phys_range)
     mean, std = (torch.tensor(v, dtype=torch.float32, device=dev)[:, None] for v in (mean, std))  # (C, 1)
     return (t["x"] - mean) / std, (t["y"] - stats["y_mean"]) / stats["y_std"], prior_std(t["phys"], stats), stats
 
@@ -526,6 +528,19 @@ def prior_std(phys, stats):
         return torch.zeros_like(phys)
     a, b = stats["prior_line"]
     return (a * phys + b - stats["y_mean"]) / stats["y_std"]
+
+
+def in_domain(phys, stats):
+    """(N,) 1.0 where the physics feature phys (N,) lies within the member's fit range (stats["phys_range"]),
+    else 0.0; all ones without a range (--correction_domain false, prior none, older model files). A member's
+    output is prior + correction * in_domain. Why: the correction was learned from profiles whose contrast lies
+    in that range, and outside it the network extrapolates in ways nothing checked, while the line extrapolates
+    as a line (measured: a test flight with higher clouds than any training flight, 44 of its 200 frames
+    outside the range, lost R2 0.88 -> -0.8 to kept corrections)."""
+    if stats.get("phys_range") is None:
+        return torch.ones_like(phys)
+    lo, hi = stats["phys_range"]
+    return ((phys >= lo) & (phys <= hi)).float()
 
 
 def within_flight_targets(y, prior, flight, fit):
@@ -610,20 +625,23 @@ def make_member(method, fold, fit, val, t, enc, cfg, dev, gen_seed, use_scaler):
     """One network of a unit and everything it sees: it trains on the `fit` frames and is scored on the `val`
     frames (index arrays), with its own fold statistics (input normalisation, target scaling and physics line
     from its fit frames), GradScaler and shuffling generator."""
-    x, y, prior, stats = fold_inputs(dict(fold, fit=fit), t, enc, dev, cfg["prior"])
+    x, y, prior, stats = fold_inputs(dict(fold, fit=fit), t, enc, dev, cfg["prior"],
+                                     cfg["correction_domain"])
     fit = torch.as_tensor(fit, device=dev)
     ang = t["ang"] if cfg["use_angles"] else t["ang"][:, :0]  # (N, 2) or (N, 0)
     return dict(model=build_network(method, enc, cfg, ang.shape[1]).to(dev), x=x, y=y, ang=ang, prior=prior,
-                y_train=training_targets(y, prior, t["flight"], fit, cfg), stats=stats, fit=fit,
-                val=torch.as_tensor(val, device=dev), gen=torch.Generator().manual_seed(gen_seed),
+                inside=in_domain(t["phys"], stats), y_train=training_targets(y, prior, t["flight"], fit, cfg),
+                stats=stats, fit=fit, val=torch.as_tensor(val, device=dev), gen=torch.Generator().manual_seed(gen_seed),
                 scaler=torch.amp.GradScaler("cuda", enabled=use_scaler))
 
 
 def member_predict(mb, idx, amp_dtype):
-    """A member's predictions (len(idx),) for frames idx, in standardised target units."""
+    """A member's predictions (len(idx),) for frames idx, in standardised target units: its line plus its
+    correction where the frame is in its domain (in_domain), its line alone elsewhere."""
     mb["model"].eval()
     with torch.no_grad(), torch.autocast(idx.device.type, amp_dtype, enabled=amp_dtype is not None):
-        return mb["model"](mb["x"][idx], mb["ang"][idx], mb["prior"][idx]).float()
+        out = mb["model"](mb["x"][idx], mb["ang"][idx], mb["prior"][idx]).float()
+    return mb["prior"][idx] + (out - mb["prior"][idx]) * mb["inside"][idx]
 
 
 def member_mse(members, amp_dtype):
@@ -1195,8 +1213,8 @@ def cross_validated(cfg, method):
         return "not cross-validated"
     run = ckpt.get("config", {})
     keys = ("data_path", "max_samples", "pretrained", "input", "split", "val_mode", "gap", "val_gap", "use_angles",
-            "tree_angles", "prior", "flat_field", "within_flight", "select", "pool", "drop_path", "head_epochs",
-            "epochs", "lr", "ft_lr", "layer_decay")
+            "tree_angles", "prior", "flat_field", "correction_domain", "within_flight", "select", "pool",
+            "drop_path", "head_epochs", "epochs", "lr", "ft_lr", "layer_decay")
     with open(res_path) as f:
         row = next((r for r in csv.DictReader(f) if (r["method"], r["seed"], r["fold"]) == (method, "mean", "pooled")),
                    None)
@@ -1282,8 +1300,9 @@ def predict_km(m, d, dev):
                                                                                              mb["norm_std"]))
             x, prior = (channels - mean) / std, prior_std(phys, mb)  # (N, C, W), (N,)
             with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=bf16 and dev.type != "mps"):
-                outs.append(torch.cat([net(x[i:i + 4096], ang[i:i + 4096], prior[i:i + 4096]).float()
-                                       for i in range(0, len(x), 4096)]))
+                out = torch.cat([net(x[i:i + 4096], ang[i:i + 4096], prior[i:i + 4096]).float()
+                                 for i in range(0, len(x), 4096)])
+            outs.append(prior + (out - prior) * in_domain(phys, mb))  # as member_predict
             priors.append(prior)
         # m["line"]: the physics line of all labelled flights; older files and prior none have none
         pred = members_km(outs, priors, members, m.get("line"), phys).cpu().numpy()

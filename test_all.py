@@ -1291,6 +1291,32 @@ def test_ft_within_flight_targets_remove_each_fit_flights_offset_from_the_line(f
     assert len(seen) == 1 and torch.equal(seen[0], target)
 
 
+def test_ft_correction_applies_only_inside_the_members_fit_range_of_the_physics_feature(ft_tiny):
+    """--correction_domain: a member's prediction is its line plus its correction on frames whose physics
+    feature lies within the range of its fit frames, and exactly its line elsewhere (validation and test
+    frames alike); with the flag off, or without a prior, the correction reaches every frame."""
+    d, dev = ft_tiny["d"], torch.device("cpu")
+    cfg = ft_cfg(seeds=1, cpu_bf16="off")
+    fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
+    fit, val = fold["members"][0]
+    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
+    t = ft.network_tensors(d, "raw", dev)
+    everything = torch.arange(len(d["flight"]))
+    for domain in (True, False):
+        mb = ft.make_member("finetune", fold, fit, val, t, enc, dict(cfg, correction_domain=domain), dev, 0, False)
+        mb["model"].head[-1].bias.data += 0.5  # a correction of +0.5 std everywhere
+        got = ft.member_predict(mb, everything, None) - mb["prior"]
+        phys = t["phys"].numpy()
+        lo, hi = phys[fit].min(), phys[fit].max()
+        inside = (phys >= lo) & (phys <= hi)
+        assert mb["stats"]["phys_range"] == ([pytest.approx(lo), pytest.approx(hi)] if domain else None)
+        assert inside[fit].all() and not inside.all()  # the tiny data has frames outside: the test can tell
+        want = np.where(inside | (not domain), 0.5, 0.0)
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
+    none = ft.fold_inputs(dict(fold, fit=fit), t, enc, dev, "none", True)[3]
+    assert none["phys_range"] is None and bool(ft.in_domain(t["phys"], none).all())
+
+
 def test_ft_layer_decay_groups():
     enc = mae.build_encoder(mae.encoder_config(dict(mae.MODEL_SIZES["tiny"], width=440)))
     model = ft.CBHNet(enc, 2, 8, 0.0)
@@ -1424,7 +1450,7 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
     np.testing.assert_allclose(m["flat_field"], ft.camera_response(d["images"]), rtol=1e-12)
     phys = ft.physics_feature(d["images"], m["flat_field"])
     want = []
-    for mb in m["members"]:
+    for j, mb in enumerate(m["members"]):
         net = ft.CBHNet(mae.build_encoder(m["encoder_config"]), 0, m["head_hidden"], m["head_dropout"], m["pool"]).eval()
         net.load_state_dict(mb["state"])
         x = (torch.as_tensor(d["images"])[:, None] - mb["norm_mean"][0]) / mb["norm_std"][0]  # (N, 1, W)
@@ -1432,8 +1458,12 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
         prior = torch.as_tensor((a * phys + b - mb["y_mean"]) / mb["y_std"], dtype=torch.float32)
         with torch.no_grad():  # the member's correction in km: what it adds to its line
             raw = net(x, torch.zeros(len(x), 0), prior).numpy()
-        want.append((raw - prior.numpy()) * mb["y_std"])
-        own = raw * mb["y_std"] + mb["y_mean"]  # on its own line: what a model file without "line" predicts
+        # its correction counts only where the physics feature lies in the range of the flights it trained on
+        trained = phys.astype(np.float32)[d["flight"] != (j if n_members > 1 else 2)]
+        assert mb["phys_range"] == pytest.approx([trained.min(), trained.max()], rel=1e-6)
+        inside = (phys.astype(np.float32) >= mb["phys_range"][0]) & (phys.astype(np.float32) <= mb["phys_range"][1])
+        want.append((raw - prior.numpy()) * mb["y_std"] * inside)
+        own = prior.numpy() * mb["y_std"] + mb["y_mean"] + want[-1]  # its own line + correction: a file without "line"
     assert n_members == 1 or not np.allclose(want[0], want[1])  # distinct members, really averaged
     a, b = np.polyfit(phys, d["cbh_km"], 1)  # the corrections sit on the line of all flights
     np.testing.assert_allclose(m["line"], [a, b], rtol=1e-4)
