@@ -515,7 +515,7 @@ def fold_inputs(fold, t, enc, dev, prior="none", domain=False):
     if mean is None:  # --pretrained none
         mean, std = data.norm_stats(t["x"][fit].cpu().numpy())
     line = physics_line(t["phys"][fit].cpu().numpy(), t["y"][fit].cpu().numpy()) if prior == "physics" else None
-    phys_range = [float(t["phys"][fit].min()), float(t["phys"][fit].max())] if domain and line else None
+    phys_range = [float(t["phys"][fit].min()), float(t["phys"][fit].max())] if domain and line is not None else None
     stats = dict(norm_mean=list(mean), norm_std=list(std), y_mean=float(t["y"][fit].mean()),
                  y_std=float(t["y"][fit].std()) + 1e-6, prior_line=line, phys_range=phys_range)
     mean, std = (torch.tensor(v, dtype=torch.float32, device=dev)[:, None] for v in (mean, std))  # (C, 1)
@@ -535,8 +535,7 @@ def in_domain(phys, stats):
     else 0.0; all ones without a range (--correction_domain false, prior none, older model files). A member's
     output is prior + correction * in_domain. Why: the correction was learned from profiles whose contrast lies
     in that range, and outside it the network extrapolates in ways nothing checked, while the line extrapolates
-    as a line (measured: a test flight with higher clouds than any training flight, 44 of its 200 frames
-    outside the range, lost R2 0.88 -> -0.8 to kept corrections)."""
+    as a line (README: a test flight with higher clouds than any training flight)."""
     if stats.get("phys_range") is None:
         return torch.ones_like(phys)
     lo, hi = stats["phys_range"]
@@ -809,7 +808,9 @@ def camera_response(images):
     mean. Why: an IR camera's optics lose a few percent of the signal towards the swath edges (vignetting), so
     the same surface reads colder at the edge than at nadir, and warmest minus coldest pixel then depends on
     WHERE the warm and cold pixels sit as well as on how high the cloud is. Averaged over many frames a scene
-    is the same at every cross-track position, so what is left in the mean profile is the response."""
+    is the same at every cross-track position, so what is left in the mean profile is the response. Caveat:
+    labelled frames are those where the lidar saw a base, i.e. cloud at nadir, so their mean is a little
+    colder at nadir than a random scene's; the estimate is still far closer to flat than the raw profiles."""
     mean_profile = np.asarray(images, np.float64).mean(0)  # (W,)
     return mean_profile / mean_profile.mean()
 

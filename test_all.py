@@ -1291,6 +1291,18 @@ def test_ft_within_flight_targets_remove_each_fit_flights_offset_from_the_line(f
     assert len(seen) == 1 and torch.equal(seen[0], target)
 
 
+def test_ft_predict_physics_model_flat_fields_with_its_stored_response(ft_tiny):
+    """--predict with a physics model divides the profiles by the camera response stored in the file; a file
+    written before the flat field (no `flat_field` key) predicts on the raw feature, as it was fitted."""
+    d, dev = ft_tiny["d"], torch.device("cpu")
+    gain, line = ft.camera_response(d["images"]), [0.001, 0.2]
+    got = ft.predict_km(dict(method="physics", line=line, flat_field=gain.tolist()), d, dev)
+    np.testing.assert_allclose(got, np.clip(np.polyval(line, ft.physics_feature(d["images"], gain)), 0, 20), rtol=1e-6)
+    old = ft.predict_km(dict(method="physics", line=line), d, dev)
+    np.testing.assert_allclose(old, np.clip(np.polyval(line, ft.physics_feature(d["images"])), 0, 20), rtol=1e-6)
+    assert not np.allclose(got, old, rtol=1e-3)
+
+
 def test_ft_correction_applies_only_inside_the_members_fit_range_of_the_physics_feature(ft_tiny):
     """--correction_domain: a member's prediction is its line plus its correction on frames whose physics
     feature lies within the range of its fit frames, and exactly its line elsewhere (validation and test
@@ -1387,8 +1399,8 @@ def test_ft_physics_row_is_a_line_on_the_contrast_feature():
 
 def test_ft_flat_field_removes_the_cameras_vignetting_from_the_physics_feature():
     """camera_response recovers a known cross-track falloff from many frames of a scene that is the same at
-    every position on average, and dividing by it gives back the contrast the vignetting distorted: a warm
-    sea at the swath edge and a cloud at nadir read 1,000 counts apart, not less."""
+    every position on average, and dividing by it gives back the contrast the vignetting distorted: a cloud
+    near the swath edge reads ~1,250 counts colder than the sea at nadir, and 1,000 once flat-fielded."""
     rng = np.random.default_rng(0)
     W = 440
     vignette = 1.0 - 0.04 * np.linspace(-1, 1, W) ** 2
@@ -1449,13 +1461,13 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
     # The physics feature is flat-fielded with the response of every labelled profile, stored in the file.
     np.testing.assert_allclose(m["flat_field"], ft.camera_response(d["images"]), rtol=1e-12)
     phys = ft.physics_feature(d["images"], m["flat_field"])
-    want = []
+    want, outside = [], []
     for j, mb in enumerate(m["members"]):
         net = ft.CBHNet(mae.build_encoder(m["encoder_config"]), 0, m["head_hidden"], m["head_dropout"], m["pool"]).eval()
         net.load_state_dict(mb["state"])
         x = (torch.as_tensor(d["images"])[:, None] - mb["norm_mean"][0]) / mb["norm_std"][0]  # (N, 1, W)
-        a, b = mb["prior_line"]
-        prior = torch.as_tensor((a * phys + b - mb["y_mean"]) / mb["y_std"], dtype=torch.float32)
+        a_own, b_own = mb["prior_line"]
+        prior = torch.as_tensor((a_own * phys + b_own - mb["y_mean"]) / mb["y_std"], dtype=torch.float32)
         with torch.no_grad():  # the member's correction in km: what it adds to its line
             raw = net(x, torch.zeros(len(x), 0), prior).numpy()
         # its correction counts only where the physics feature lies in the range of the flights it trained on
@@ -1463,8 +1475,9 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
         assert mb["phys_range"] == pytest.approx([trained.min(), trained.max()], rel=1e-6)
         inside = (phys.astype(np.float32) >= mb["phys_range"][0]) & (phys.astype(np.float32) <= mb["phys_range"][1])
         want.append((raw - prior.numpy()) * mb["y_std"] * inside)
-        own = prior.numpy() * mb["y_std"] + mb["y_mean"] + want[-1]  # its own line + correction: a file without "line"
+        outside.append(not inside.all())
     assert n_members == 1 or not np.allclose(want[0], want[1])  # distinct members, really averaged
+    assert any(outside)  # some frame lies outside a member's range: the mask is exercised
     a, b = np.polyfit(phys, d["cbh_km"], 1)  # the corrections sit on the line of all flights
     np.testing.assert_allclose(m["line"], [a, b], rtol=1e-4)
     want = a * phys + b + np.mean(want, 0)
@@ -1472,9 +1485,15 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
     for j, mb in enumerate(m["members"]):  # member j's targets were scaled on the flights it trained on
         trained = d["flight"] != (j if n_members > 1 else 2)
         assert mb["y_mean"] == pytest.approx(float(d["cbh_km"][trained].mean()), rel=1e-5)
-    if n_members == 1:  # a model file written before members existed: one network's keys at the top level
-        old = {k: v for k, v in m.items() if k not in ("members", "line")} | m["members"][0]
+    if n_members == 1:  # a model file written before members existed: one network's keys at the top level,
+        # no line of all flights, no flat field, no domain: it predicts its own line on the raw feature + correction
+        old = {k: v for k, v in m.items() if k not in ("members", "line", "flat_field")} | m["members"][0]
+        del old["phys_range"]
         torch.save(old, tmp_path / "old_model.pth")
+        prior = torch.as_tensor((a_own * ft.physics_feature(d["images"]) + b_own - mb["y_mean"]) / mb["y_std"],
+                                dtype=torch.float32)
+        with torch.no_grad():
+            own = net(x, torch.zeros(len(x), 0), prior).numpy() * mb["y_std"] + mb["y_mean"]
         r = run_script("finetune_cbh.py", "--predict", ft_tiny["lab"], "--model", tmp_path / "old_model.pth",
                        "--out_dir", tmp_path / "old")
         assert r.returncode == 0, r.stderr
