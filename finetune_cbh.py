@@ -70,7 +70,7 @@ seeds = 3  # repeats of every network (method, fold) with other init/shuffle see
 use_angles = False  # concat scaled sza/saa to the pooled embedding; off: angles track time of day, a shortcut
 prior = 'physics'  # networks learn a correction to the physics line (unit_predict), or none: from scratch
 flat_field = True  # physics feature on profiles divided by the camera's cross-track response (camera_response)
-correction_domain = True  # prior physics: a member's correction applies only inside its fit frames' physics range
+correction_domain = False  # prior physics: a member's correction applies only inside its fit frames' physics range
 within_flight = True  # prior physics: train the correction on labels minus their flight's mean offset from the line
 select = 'one_se'  # cv: keep the correction only if it beats the lines by one standard error over flights, or min
 pool = 'cls'  # what the head reads: cls (the CLS token) or mean (the mean of the patch tokens, as in MAE's fine-tuning)
@@ -106,6 +106,7 @@ num_threads = 0  # torch CPU threads (0 = torch default)
 METHODS = ("finetune", "scratch", "probe", "trees", "physics")
 PROTOCOL = 4  # in checkpoints: 4 = units predict on the fold's physics line; 3 = member lists; 2 = one network
 NETWORKS = ("finetune", "scratch", "probe")  # trained with seeds; trees and physics are deterministic
+UNTIL_ADDED = dict(flat_field=False, correction_domain=False)  # what runs from before a flag existed did
 
 
 def str2bool(v):
@@ -1077,7 +1078,8 @@ def maybe_resume(cfg, log_path):
     """(checkpoint or None, finished units). A fresh run starts a fresh log; --resume trims the log back to
     the rows its checkpoint accounts for and skips the units it finished. A checkpoint of an older PROTOCOL is
     refused: its finished units were run another way, and results.csv would silently mix the two."""
-    same = lambda c: {k: v for k, v in c.items() if k not in ("resume", "device", "num_threads", "out_dir")}
+    same = lambda c: {k: v for k, v in (UNTIL_ADDED | c).items() if k not in ("resume", "device", "num_threads",
+                                                                             "out_dir")}
     if not cfg["resume"]:
         if os.path.isfile(log_path):
             os.remove(log_path)
@@ -1200,7 +1202,7 @@ def setting(cfg, key):
         return os.path.abspath(cfg.get(key) or data.default_cloud_paths()[1])
     if key == "pretrained" and cfg.get(key, "none") != "none":
         return os.path.abspath(cfg[key])
-    return cfg.get(key)
+    return cfg.get(key, UNTIL_ADDED.get(key))
 
 
 def cross_validated(cfg, method):

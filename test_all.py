@@ -1327,6 +1327,7 @@ def test_ft_correction_applies_only_inside_the_members_fit_range_of_the_physics_
         np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
     none = ft.fold_inputs(dict(fold, fit=fit), t, enc, dev, "none", True)[3]
     assert none["phys_range"] is None and bool(ft.in_domain(t["phys"], none).all())
+    assert ft.parse_config([])["correction_domain"] is False  # what the inner validation chose (README)
 
 
 def test_ft_layer_decay_groups():
@@ -1443,7 +1444,8 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
     out = tmp_path / "out"
     r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
                    "--final", "finetune", *FT_TINY, "--cpu_bf16", "off",  # fp32: comparable to a plain forward
-                   "--val_mode", val_mode, "--select", "min")  # min: the members keep real corrections
+                   "--val_mode", val_mode, "--select", "min",  # min: the members keep real corrections
+                   "--correction_domain", "true")
     assert r.returncode == 0, r.stderr
     m = ft.load_cbh_model(out / "cbh_model.pth")
     assert m["cpu_autocast"] == "fp32" and len(m["members"]) == n_members
@@ -1526,6 +1528,15 @@ def test_ft_final_records_the_cross_validated_score_only_for_matching_settings(f
     assert read_csv(tmp_path / "results.csv") == results  # the comparison's files are left alone
     assert run_script("finetune_cbh.py", *args, "--final", "trees", "--tree_angles", "false").returncode == 0
     assert ft.load_cbh_model(tmp_path / "cbh_model.pth")["cv"] == "not cross-validated"
+    # a run from before a flag existed ran as that flag's UNTIL_ADDED value: without correction_domain it
+    # matches today's default (off); without flat_field it ran unflattened, which today's default is not
+    ckpt_path = tmp_path / "checkpoints" / "latest.pth"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    for key, still_matches in (("correction_domain", True), ("flat_field", False)):
+        torch.save(dict(ckpt, config={k: v for k, v in ckpt["config"].items() if k != key}), ckpt_path)
+        assert run_script("finetune_cbh.py", *args, "--final", "trees").returncode == 0
+        cv = ft.load_cbh_model(tmp_path / "cbh_model.pth")["cv"]
+        assert (cv != "not cross-validated") == still_matches, key
 
 
 def test_ft_predict_bad_inputs_fail_with_one_line_and_write_nothing(ft_tiny, tmp_path):
