@@ -7,7 +7,8 @@ Fine-tunes the masked-autoencoder encoder from mae.py and compares it, on identi
   scratch   the same network and schedule from a random init (what pre-training buys)
   probe     a linear head on the frozen pre-trained encoder (how much the features already know)
   trees     gradient-boosted regression trees (numpy) on hand-crafted profile features
-  physics   a straight line on one physical feature: warmest minus coldest pixel (surface-to-cloud-top contrast)
+  physics   a straight line on one physical feature: warmest minus coldest pixel (surface-to-cloud-top contrast),
+            on profiles flat-fielded by the camera's cross-track response (--flat_field)
 With --prior physics (default) the networks learn a correction to that line, starting exactly at it, and keep
 a correction only if the error on held-out training flights drops.
 Splits: lofo (leave one flight out, default: the question a user asks is "does it work on a new flight"),
