@@ -495,14 +495,14 @@ def set_rng_state(s, gens):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def network_tensors(d, input_mode, dev):
+def network_tensors(d, input_mode, dev, gain=None):
     """What every network unit shares, resident on dev: x (N, C, W) raw input channels (each fold
-    normalises), ang (N, 2) scaled solar angles (~[-2, 2]), phys (N,) the physics feature, y (N,) CBH in km,
-    flight (N,) flight index."""
+    normalises), ang (N, 2) scaled solar angles (~[-2, 2]), phys (N,) the physics feature (flat-fielded with
+    gain; a comparison replaces it per fold, see run_unit), y (N,) CBH in km, flight (N,) flight index."""
     return dict(x=torch.as_tensor(data.profile_channels(d["images"], input_mode), device=dev),
                 flight=torch.as_tensor(d["flight"], device=dev),
                 ang=torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev),
-                phys=torch.as_tensor(physics_feature(d["images"]), dtype=torch.float32, device=dev),
+                phys=torch.as_tensor(physics_feature(d["images"], gain), dtype=torch.float32, device=dev),
                 y=torch.as_tensor(d["cbh_km"], device=dev))
 
 
@@ -1253,8 +1253,7 @@ def train_final(cfg, dev):
     elif method == "physics":
         saved["line"] = physics_line(physics_feature(d["images"], gain), d["cbh_km"])
     else:
-        t = network_tensors(d, cfg["input"], dev)
-        t["phys"] = torch.as_tensor(physics_feature(d["images"], gain), dtype=torch.float32, device=dev)
+        t = network_tensors(d, cfg["input"], dev, gain)
         amp = amp_policy(dev, cfg, [fold], t, enc)
         torch.manual_seed(cfg["seed"])
         _, members = train_network(method, fold, t, enc, cfg, dev, amp, cfg["seed"],

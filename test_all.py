@@ -1668,6 +1668,17 @@ def test_ft_resume_with_other_settings_is_refused(ft_tiny, tmp_path):
                    "--out_dir", tmp_path / "resumed", "--n_trees", "5", "--val_gap", "10", "--resume", tmp_path / "old.pth")
     assert_one_line_error(r, "old.pth", "older finetune_cbh.py")
     assert not (tmp_path / "resumed").exists()
+    # a checkpoint from before a flag existed resumes only if today's flags say what it did (UNTIL_ADDED)
+    ck["protocol"] = ft.PROTOCOL
+    cfg = dict(ck["config"], resume=str(tmp_path / "new_flags.pth"))
+    for key, resumable in (("correction_domain", True), ("flat_field", False)):
+        torch.save(dict(ck, config={k: v for k, v in ck["config"].items() if k != key}), tmp_path / "new_flags.pth")
+        if resumable:
+            done = ft.maybe_resume(cfg, str(tmp_path / "log.csv"))[1]
+            assert [(u["method"], u["fold"]) for u in done] == [(u["method"], u["fold"]) for u in ck["done"]] != []
+        else:
+            with pytest.raises(data.DataError, match="with these settings"):
+                ft.maybe_resume(cfg, str(tmp_path / "log.csv"))
 
 
 # ==============================================================================================
