@@ -37,8 +37,8 @@ data_path = ''  # unlabelled cloud-profile HDF5 file ('' = the embedded syntheti
 input = 'raw'  # raw | contrast (profile minus its own warm reference) | both (2 channels): data.profile_channels
 out_dir = 'outputs/mae_pretrain'  # checkpoints/, plots/, log.csv and the exported encoder go here
 epochs = 100  # training epochs; the cosine schedule spans all of them
-batch_size = 64  # profiles per step, all processes together (torchrun); scale lr with it: lr = 1e-3 * batch_size / 64
-lr = 1e-3  # peak AdamW learning rate (for batch_size 64), reached after warmup_epochs
+batch_size = 128  # profiles per step, all processes together (torchrun); scale lr with it: lr = 1e-3 * batch_size / 64
+lr = 2e-3  # peak AdamW learning rate (for batch_size 128), reached after warmup_epochs
 min_lr = 1e-5  # learning rate at the end of the cosine decay
 warmup_epochs = 5  # linear warmup from 0 to lr over this many epochs
 weight_decay = 0.05  # AdamW weight decay (not on biases, norms, position embeddings, cls/mask tokens)
@@ -51,7 +51,7 @@ embed_dim = 192  # custom only: encoder width
 depth = 4  # custom only: encoder blocks
 num_heads = 3  # custom only: encoder attention heads (must divide embed_dim)
 dec_dim = 96  # custom only: decoder width
-dec_depth = 2  # custom only: decoder blocks
+dec_depth = 1  # custom only: decoder blocks
 dec_heads = 3  # custom only: decoder attention heads (must divide dec_dim)
 patch_size = 16  # custom only: pixels per patch (the profile is centre-cropped to a multiple of it)
 mlp_ratio = 4.0  # custom only: MLP hidden width / model width
@@ -82,7 +82,7 @@ FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "save_every", "p
 
 MODEL_SIZES = {
     "tiny": dict(embed_dim=128, depth=3, num_heads=2, dec_dim=64, dec_depth=1, dec_heads=2, patch_size=20),
-    "small": dict(embed_dim=192, depth=4, num_heads=3, dec_dim=96, dec_depth=2, dec_heads=3, patch_size=16),
+    "small": dict(embed_dim=192, depth=4, num_heads=3, dec_dim=96, dec_depth=1, dec_heads=3, patch_size=16),
 }  # "custom" takes every number from the constants block
 
 
