@@ -565,6 +565,10 @@ def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen):
     if diff:  # another schedule, split or model would not continue the run: it would be a new one
         raise data.DataError(f"{cfg['resume']}: checkpoint was made with different settings; pass " +
                              " ".join(f"--{k} {saved.get(k)!r}" for k in diff))
+    mine = {k: v.shape for k, v in model.state_dict().items()}
+    if {k: v.shape for k, v in ckpt["model"].items()} != mine:  # e.g. 'small' before its decoder became 1 block
+        raise data.DataError(f"{cfg['resume']}: checkpoint holds another model than --model_size "
+                             f"{cfg['model_size']} builds today; resume it with the code that made it")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
