@@ -877,7 +877,7 @@ def pooled(done, folds, m, seed=None):
 def score_row(method, seed, fold, pred, true):
     s = losses.regression_metrics(pred, true)
     return dict(method=method, seed=seed, fold=fold, n_test=len(true), r2=s["r2"], mae_km=s["mae"],
-                rmse_km=s["rmse"], r2_lo="", r2_hi="")
+                rmse_km=s["rmse"], r2_lo="", r2_hi="", flights_better="", flights_worse="")
 
 
 def results_table(done, folds, d, names):
@@ -900,27 +900,40 @@ def results_table(done, folds, d, names):
         for stat, fn in (("mean", np.mean), ("std", spread)):
             rows.append(dict(method=m, seed=stat, fold="pooled", n_test=per_seed[0]["n_test"],
                              **{c: float(fn([r[c] for r in per_seed])) for c in ("r2", "mae_km", "rmse_km")},
-                             r2_lo="", r2_hi=""))
+                             r2_lo="", r2_hi="", flights_better="", flights_worse=""))
             rows.append(dict(method=m, seed="mean", fold=f"fold {stat}", n_test="",
                              **{c: float(fn([s[k] for s in per_fold])) for c, k in
-                                (("r2", "r2"), ("mae_km", "mae"), ("rmse_km", "rmse"))}, r2_lo="", r2_hi=""))
+                                (("r2", "r2"), ("mae_km", "mae"), ("rmse_km", "rmse"))},
+                             r2_lo="", r2_hi="", flights_better="", flights_worse=""))
     return rows + paired_rows(done, folds, d, names)
 
 
 def paired_rows(done, folds, d, names):
     """finetune vs scratch and finetune vs trees (and physics): the difference of pooled R2 on identical
-    test frames, each method's predictions averaged over its seeds, with a 95% bootstrap interval that
-    resamples the test frames in contiguous blocks along each flight (neighbouring frames are correlated,
-    so frame-by-frame resampling would make the interval too narrow)."""
+    test frames, each method's predictions averaged over its seeds, with 95% bootstrap intervals that
+    resample the test frames in contiguous blocks along each flight (neighbouring frames are correlated,
+    so frame-by-frame resampling would make the interval too narrow). Two rows per pair: fold 'pooled'
+    keeps every test flight in every resample (how sure we are about these flights); fold 'flights
+    resampled' also draws the flights with replacement (how sure we are for a new flight); its n_test is the
+    number of test flights. flights_better / flights_worse: on how many test flights method a has the lower /
+    the higher MSE (the rest are ties: predictions equal up to rounding)."""
     rows = []
     for a, b in (("finetune", "scratch"), ("finetune", "trees"), ("finetune", "physics")):
         if a not in names or b not in names:
             continue
         test, pa = pooled(done, folds, a)
         _, pb = pooled(done, folds, b)
-        diff, lo, hi = losses.block_bootstrap_diff(d["cbh_km"][test], pa, pb, d["flight"][test], d["frame"][test])
-        rows.append(dict(method=f"{a} - {b}", seed="mean", fold="pooled", n_test=len(test), r2=diff, mae_km="",
-                         rmse_km="", r2_lo=lo, r2_hi=hi))
+        y, flight, frame = d["cbh_km"][test], d["flight"][test], d["frame"][test]
+        flights = np.unique(flight)
+        mse_a, mse_b = (np.array([np.mean((p - y)[flight == f] ** 2) for f in flights]) for p in (pa, pb))
+        tie = np.isclose(mse_a, mse_b, rtol=1e-9, atol=0)  # e.g. a unit that IS the physics line, up to rounding
+        counts = dict(flights_better=int(np.sum((mse_a < mse_b) & ~tie)),
+                      flights_worse=int(np.sum((mse_a > mse_b) & ~tie)))
+        for fold, by_flight in (("pooled", False), ("flights resampled", True)):
+            diff, lo, hi = losses.block_bootstrap_diff(y, pa, pb, flight, frame, resample_groups=by_flight)
+            rows.append(dict(method=f"{a} - {b}", seed="mean", fold=fold,
+                             n_test=len(flights) if by_flight else len(test), r2=diff, mae_km="", rmse_km="",
+                             r2_lo=lo, r2_hi=hi, **counts))
     return rows
 
 
@@ -937,9 +950,11 @@ def print_table(rows):
         cells += [f"{fm['r2']:.3f} +- {fs['r2']:.3f}", f"{get(m, 'committee', 'pooled')['r2']:.3f}"]
         print(f"{m:<9} " + " ".join(f"{c:>16}" for c in cells))
     for r in rows:
-        if " - " in r["method"]:
+        if " - " in r["method"] and r["fold"] == "pooled":
+            f = get(r["method"], "mean", "flights resampled")
             print(f"{r['method']}: pooled R2 difference {r['r2']:+.3f} (95% block bootstrap {r['r2_lo']:+.3f} .. "
-                  f"{r['r2_hi']:+.3f})")
+                  f"{r['r2_hi']:+.3f}; flights resampled too {f['r2_lo']:+.3f} .. {f['r2_hi']:+.3f}); "
+                  f"better on {r['flights_better']}, worse on {r['flights_worse']} of {f['n_test']} test flights (MSE)")
 
 
 def plot_results(done, folds, d, names, plot_dir):

@@ -108,7 +108,7 @@ def seg_metrics(counts):
     )
 
 
-def block_bootstrap_diff(y, pred_a, pred_b, groups, order, n_boot=1000, block=20, seed=0):
+def block_bootstrap_diff(y, pred_a, pred_b, groups, order, n_boot=1000, block=20, seed=0, resample_groups=False):
     """Paired difference of pooled R^2, method a minus method b on the same test frames, with a
     percentile-bootstrap 95% interval. Returns (diff, lo, hi) as floats.
     y, pred_a, pred_b (N,): targets and the two methods' predictions, one per frame; groups (N,): the
@@ -118,6 +118,10 @@ def block_bootstrap_diff(y, pred_a, pred_b, groups, order, n_boot=1000, block=20
     `block` frames (a group's last block may be shorter; no block spans two groups), and n_boot
     resamples draw as many blocks as there are, with replacement. Both R^2 are recomputed on the same
     resample, so what the methods share (hard frames, a hard flight) cancels in the difference.
+    resample_groups=False keeps every group in every resample: the interval says how sure we are about
+    THESE flights. True draws the groups with replacement first (as many as there are), then each drawn
+    group's blocks within it: the interval then also carries how much the difference varies from flight
+    to flight, which is the question for a flight nobody has seen yet (with 5 flights it is wide).
     block=20: labels in the embedded data are ~60 frames apart, so 20 labelled frames span ~1200
     frames, the lag past which CBH autocorrelation is ~0; ~1000 test frames then give ~50 blocks.
     For other data, pick block so that one block spans that decorrelation lag.
@@ -133,11 +137,28 @@ def block_bootstrap_diff(y, pred_a, pred_b, groups, order, n_boot=1000, block=20
     yc = y - y.mean()  # centred: R^2 is unchanged and the sums below lose no precision
     per_frame = np.stack([np.ones_like(yc), yc, yc ** 2, (a - y) ** 2, (b - y) ** 2], 1)[idx]  # (N, 5)
     sums = np.add.reduceat(per_frame, starts, axis=0)  # (n_blocks, 5) per-block sums
-    nb = len(starts)
-    pick = np.random.default_rng(seed).integers(0, nb, (n_boot, nb))  # (n_boot, n_blocks) drawn blocks
-    times = np.bincount((pick + nb * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * nb)
-    tot = np.concatenate([sums.sum(0, keepdims=True), times.reshape(n_boot, nb) @ sums])  # (1 + n_boot, 5)
+    rng = np.random.default_rng(seed)
+    times = (group_block_counts(g[starts], n_boot, rng) if resample_groups
+             else block_counts(len(starts), n_boot, rng))  # (n_boot, n_blocks) how often each block is drawn
+    tot = np.concatenate([sums.sum(0, keepdims=True), times @ sums])  # (1 + n_boot, 5)
     ss_tot = tot[:, 2] - tot[:, 1] ** 2 / tot[:, 0]
     diff = (tot[:, 4] - tot[:, 3]) / ss_tot  # R2_a - R2_b = (SS_res_b - SS_res_a) / SS_tot
     lo, hi = np.percentile(diff[1:], [2.5, 97.5])
     return float(diff[0]), float(lo), float(hi)
+
+
+def block_counts(nb, n_boot, rng):
+    """(n_boot, nb): each resample draws nb of the nb blocks with replacement; how often each was drawn."""
+    pick = rng.integers(0, nb, (n_boot, nb))
+    return np.bincount((pick + nb * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * nb).reshape(n_boot, nb)
+
+
+def group_block_counts(block_group, n_boot, rng):
+    """(n_boot, n_blocks) for a two-level resample: draw as many groups as there are, with replacement, then
+    for each drawn group as many of ITS blocks as it has, with replacement. block_group (n_blocks,)."""
+    members = [np.flatnonzero(block_group == k) for k in np.unique(block_group)]  # each group's blocks
+    times = np.zeros((n_boot, len(block_group)))
+    for r in range(n_boot):
+        for k in rng.integers(0, len(members), len(members)):
+            np.add.at(times[r], rng.choice(members[k], len(members[k])), 1)
+    return times

@@ -474,7 +474,7 @@ def mae_run4(tiny_clouds, tmp_path_factory):
 def test_mae_shapes_and_param_counts():
     x = torch.randn(5, 1, 440)
     for size, n_params, n_enc, n_patch, patch, dim in [("tiny", 662_036, 600_832, 22, 20, 128),
-                                                      ("small", 2_035_408, 1_788_672, 27, 16, 192)]:
+                                                      ("small", 1_923_568, 1_788_672, 27, 16, 192)]:
         m = mae.MAE(**mae.model_config(dict(model_size=size), 440))
         assert sum(p.numel() for p in m.parameters()) == n_params
         assert sum(p.numel() for p in m.encoder.parameters()) == n_enc
@@ -691,6 +691,21 @@ def test_mae_exact_resume(mae_run4, tiny_clouds, tmp_path):
     # other settings would silently make another run: refused, naming the flag to pass
     r = run_script("mae.py", *flags, "--epochs", "6", "--resume", os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
     assert_one_line_error(r, "different settings", "--epochs 4")
+
+
+def test_mae_resume_of_a_checkpoint_holding_another_model_is_refused(mae_run4, tiny_clouds, tmp_path):
+    """A checkpoint whose model differs from what today's preset builds (as 'small' with its former 2-block
+    decoder) stops with one line, not a load_state_dict traceback, and writes nothing."""
+    ckpt = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
+    extra = {k.replace("dec_blocks.0.", "dec_blocks.1."): v for k, v in ckpt["model"].items() if "dec_blocks.0." in k}
+    ckpt["model"].update(extra)  # a second decoder block
+    path = tmp_path / "two_block_decoder.pth"
+    torch.save(ckpt, path)
+    out = tmp_path / "out"
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2",
+                   *MAE_TINY, "--resume", path)
+    assert_one_line_error(r, str(path), "another model", "--model_size tiny")
+    assert not os.path.exists(out / "log.csv")
 
 
 def test_mae_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(mae_run4, tiny_clouds, tmp_path):
@@ -1152,6 +1167,27 @@ def test_bootstrap_diff_blocks_widen_the_interval_for_autocorrelated_errors():
     assert hi20 - lo20 > 2 * (hi1 - lo1)
 
 
+def test_bootstrap_diff_with_flights_resampled_is_exact_for_identical_methods_and_holds_the_point():
+    y, a, b, groups, order = bootstrap_frames(4)
+    assert losses.block_bootstrap_diff(y, a, a.copy(), groups, order, resample_groups=True) == (0.0, 0.0, 0.0)
+    d, lo, hi = losses.block_bootstrap_diff(y, a, b, groups, order, resample_groups=True)
+    assert d == losses.block_bootstrap_diff(y, a, b, groups, order)[0]  # the same point, another interval
+    assert lo < d < hi
+    assert losses.block_bootstrap_diff(y, a, b, groups, order, resample_groups=True) == (d, lo, hi)
+
+
+def test_bootstrap_diff_with_flights_resampled_carries_the_flight_to_flight_spread():
+    # b is a with a large extra error on flight 0 only: keeping every flight in every resample, a always wins
+    # by about as much; drawing flights, some resamples lack flight 0 and the difference falls to ~0
+    y, a, _, groups, order = bootstrap_frames(5)
+    b = a + np.where(groups == 0, 0.5, 0.0)
+    d, lo, hi = losses.block_bootstrap_diff(y, a, b, groups, order)
+    _, lo_f, hi_f = losses.block_bootstrap_diff(y, a, b, groups, order, resample_groups=True)
+    assert 0 < lo < d < hi
+    assert lo_f < lo and hi_f > hi
+    assert lo_f == pytest.approx(0.0, abs=1e-12)  # resamples without flight 0: a and b differ by nothing else
+
+
 def test_ft_tree_features_depend_on_each_frame_alone():
     """A frame's tree features must not change with the other frames of the file (a dense unlabelled file
     and the sparse labelled one give the same features), and angles are appended only when asked."""
@@ -1362,8 +1398,12 @@ def test_ft_end_to_end_tiny(ft_tiny, tmp_path):
     pooled = {x["seed"]: float(x["r2"]) for x in rows if x["method"] == "finetune" and x["fold"] == "pooled"}
     assert pooled["mean"] == pytest.approx((pooled["0"] + pooled["1"]) / 2)
     for name in ("finetune - scratch", "finetune - trees", "finetune - physics"):
-        diff = next(x for x in rows if x["method"] == name)
-        assert float(diff["r2_lo"]) <= float(diff["r2"]) <= float(diff["r2_hi"]), diff
+        diff, by_flight = [x for x in rows if x["method"] == name]
+        assert (diff["fold"], by_flight["fold"], by_flight["n_test"]) == ("pooled", "flights resampled", "3")
+        for x in (diff, by_flight):
+            assert float(x["r2_lo"]) <= float(x["r2"]) <= float(x["r2_hi"]), x
+            assert int(x["flights_better"]) + int(x["flights_worse"]) <= 3
+        assert by_flight["r2"] == diff["r2"]
     preds = read_csv(out / "predictions.csv")
     assert len(preds) == 5 * len(ft_tiny["d"]["cbh_km"])  # every frame tested once per method under lofo
     assert len({(p["method"], p["frame"], p["flight"]) for p in preds}) == len(preds)
