@@ -7,8 +7,9 @@ Fine-tunes the masked-autoencoder encoder from mae.py and compares it, on identi
   scratch   the same network and schedule from a random init (what pre-training buys)
   probe     a linear head on the frozen pre-trained encoder (how much the features already know)
   trees     gradient-boosted regression trees (numpy) on hand-crafted profile features
-  physics   a straight line on one physical feature: warmest minus coldest pixel (surface-to-cloud-top contrast),
-            on profiles flat-fielded by the camera's cross-track response (--flat_field)
+  physics   a straight line on one physical feature: surface minus coldest pixel (surface-to-cloud-top contrast),
+            the surface being the flight's clear-sky level (--surface_ref), on profiles flat-fielded by the
+            camera's cross-track response (--flat_field)
 With --prior physics (default) the networks learn a correction to that line, starting exactly at it, and keep
 a correction only if the error on held-out training flights drops.
 Splits: lofo (leave one flight out, default: the question a user asks is "does it work on a new flight"),
@@ -71,6 +72,7 @@ seeds = 3  # repeats of every network (method, fold) with other init/shuffle see
 use_angles = False  # concat scaled sza/saa to the pooled embedding; off: angles track time of day, a shortcut
 prior = 'physics'  # networks learn a correction to the physics line (unit_predict), or none: from scratch
 flat_field = True  # physics feature on profiles divided by the camera's cross-track response (camera_response)
+surface_ref = 'flight'  # physics feature's warm end: flight (its flight's clear-sky level) | profile (own warmest px)
 correction_domain = False  # prior physics: a member's correction applies only inside its fit frames' physics range
 within_flight = True  # prior physics: train the correction on labels minus their flight's mean offset from the line
 select = 'one_se'  # cv: keep the correction only if it beats the lines by one standard error over flights, or min
@@ -107,7 +109,8 @@ num_threads = 0  # torch CPU threads (0 = torch default)
 METHODS = ("finetune", "scratch", "probe", "trees", "physics")
 PROTOCOL = 4  # in checkpoints: 4 = units predict on the fold's physics line; 3 = member lists; 2 = one network
 NETWORKS = ("finetune", "scratch", "probe")  # trained with seeds; trees and physics are deterministic
-UNTIL_ADDED = dict(flat_field=False, correction_domain=False)  # what runs from before a flag existed did
+UNTIL_ADDED = dict(flat_field=False, correction_domain=False, surface_ref="profile")  # what runs before a flag did
+SURFACE_Q = 90  # surface_level: percentile of a flight's warmest pixels (robust to a few hot pixels; needs 10% clear)
 
 
 def str2bool(v):
@@ -495,14 +498,15 @@ def set_rng_state(s, gens):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def network_tensors(d, input_mode, dev, gain=None):
+def network_tensors(d, input_mode, dev, phys=None):
     """What every network unit shares, resident on dev: x (N, C, W) raw input channels (each fold
-    normalises), ang (N, 2) scaled solar angles (~[-2, 2]), phys (N,) the physics feature (flat-fielded with
-    gain; a comparison replaces it per fold, see run_unit), y (N,) CBH in km, flight (N,) flight index."""
+    normalises), ang (N, 2) scaled solar angles (~[-2, 2]), phys (N,) the physics feature (None: of the raw
+    profiles; a comparison replaces it per fold, see run_unit), y (N,) CBH in km, flight (N,) flight index."""
+    phys = physics_feature(d["images"]) if phys is None else phys
     return dict(x=torch.as_tensor(data.profile_channels(d["images"], input_mode), device=dev),
                 flight=torch.as_tensor(d["flight"], device=dev),
                 ang=torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev),
-                phys=torch.as_tensor(physics_feature(d["images"], gain), dtype=torch.float32, device=dev),
+                phys=torch.as_tensor(phys, dtype=torch.float32, device=dev),
                 y=torch.as_tensor(d["cbh_km"], device=dev))
 
 
@@ -817,17 +821,41 @@ def camera_response(images):
     return mean_profile / mean_profile.mean()
 
 
-def physics_feature(images, gain=None):
-    """Warmest minus coldest pixel of the centre 400 px of each raw profile (N,): the surface-to-cloud-top
+def physics_feature(images, gain=None, flight=None):
+    """Surface minus coldest pixel of the centre 400 px of each raw profile (N,): the surface-to-cloud-top
     contrast, which the lapse rate turns into cloud-top height (and, with the thickness, base height).
-    gain (W,) from camera_response: the profiles are divided by it first; None = as they are."""
+    gain (W,) from camera_response: the profiles are divided by it first; None = as they are.
+    flight (N,) flight of each profile: the surface is the profile's flight's clear-sky level (surface_level),
+    or the profile's own warmest pixel where that is warmer; None: the profile's own warmest pixel."""
     W = images.shape[1]
     lo = max(0, (W - 400) // 2)
     profiles = np.asarray(images, np.float64)
     if gain is not None:
         profiles = profiles / np.asarray(gain, np.float64)
     centre = profiles[:, lo:lo + 400]
-    return centre.max(1) - centre.min(1)
+    warmest = centre.max(1)  # (N,)
+    if flight is not None:
+        warmest = np.maximum(warmest, surface_level(warmest, flight))
+    return warmest - centre.min(1)
+
+
+def surface_level(warmest, flight):
+    """(N,) the clear-sky surface level of each profile's flight: the SURFACE_Q-th percentile of the warmest
+    pixel over that flight's profiles. Why: in an overcast profile no pixel sees the sea, its warmest pixel is
+    cloud, and warmest minus coldest underestimates the contrast (the line then predicts too low a base). The
+    sea-surface temperature changes little along a flight, and the flight's other profiles, where some pixels
+    are clear, show it. It uses profiles only, never labels, so a test flight's own profiles set its level,
+    as a new flight's do in --predict (give a long flight over a surface-temperature gradient several
+    flight_idx values). Assumes at least ~10% of a flight's profiles see some clear sea."""
+    level = np.empty_like(warmest)
+    for f in np.unique(flight):
+        level[flight == f] = np.percentile(warmest[flight == f], SURFACE_Q)
+    return level
+
+
+def profile_physics(d, gain, surface_ref):
+    """The physics feature (N,) of the profiles of d, flat-fielded with gain, its warm end per surface_ref."""
+    return physics_feature(d["images"], gain, d["flight"] if surface_ref == "flight" else None)
 
 
 def fold_gain(images, train, cfg):
@@ -1044,6 +1072,8 @@ def check_config(cfg):
                 (cfg["pool"] not in ("cls", "mean"), f"--pool {cfg['pool']!r}: use cls or mean"),
                 (cfg["select"] not in ("one_se", "min"), f"--select {cfg['select']!r}: use one_se or min"),
                 (cfg["prior"] not in ("physics", "none"), f"--prior {cfg['prior']!r}: use physics or none"),
+                (cfg["surface_ref"] not in ("flight", "profile"),
+                 f"--surface_ref {cfg['surface_ref']!r}: use flight or profile"),
                 (cfg["input"] not in data.INPUT_MODES, f"--input {cfg['input']!r}: use {', '.join(data.INPUT_MODES)}"),
                 (cfg["cpu_bf16"] not in ("auto", "on", "off"), f"--cpu_bf16 {cfg['cpu_bf16']!r}: use auto, on or off"),
                 (not 0 <= cfg["drop_path"] < 1, f"--drop_path {cfg['drop_path']}: must be in [0, 1)")]
@@ -1131,9 +1161,10 @@ def run_unit(unit, folds, d, t, enc, cfg, dev, amp, log, save, ck):
                         cfg["tree_lr"], cfg["tree_min_leaf"], cfg["tree_bins"])
         return gbrt_predict(tree, feats[fold["test"]])
     gain = fold_gain(d["images"], fold["train"], cfg)
+    phys = profile_physics(d, gain, cfg["surface_ref"])  # (N,)
     if m == "physics":
-        return fit_physics(physics_feature(d["images"], gain), d["cbh_km"], fold["train"], fold["test"])
-    t = dict(t, phys=torch.as_tensor(physics_feature(d["images"], gain), dtype=torch.float32, device=dev))
+        return fit_physics(phys, d["cbh_km"], fold["train"], fold["test"])
+    t = dict(t, phys=torch.as_tensor(phys, dtype=torch.float32, device=dev))
     unit_ck = ck if ck is not None and tuple(ck.get("unit") or ()) == unit else None
     return train_network(m, fold, t, enc, cfg, dev, amp, unit_seed, log, save, unit_ck)[0]
 
@@ -1232,7 +1263,7 @@ def cross_validated(cfg, method):
         return "not cross-validated"
     run = ckpt.get("config", {})
     keys = ("data_path", "max_samples", "pretrained", "input", "split", "val_mode", "gap", "val_gap", "use_angles",
-            "tree_angles", "prior", "flat_field", "correction_domain", "within_flight", "select", "pool",
+            "tree_angles", "prior", "flat_field", "surface_ref", "correction_domain", "within_flight", "select", "pool",
             "drop_path", "head_epochs", "epochs", "lr", "ft_lr", "layer_decay")
     with open(res_path) as f:
         row = next((r for r in csv.DictReader(f) if (r["method"], r["seed"], r["fold"]) == (method, "mean", "pooled")),
@@ -1257,7 +1288,7 @@ def train_final(cfg, dev):
         raise data.DataError(f"--final {method} needs a pre-trained encoder (--pretrained)")
     gain = fold_gain(d["images"], np.arange(len(d["images"])), cfg)  # the flat field of every labelled profile
     saved = dict(kind="cbh_model", method=method, input=cfg["input"], width=d["images"].shape[1],
-                 flat_field=None if gain is None else gain.tolist(),
+                 flat_field=None if gain is None else gain.tolist(), surface_ref=cfg["surface_ref"],
                  use_angles=cfg["use_angles"], tree_angles=cfg["tree_angles"], cv=cross_validated(cfg, method),
                  data_path=path, fold=fold["name"],
                  flights=sorted(int(f) for f in np.unique(d["flight"][fold.get("train", fold["fit"])])))
@@ -1266,9 +1297,9 @@ def train_final(cfg, dev):
         saved["trees"] = gbrt_fit(feats, d["cbh_km"], cfg["n_trees"], cfg["tree_depth"], cfg["tree_lr"],
                                   cfg["tree_min_leaf"], cfg["tree_bins"])
     elif method == "physics":
-        saved["line"] = physics_line(physics_feature(d["images"], gain), d["cbh_km"])
+        saved["line"] = physics_line(profile_physics(d, gain, cfg["surface_ref"]), d["cbh_km"])
     else:
-        t = network_tensors(d, cfg["input"], dev, gain)
+        t = network_tensors(d, cfg["input"], dev, profile_physics(d, gain, cfg["surface_ref"]))
         amp = amp_policy(dev, cfg, [fold], t, enc)
         torch.manual_seed(cfg["seed"])
         _, members = train_network(method, fold, t, enc, cfg, dev, amp, cfg["seed"],
@@ -1293,6 +1324,12 @@ def load_cbh_model(path):
     return m
 
 
+def stored_physics(m, d):
+    """The physics feature of d's profiles as model m was trained on it: its flat field and surface reference
+    (older files have neither: the raw profile's warmest minus coldest pixel)."""
+    return profile_physics(d, m.get("flat_field"), m.get("surface_ref", UNTIL_ADDED["surface_ref"]))
+
+
 def predict_km(m, d, dev):
     """CBH (km) of every frame of d with the saved model m, clipped to the schema's 0..20 km. A network model
     predicts as unit_predict: the stored line of all labelled flights plus the mean of its members' corrections
@@ -1301,13 +1338,12 @@ def predict_km(m, d, dev):
     if m["method"] == "trees":
         pred = gbrt_predict(m["trees"], profile_features(d["images"], d["sza"], d["saa"], m["tree_angles"]))
     elif m["method"] == "physics":
-        pred = np.polyval(m["line"], physics_feature(d["images"], m.get("flat_field")))  # older files: none
+        pred = np.polyval(m["line"], stored_physics(m, d))
     else:
         channels = torch.as_tensor(data.profile_channels(d["images"], m["input"]), device=dev)  # (N, C, W)
         ang = torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev)  # (N, 2)
         ang = ang if m["use_angles"] else ang[:, :0]
-        phys = torch.as_tensor(physics_feature(d["images"], m.get("flat_field")), dtype=torch.float32,
-                               device=dev)  # (N,)
+        phys = torch.as_tensor(stored_physics(m, d), dtype=torch.float32, device=dev)  # (N,)
         bf16 = dev.type == "cuda" or m.get("cpu_autocast") == "bf16"
         members, outs, priors = m.get("members") or [m], [], []  # an older file holds one network's keys itself
         for mb in members:

@@ -928,8 +928,9 @@ def test_ft_run_unit_trains_each_seed_on_its_own_turn(ft_tiny, monkeypatch):
         want = ft.seed_fold(folds[0], seed)
         assert np.array_equal(fold["val"], want["val"]) and np.array_equal(fold["fit"], want["fit"])
     assert set(d["flight"][got[0]["val"]]) != set(d["flight"][got[1]["val"]])
-    # the prior's feature: flat-fielded with the response of the fold's training profiles only
-    want_phys = ft.physics_feature(d["images"], ft.camera_response(d["images"][folds[0]["train"]]))
+    # the prior's feature: flat-fielded with the response of the fold's training profiles only, its warm end
+    # each flight's own clear-sky level
+    want_phys = ft.physics_feature(d["images"], ft.camera_response(d["images"][folds[0]["train"]]), d["flight"])
     np.testing.assert_allclose(tensors[0]["phys"].numpy(), want_phys, rtol=1e-6)
 
 
@@ -1271,7 +1272,8 @@ def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_o
     folds = ft.make_folds(d, cfg)
     _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
     t = ft.network_tensors(d, "raw", dev)
-    phys = ft.physics_feature(d["images"], ft.camera_response(d["images"][folds[0]["train"]]))  # as run_unit makes it
+    phys = ft.physics_feature(d["images"], ft.camera_response(d["images"][folds[0]["train"]]),
+                              d["flight"])  # as run_unit makes it
     t["phys"] = torch.as_tensor(phys, dtype=torch.float32)
     line_km = ft.fit_physics(phys, d["cbh_km"], folds[0]["fit"], folds[0]["test"])
     for method in ("finetune", "probe", "scratch"):
@@ -1336,6 +1338,10 @@ def test_ft_predict_physics_model_flat_fields_with_its_stored_response(ft_tiny):
     np.testing.assert_allclose(got, np.clip(np.polyval(line, ft.physics_feature(d["images"], gain)), 0, 20), rtol=1e-6)
     old = ft.predict_km(dict(method="physics", line=line), d, dev)
     np.testing.assert_allclose(old, np.clip(np.polyval(line, ft.physics_feature(d["images"])), 0, 20), rtol=1e-6)
+    by_flight = ft.predict_km(dict(method="physics", line=line, flat_field=gain.tolist(), surface_ref="flight"), d, dev)
+    want = np.polyval(line, ft.physics_feature(d["images"], gain, d["flight"]))
+    np.testing.assert_allclose(by_flight, np.clip(want, 0, 20), rtol=1e-6)
+    assert not np.allclose(by_flight, got)
     assert not np.allclose(got, old, rtol=1e-3)
 
 
@@ -1385,7 +1391,8 @@ def test_ft_layer_decay_groups():
 def test_ft_end_to_end_tiny(ft_tiny, tmp_path):
     out = tmp_path / "out"
     r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
-                   *FT_TINY, "--seeds", "2", "--select", "min")  # min: the seeds keep different corrections
+                   *FT_TINY, "--seeds", "2", "--select", "min", "--surface_ref", "profile")
+    # min, and the cruder profile line: the seeds keep different corrections (the committee is not the mean)
     assert r.returncode == 0, r.stderr
     rows = read_csv(out / "results.csv")
     for m in ft.METHODS:
@@ -1436,6 +1443,28 @@ def test_ft_physics_row_is_a_line_on_the_contrast_feature():
     np.testing.assert_allclose(feat, np.arange(6) * 100)
     y = 0.5 + 0.002 * feat
     np.testing.assert_allclose(ft.fit_physics(feat, y, np.arange(4), np.arange(4, 6)), y[4:])
+
+
+def test_ft_surface_level_replaces_an_overcast_profiles_warmest_pixel_with_its_flights_clear_sky():
+    """An overcast profile's warmest pixel is cloud: with flight references its warm end is the level its
+    flight's clear profiles show (the 90th percentile of the flight's warmest pixels), never another flight's;
+    a profile warmer than that level keeps its own; without flights it is the profile's own warmest pixel."""
+    rng = np.random.default_rng(0)
+    sea = {0: 1000.0, 1: 1200.0}  # each flight's clear-sky sea level (counts)
+    flight = np.repeat([0, 1], 20)
+    images = np.stack([np.full(440, sea[f]) + rng.normal(0, 1, 440) for f in flight])  # clear scenes
+    images[:, 200:240] -= 300  # a cold cloud top in every profile
+    images[5] = 800.0  # flight 0, overcast: every pixel cloud, its top 600
+    images[5, 200:240] = 600.0
+    images[6, 100] = 1100.0  # flight 0, one hot pixel: warmer than the level, kept
+    feat = ft.physics_feature(images, None, flight)
+    assert feat[5] == pytest.approx(1000 - 600, abs=5)  # the flight's sea, not the profile's 800
+    assert feat[6] == pytest.approx(1100 - images[6].min())
+    level = ft.surface_level(images.max(1), flight)
+    assert level[flight == 0] == pytest.approx(1000, abs=5) and level[flight == 1] == pytest.approx(1200, abs=5)
+    assert ft.physics_feature(images)[5] == pytest.approx(800 - 600)  # profile reference: its own warmest pixel
+    np.testing.assert_allclose(ft.physics_feature(images[flight == 1], None, flight[flight == 1]),
+                               feat[flight == 1])  # flight 0's profiles do not move flight 1's level
 
 
 def test_ft_flat_field_removes_the_cameras_vignetting_from_the_physics_feature():
@@ -1502,7 +1531,8 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
     # physics line (fitted on its training flights) in standardised units; the model predicts their mean.
     # The physics feature is flat-fielded with the response of every labelled profile, stored in the file.
     np.testing.assert_allclose(m["flat_field"], ft.camera_response(d["images"]), rtol=1e-12)
-    phys = ft.physics_feature(d["images"], m["flat_field"])
+    assert m["surface_ref"] == "flight"  # and the warm end is each flight's clear-sky level, from the file's profiles
+    phys = ft.physics_feature(d["images"], m["flat_field"], d["flight"])
     want, outside = [], []
     for j, mb in enumerate(m["members"]):
         net = ft.CBHNet(mae.build_encoder(m["encoder_config"]), 0, m["head_hidden"], m["head_dropout"], m["pool"]).eval()
@@ -1529,7 +1559,7 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
         assert mb["y_mean"] == pytest.approx(float(d["cbh_km"][trained].mean()), rel=1e-5)
     if n_members == 1:  # a model file written before members existed: one network's keys at the top level,
         # no line of all flights, no flat field, no domain: it predicts its own line on the raw feature + correction
-        old = {k: v for k, v in m.items() if k not in ("members", "line", "flat_field")} | m["members"][0]
+        old = {k: v for k, v in m.items() if k not in ("members", "line", "flat_field", "surface_ref")} | m["members"][0]
         del old["phys_range"]
         torch.save(old, tmp_path / "old_model.pth")
         prior = torch.as_tensor((a_own * ft.physics_feature(d["images"]) + b_own - mb["y_mean"]) / mb["y_std"],
@@ -1572,7 +1602,7 @@ def test_ft_final_records_the_cross_validated_score_only_for_matching_settings(f
     # matches today's default (off); without flat_field it ran unflattened, which today's default is not
     ckpt_path = tmp_path / "checkpoints" / "latest.pth"
     ckpt = torch.load(ckpt_path, weights_only=False)
-    for key, still_matches in (("correction_domain", True), ("flat_field", False)):
+    for key, still_matches in (("correction_domain", True), ("flat_field", False), ("surface_ref", False)):
         torch.save(dict(ckpt, config={k: v for k, v in ckpt["config"].items() if k != key}), ckpt_path)
         assert run_script("finetune_cbh.py", *args, "--final", "trees").returncode == 0
         cv = ft.load_cbh_model(tmp_path / "cbh_model.pth")["cv"]
@@ -1711,7 +1741,7 @@ def test_ft_resume_with_other_settings_is_refused(ft_tiny, tmp_path):
     # a checkpoint from before a flag existed resumes only if today's flags say what it did (UNTIL_ADDED)
     ck["protocol"] = ft.PROTOCOL
     cfg = dict(ck["config"], resume=str(tmp_path / "new_flags.pth"))
-    for key, resumable in (("correction_domain", True), ("flat_field", False)):
+    for key, resumable in (("correction_domain", True), ("flat_field", False), ("surface_ref", False)):
         torch.save(dict(ck, config={k: v for k, v in ck["config"].items() if k != key}), tmp_path / "new_flags.pth")
         if resumable:
             done = ft.maybe_resume(cfg, str(tmp_path / "log.csv"))[1]
