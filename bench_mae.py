@@ -90,7 +90,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--max_samples", type=int, default=0, help="use only the first N profiles (0 = all ~60k)")
-    p.add_argument("--batch_size", type=int, default=256, help="profiles per step")
+    p.add_argument("--batch_size", type=int, default=mae.batch_size, help="profiles per step (mae.py's default)")
     p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (dataloader mode)")
     p.add_argument("--mode", choices=MODES, default="", help="run one pipeline (internal; default: all)")

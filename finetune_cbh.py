@@ -498,11 +498,10 @@ def set_rng_state(s, gens):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def network_tensors(d, input_mode, dev, phys=None):
+def network_tensors(d, input_mode, dev, phys):
     """What every network unit shares, resident on dev: x (N, C, W) raw input channels (each fold
-    normalises), ang (N, 2) scaled solar angles (~[-2, 2]), phys (N,) the physics feature (None: of the raw
-    profiles; a comparison replaces it per fold, see run_unit), y (N,) CBH in km, flight (N,) flight index."""
-    phys = physics_feature(d["images"]) if phys is None else phys
+    normalises), ang (N, 2) scaled solar angles (~[-2, 2]), phys (N,) the physics feature (a comparison
+    replaces it per fold, see run_unit), y (N,) CBH in km, flight (N,) flight index."""
     return dict(x=torch.as_tensor(data.profile_channels(d["images"], input_mode), device=dev),
                 flight=torch.as_tensor(d["flight"], device=dev),
                 ang=torch.as_tensor(np.stack([d["sza"] / 90.0, d["saa"] / 180.0], 1), device=dev),
@@ -1117,7 +1116,7 @@ def load_inputs(cfg, dev):
     print(f"{len(d['cbh_km'])} labelled profiles from {path}, {len(np.unique(d['flight']))} flights, "
           f"split {cfg['split']} ({len(folds)} folds: " + "; ".join(f"{f['name']} {f['how']}" for f in folds) +
           f"), methods {', '.join(names)}, input {cfg['input']}, device {dev}")
-    return d, folds, names, enc, network_tensors(d, cfg["input"], dev)
+    return d, folds, names, enc, network_tensors(d, cfg["input"], dev, np.zeros(len(d["cbh_km"])))  # phys: set per fold
 
 
 def maybe_resume(cfg, log_path):
@@ -1325,8 +1324,8 @@ def load_cbh_model(path):
 
 
 def stored_physics(m, d):
-    """The physics feature of d's profiles as model m was trained on it: its flat field and surface reference
-    (older files have neither: the raw profile's warmest minus coldest pixel)."""
+    """The physics feature of d's profiles as model m was trained on it: its flat field (files from before
+    --flat_field have none: raw profiles) and surface reference (files from before --surface_ref: profile)."""
     return profile_physics(d, m.get("flat_field"), m.get("surface_ref", UNTIL_ADDED["surface_ref"]))
 
 
@@ -1374,6 +1373,7 @@ def predict_file(cfg, dev):
     if d["images"].shape[1] != m["width"]:
         raise data.DataError(f"{path}: profiles are {d['images'].shape[1]} px wide, the model {cfg['model']} "
                              f"was trained on {m['width']} px")
+    warn_few_profiles(m, d, path)
     t0 = time.time()
     pred = predict_km(m, d, dev)
     secs = time.time() - t0
@@ -1386,6 +1386,18 @@ def predict_file(cfg, dev):
     plot_flights(d, pred, m, stem, os.path.join(cfg["out_dir"], "plots"))
     print(f"wrote {out}: {len(pred)} frames in {secs:.2f}s ({m['method']} model {cfg['model']}), plots in "
           f"{cfg['out_dir']}/plots/cbh_{stem}_flight_*.png")
+
+
+def warn_few_profiles(m, d, path, enough=20):
+    """With --surface_ref flight a frame's physics feature depends on its flight's other profiles in the file
+    (surface_level): a flight with few of them gives a poor clear-sky level. Say so; predict all the same."""
+    if m.get("surface_ref") != "flight":
+        return
+    flights, counts = np.unique(d["flight"], return_counts=True)
+    few = [f"{int(f)} ({n})" for f, n in zip(flights, counts) if n < enough]
+    if few:
+        print(f"warning: {path}: flights with fewer than {enough} profiles: {', '.join(few)}; their clear-sky "
+              f"level (surface_level) comes from those few profiles alone; predict whole flights where you can")
 
 
 def plot_flights(d, pred, m, stem, plot_dir):

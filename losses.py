@@ -121,7 +121,10 @@ def block_bootstrap_diff(y, pred_a, pred_b, groups, order, n_boot=1000, block=20
     resample_groups=False keeps every group in every resample: the interval says how sure we are about
     THESE flights. True draws the groups with replacement first (as many as there are), then each drawn
     group's blocks within it: the interval then also carries how much the difference varies from flight
-    to flight, which is the question for a flight nobody has seen yet (with 5 flights it is wide).
+    to flight, which is the question for a flight nobody has seen yet (with 5 flights it is wide). Drawing
+    at both levels counts the within-flight variation a second time, so this interval errs on the wide side
+    (Davison & Hinkley 1997, sec. 3.8, discuss drawing the groups alone for that reason); with 5 flights,
+    drawing flights alone would leave only 126 distinct resamples.
     block=20: labels in the embedded data are ~60 frames apart, so 20 labelled frames span ~1200
     frames, the lag past which CBH autocorrelation is ~0; ~1000 test frames then give ~50 blocks.
     For other data, pick block so that one block spans that decorrelation lag.

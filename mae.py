@@ -79,6 +79,7 @@ CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite los
 # settings that may change on --resume: they do not alter the run's losses, only where and how it reports
 FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "save_every", "plot_every", "n_plot", "patience",
                   "cpu_bf16")  # cpu_bf16: a resumed run keeps the precision its checkpoint stored
+CUSTOM_ONLY = ("embed_dim", "depth", "num_heads", "dec_dim", "dec_depth", "dec_heads", "patch_size", "mlp_ratio")
 
 MODEL_SIZES = {
     "tiny": dict(embed_dim=128, depth=3, num_heads=2, dec_dim=64, dec_depth=1, dec_heads=2, patch_size=20),
@@ -115,8 +116,7 @@ def parse_args(argv=None):
 
 def model_config(cfg, width, in_chans=1):
     """MAE constructor kwargs for the chosen size (custom: from the constants block)."""
-    keys = ("embed_dim", "depth", "num_heads", "dec_dim", "dec_depth", "dec_heads", "patch_size")
-    size = MODEL_SIZES.get(cfg["model_size"]) or {k: cfg[k] for k in keys}
+    size = MODEL_SIZES.get(cfg["model_size"]) or {k: cfg[k] for k in CUSTOM_ONLY if k != "mlp_ratio"}
     mlp = cfg["mlp_ratio"] if cfg["model_size"] == "custom" else 4.0
     return dict(size, width=width, mlp_ratio=mlp, in_chans=in_chans)
 
@@ -223,7 +223,7 @@ class MAE(nn.Module):
     """Encoder + light decoder: a shared mask token fills the hidden patches, a linear head predicts pixels."""
 
     def __init__(self, width=440, patch_size=16, embed_dim=192, depth=4, num_heads=3,
-                 dec_dim=96, dec_depth=2, dec_heads=3, mlp_ratio=4.0, in_chans=1):
+                 dec_dim=96, dec_depth=1, dec_heads=3, mlp_ratio=4.0, in_chans=1):
         super().__init__()
         self.encoder = Encoder(width, patch_size, embed_dim, depth, num_heads, mlp_ratio, in_chans)
         n = self.encoder.num_patches
@@ -561,14 +561,15 @@ def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen):
     if not {"model", "optimizer", "scaler", "epoch", "best_val", "bad_epochs", "rng"} <= ckpt.keys():
         raise data.DataError(f"{cfg['resume']}: not a mae.py training checkpoint")
     saved = ckpt.get("config", {})
-    diff = [k for k in cfg if k not in FREE_ON_RESUME and saved.get(k) != cfg[k]]
-    if diff:  # another schedule, split or model would not continue the run: it would be a new one
-        raise data.DataError(f"{cfg['resume']}: checkpoint was made with different settings; pass " +
-                             " ".join(f"--{k} {saved.get(k)!r}" for k in diff))
     mine = {k: v.shape for k, v in model.state_dict().items()}
     if {k: v.shape for k, v in ckpt["model"].items()} != mine:  # e.g. 'small' before its decoder became 1 block
         raise data.DataError(f"{cfg['resume']}: checkpoint holds another model than --model_size "
                              f"{cfg['model_size']} builds today; resume it with the code that made it")
+    unused = CUSTOM_ONLY if cfg["model_size"] != "custom" else ()  # a preset ignores them
+    diff = [k for k in cfg if k not in FREE_ON_RESUME + unused and saved.get(k) != cfg[k]]
+    if diff:  # another schedule, split or model would not continue the run: it would be a new one
+        raise data.DataError(f"{cfg['resume']}: checkpoint was made with different settings; pass " +
+                             " ".join(f"--{k} {saved.get(k)!r}" for k in diff))
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)

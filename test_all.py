@@ -706,6 +706,13 @@ def test_mae_resume_of_a_checkpoint_holding_another_model_is_refused(mae_run4, t
                    *MAE_TINY, "--resume", path)
     assert_one_line_error(r, str(path), "another model", "--model_size tiny")
     assert not os.path.exists(out / "log.csv")
+    # the custom-only sizes of a preset run are not settings of its model: a change of them does not block
+    # its resume (the constants block's dec_depth was 2 when 'small' had 2 decoder blocks)
+    ckpt = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
+    torch.save(dict(ckpt, config=dict(ckpt["config"], dec_depth=2, embed_dim=7)), path)
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2",
+                   *MAE_TINY, "--resume", path)
+    assert r.returncode == 0, r.stderr
 
 
 def test_mae_sigkill_mid_run_then_resume_gives_the_uninterrupted_losses(mae_run4, tiny_clouds, tmp_path):
@@ -962,7 +969,7 @@ def test_ft_cv_members_stop_together_on_the_pooled_out_of_fold_error(ft_tiny, mo
     cfg = ft_cfg(head_epochs=3, epochs=0, batch_size=16, seeds=1, cpu_bf16="off", patience=100, select="min")
     fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
     _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    t = ft.network_tensors(d, "raw", dev)
+    t = ft.network_tensors(d, "raw", dev, ft.physics_feature(d["images"]))
     # what each epoch sets each member's output bias to (0 = untrained): the members disagree about the best epoch
     bias = {0: {1: 1.0, 2: -1.0, 3: 0.3}, 1: {1: 0.3, 2: 1.0, 3: -1.0}}
     seen = []
@@ -1016,7 +1023,7 @@ def test_ft_one_se_rule_keeps_the_lines_unless_the_gain_beats_its_standard_error
     cfg = ft_cfg(head_epochs=1, epochs=0, batch_size=16, seeds=1, cpu_bf16="off")
     fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
     _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    t = ft.network_tensors(d, "raw", dev)
+    t = ft.network_tensors(d, "raw", dev, ft.physics_feature(d["images"]))
     test = torch.as_tensor(fold["test"])
     # each member's best constant shift of its line on its own validation flight (standardised units)
     shift = []
@@ -1204,7 +1211,7 @@ def test_ft_tree_features_depend_on_each_frame_alone():
 def one_fold_setup(ft_tiny):
     d = ft_tiny["d"]
     fold = ft.make_folds(d, ft_cfg(split="lofo"))[0]
-    t = ft.network_tensors(d, "raw", torch.device("cpu"))
+    t = ft.network_tensors(d, "raw", torch.device("cpu"), ft.physics_feature(d["images"]))
     encoder, meta = mae.load_encoder(ft_tiny["enc"])
     enc = dict(config=meta["config"], state=encoder.state_dict(), norm_mean=meta["norm_mean"],
                norm_std=meta["norm_std"])
@@ -1249,7 +1256,7 @@ def test_ft_test_labels_never_reach_training(ft_tiny):
     none_enc = dict(enc, state=None, norm_mean=None, norm_std=None)  # --pretrained none: fit-frame statistics
     preds = []
     for dd in (d, junk):
-        t = ft.network_tensors(dd, "raw", torch.device("cpu"))
+        t = ft.network_tensors(dd, "raw", torch.device("cpu"), ft.physics_feature(dd["images"]))
         run = lambda m, e: ft.run_unit((m, 0, 0), folds, dd, t, e, cfg, torch.device("cpu"), (None, False),
                                        lambda row: None, lambda st: None, None)
         preds.append([run("finetune", enc), run("scratch", none_enc), run("trees", None), run("physics", None)])
@@ -1271,7 +1278,7 @@ def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_o
     cfg = ft_cfg(head_epochs=1, epochs=1, batch_size=16, seeds=1, cpu_bf16="off")
     folds = ft.make_folds(d, cfg)
     _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    t = ft.network_tensors(d, "raw", dev)
+    t = ft.network_tensors(d, "raw", dev, ft.physics_feature(d["images"]))
     phys = ft.physics_feature(d["images"], ft.camera_response(d["images"][folds[0]["train"]]),
                               d["flight"])  # as run_unit makes it
     t["phys"] = torch.as_tensor(phys, dtype=torch.float32)
@@ -1312,7 +1319,7 @@ def test_ft_within_flight_targets_remove_each_fit_flights_offset_from_the_line(f
     fold = ft.make_folds(d, cfg)[0]
     assert len(np.unique(d["flight"][fold["fit"]])) == 2
     _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    t = ft.network_tensors(d, "raw", dev)
+    t = ft.network_tensors(d, "raw", dev, ft.physics_feature(d["images"]))
     x, y, prior, stats = ft.fold_inputs(fold, t, enc, dev, "physics")
     fit = torch.as_tensor(fold["fit"])
     target = ft.within_flight_targets(y, prior, t["flight"], fit)
@@ -1354,7 +1361,7 @@ def test_ft_correction_applies_only_inside_the_members_fit_range_of_the_physics_
     fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
     fit, val = fold["members"][0]
     _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    t = ft.network_tensors(d, "raw", dev)
+    t = ft.network_tensors(d, "raw", dev, ft.physics_feature(d["images"]))
     everything = torch.arange(len(d["flight"]))
     for domain in (True, False):
         mb = ft.make_member("finetune", fold, fit, val, t, enc, dict(cfg, correction_domain=domain), dev, 0, False)
@@ -1404,14 +1411,17 @@ def test_ft_end_to_end_tiny(ft_tiny, tmp_path):
         assert all(np.isfinite(float(x["mae_km"])) for x in rows if x["method"] == m)
     pooled = {x["seed"]: float(x["r2"]) for x in rows if x["method"] == "finetune" and x["fold"] == "pooled"}
     assert pooled["mean"] == pytest.approx((pooled["0"] + pooled["1"]) / 2)
+    preds = read_csv(out / "predictions.csv")
+    mse = lambda m, f: np.mean([(float(p["pred_km"]) - float(p["cbh_km"])) ** 2 for p in preds
+                                if p["method"] == m and p["flight"] == str(f)])
     for name in ("finetune - scratch", "finetune - trees", "finetune - physics"):
         diff, by_flight = [x for x in rows if x["method"] == name]
         assert (diff["fold"], by_flight["fold"], by_flight["n_test"]) == ("pooled", "flights resampled", "3")
+        gain = np.array([mse(name.split(" - ")[1], f) - mse("finetune", f) for f in range(3)])  # > 0: finetune wins
         for x in (diff, by_flight):
             assert float(x["r2_lo"]) <= float(x["r2"]) <= float(x["r2_hi"]), x
-            assert int(x["flights_better"]) + int(x["flights_worse"]) <= 3
+            assert (int(x["flights_better"]), int(x["flights_worse"])) == (sum(gain > 1e-9), sum(gain < -1e-9)), x
         assert by_flight["r2"] == diff["r2"]
-    preds = read_csv(out / "predictions.csv")
     assert len(preds) == 5 * len(ft_tiny["d"]["cbh_km"])  # every frame tested once per method under lofo
     assert len({(p["method"], p["frame"], p["flight"]) for p in preds}) == len(preds)
     assert {p["n_seeds"] for p in preds if p["method"] == "finetune"} == {"2"}
@@ -1465,6 +1475,18 @@ def test_ft_surface_level_replaces_an_overcast_profiles_warmest_pixel_with_its_f
     assert ft.physics_feature(images)[5] == pytest.approx(800 - 600)  # profile reference: its own warmest pixel
     np.testing.assert_allclose(ft.physics_feature(images[flight == 1], None, flight[flight == 1]),
                                feat[flight == 1])  # flight 0's profiles do not move flight 1's level
+    vignette = 1 - 0.04 * np.linspace(-1, 1, 440) ** 2  # the level is taken on the flat-fielded profiles
+    np.testing.assert_allclose(ft.physics_feature(images * vignette, vignette, flight), feat, rtol=1e-9)
+
+
+def test_ft_predict_warns_when_a_flight_has_too_few_profiles_for_its_clear_sky_level(capsys):
+    d = dict(flight=np.repeat([0, 1], [30, 3]))
+    ft.warn_few_profiles(dict(surface_ref="flight"), d, "f.h5")
+    out = capsys.readouterr().out
+    assert out.startswith("warning: f.h5") and "1 (3)" in out and "0 (30)" not in out
+    ft.warn_few_profiles(dict(surface_ref="profile"), d, "f.h5")  # its own warmest pixel: no flight needed
+    ft.warn_few_profiles(dict(), d, "f.h5")  # a file from before --surface_ref
+    assert capsys.readouterr().out == ""
 
 
 def test_ft_flat_field_removes_the_cameras_vignetting_from_the_physics_feature():
@@ -1559,7 +1581,8 @@ def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, va
         assert mb["y_mean"] == pytest.approx(float(d["cbh_km"][trained].mean()), rel=1e-5)
     if n_members == 1:  # a model file written before members existed: one network's keys at the top level,
         # no line of all flights, no flat field, no domain: it predicts its own line on the raw feature + correction
-        old = {k: v for k, v in m.items() if k not in ("members", "line", "flat_field", "surface_ref")} | m["members"][0]
+        newer = ("members", "line", "flat_field", "surface_ref")
+        old = {k: v for k, v in m.items() if k not in newer} | m["members"][0]
         del old["phys_range"]
         torch.save(old, tmp_path / "old_model.pth")
         prior = torch.as_tensor((a_own * ft.physics_feature(d["images"]) + b_own - mb["y_mean"]) / mb["y_std"],
