@@ -562,7 +562,9 @@ def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen):
         raise data.DataError(f"{cfg['resume']}: not a mae.py training checkpoint")
     saved = ckpt.get("config", {})
     mine = {k: v.shape for k, v in model.state_dict().items()}
-    if {k: v.shape for k, v in ckpt["model"].items()} != mine:  # e.g. 'small' before its decoder became 1 block
+    same_name_other_model = saved.get("model_size") == cfg["model_size"] and {
+        k: v.shape for k, v in ckpt["model"].items()} != mine  # e.g. 'small' before its decoder became 1 block
+    if same_name_other_model:
         raise data.DataError(f"{cfg['resume']}: checkpoint holds another model than --model_size "
                              f"{cfg['model_size']} builds today; resume it with the code that made it")
     unused = CUSTOM_ONLY if cfg["model_size"] != "custom" else ()  # a preset ignores them

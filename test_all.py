@@ -706,6 +706,12 @@ def test_mae_resume_of_a_checkpoint_holding_another_model_is_refused(mae_run4, t
                    *MAE_TINY, "--resume", path)
     assert_one_line_error(r, str(path), "another model", "--model_size tiny")
     assert not os.path.exists(out / "log.csv")
+    # another --model_size is a setting to name, not a changed preset
+    flags = [f if f != "tiny" else "small" for f in MAE_TINY]
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2",
+                   *flags, "--resume", os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
+    assert_one_line_error(r, "different settings", "--model_size 'tiny'")
+    assert not os.path.exists(out / "log.csv")
     # the custom-only sizes of a preset run are not settings of its model: a change of them does not block
     # its resume (the constants block's dec_depth was 2 when 'small' had 2 decoder blocks)
     ckpt = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
