@@ -75,7 +75,7 @@ flat_field = True  # physics feature on profiles divided by the camera's cross-t
 surface_ref = 'flight'  # physics feature's warm end: flight (its flight's clear-sky level) | profile (own warmest px)
 correction_domain = False  # prior physics: a member's correction applies only inside its fit frames' physics range
 within_flight = True  # prior physics: train the correction on labels minus their flight's mean offset from the line
-select = 'one_se'  # cv: keep the correction only if it beats the lines by one standard error over flights, or min
+select = 'nested'  # cv: keep a correction only if it beats the lines: nested | one_se (judge_correction) | min (always)
 pool = 'cls'  # what the head reads: cls (the CLS token) or mean (the mean of the patch tokens, as in MAE's fine-tuning)
 drop_path = 0.1  # stage 2 stochastic depth: the last encoder block's drop rate, rising linearly from 0
 model_size = 'small'  # encoder size for --pretrained none (a key of mae.MODEL_SIZES)
@@ -107,7 +107,7 @@ max_samples = 0  # use only the first N labelled samples (0 = all)
 num_threads = 0  # torch CPU threads (0 = torch default)
 # --- end config ---
 METHODS = ("finetune", "scratch", "probe", "trees", "physics")
-PROTOCOL = 4  # in checkpoints: 4 = units predict on the fold's physics line; 3 = member lists; 2 = one network
+PROTOCOL = 5  # checkpoints: 5 = every epoch's held-out MSE kept; 4 = units on the fold's line; 3 = members; 2 = one net
 NETWORKS = ("finetune", "scratch", "probe")  # trained with seeds; trees and physics are deterministic
 UNTIL_ADDED = dict(flat_field=False, correction_domain=False, surface_ref="profile")  # what runs before a flag did
 SURFACE_Q = 90  # surface_level: percentile of a flight's warmest pixels (robust to a few hot pixels; needs 10% clear)
@@ -666,12 +666,25 @@ def criterion(members, mse):
 def beats_lines(line_mse, best_mse):
     """The one-standard-error rule (Breiman et al. 1984; Hastie et al., ESL 7.10) between the physics lines and
     the best epoch's correction: keep the correction only if its gain per held-out flight (line MSE minus
-    corrected MSE), averaged over the flights, exceeds one standard error of that average. Why: the minimum
-    over ~30 noisy epochs is optimistic, and a gain that some held-out flights see and others do not is the
-    flight-specific kind that did not transfer (measured: cv kept corrections worth 7-10 % of the pooled
-    error that cost the test flight its R2 0.88 -> -0.8). With 2 flights: both must gain."""
+    corrected MSE), averaged over the flights, exceeds one standard error of that average. Why: a gain that
+    some held-out flights see and others do not is the flight-specific kind that did not transfer (measured:
+    cv kept corrections worth 7-10 % of the pooled error that cost the test flight its R2 0.88 -> -0.8).
+    With 2 flights: both must gain."""
     gain = np.asarray(line_mse) - np.asarray(best_mse)  # (n_members,)
     return bool(gain.mean() > gain.std(ddof=1) / np.sqrt(len(gain)))
+
+
+def nested_mse(mse_path, n_val):
+    """(n_members,) each held-out flight's MSE at the candidate (the lines, then every epoch) with the lowest pooled
+    error over the OTHER held-out flights. mse_path (candidates, n_members) in km^2; n_val (n_members,) frames.
+    Why: the best epoch is the minimum of ~30 noisy pooled scores, and judging it on the same flights that chose it
+    counts the luck of that choice as gain (README: most of the gain, measured); here every flight's gain is what
+    a choice made without it earned, as nested cross-validation does (Varma & Simon 2006; Cawley & Talbot 2010)."""
+    path, n = np.asarray(mse_path, np.float64), np.asarray(n_val, np.float64)
+    weighted = path * n  # (candidates, n_members): each flight's share of the pooled error
+    without = weighted.sum(1, keepdims=True) - weighted  # (candidates, n_members): pooled error without flight j
+    chosen = without.argmin(0)  # (n_members,) first minimum: ties go to the earlier candidate, the lines first
+    return path[chosen, np.arange(path.shape[1])]
 
 
 def zero_correction(model):
@@ -721,13 +734,13 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
     amp = (autocast dtype or None, use a GradScaler); save(state) writes the checkpoint after every epoch; ck =
     that state when resuming this unit. With prior physics the untrained members (each its physics line) are the
     first candidate for the best model: a correction is kept only if held-out flights want it, and with several
-    members and --select one_se only if it beats the lines by more than a standard error (beats_lines)."""
+    members and --select nested/one_se only if it beats the lines by more than a standard error (judge_correction)."""
     amp_dtype, use_scaler = amp  # from amp_policy
     pairs = fold.get("members") or [(fold["fit"], fold["val"])]
     members = [make_member(method, fold, fit, val, t, enc, cfg, dev, unit_seed + 1_000_000 * j, use_scaler)
                for j, (fit, val) in enumerate(pairs)]
     snapshot = lambda: [{k: v.detach().clone() for k, v in mb["model"].state_dict().items()} for mb in members]
-    book = dict(best_val=float("inf"), best_state=None, best_mse=None, line_mse=None)  # what the checkpoint keeps
+    book = dict(best_val=float("inf"), best_state=None, best_mse=None, line_mse=None, mse_path=[])  # checkpointed
     start_stage = 0
     if ck is not None:
         for mb, state in zip(members, ck["model"]):
@@ -735,7 +748,8 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
         book, start_stage = {k: ck[k] for k in book}, ck["stage"]
     elif cfg["prior"] == "physics":
         mse = member_mse(members, amp_dtype)
-        book.update(best_val=criterion(members, mse), best_state=snapshot(), best_mse=mse, line_mse=mse)
+        book.update(best_val=criterion(members, mse), best_state=snapshot(), best_mse=mse, line_mse=mse,
+                    mse_path=[mse])
     for si, stage in enumerate(stages(method, cfg)[start_stage:], start_stage):
         opts = stage_optimizers(members, stage[2], stage[1], cfg)
         start_epoch, bad = resume_stage(ck, opts, members) if ck is not None and si == start_stage else (0, 0)
@@ -749,6 +763,7 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
                           for j, (mb, opt) in enumerate(zip(members, opts))]
             mse = member_mse(members, amp_dtype)
             val_loss = criterion(members, mse)
+            book["mse_path"] = book["mse_path"] + [mse]  # a new list: the saved state never aliases a later one
             improved = val_loss < book["best_val"]
             bad = 0 if improved else bad + 1
             if improved:
@@ -762,19 +777,23 @@ def train_network(method, fold, t, enc, cfg, dev, amp, unit_seed, log, save, ck=
         if book["best_state"] is not None:  # the next stage (and the test) starts from the best models so far
             for mb, state in zip(members, book["best_state"]):
                 mb["model"].load_state_dict(state)
-    if cfg["select"] == "one_se" and book["line_mse"] is not None and len(members) > 1:
-        judge_correction(members, book, f"{method} {fold['name']} seed {unit_seed}")
+    if cfg["select"] != "min" and book["line_mse"] is not None and len(members) > 1:
+        judge_correction(members, book, f"{method} {fold['name']} seed {unit_seed}", cfg["select"])
     line = fold_line(fold, t) if cfg["prior"] == "physics" else None
     return unit_predict(members, torch.as_tensor(fold["test"], device=dev), t["phys"], line, amp_dtype), members
 
 
-def judge_correction(members, book, where):
-    """--select one_se: keep the members' best correction only if beats_lines; else zero it, so the unit predicts
-    the physics row's line. Prints the decision with both per-flight MSE vectors (log.csv's val_mse_km2 has the
-    epochs, the lines' MSE is only here)."""
-    keep = beats_lines(book["line_mse"], book["best_mse"])
+def judge_correction(members, book, where, select):
+    """--select nested / one_se: keep the members' best correction only if beats_lines, each held-out flight judged
+    at the epoch chosen without it (nested_mse) or at the best epoch itself (one_se); else zero it, so the unit
+    predicts the physics row's line. Either way a kept unit uses the best epoch's weights. Prints the decision
+    with both per-flight MSE vectors (log.csv's val_mse_km2 has the epochs, the lines' MSE is only here)."""
+    n_val = [len(mb["val"]) for mb in members]
+    judged = nested_mse(book["mse_path"], n_val) if select == "nested" else book["best_mse"]
+    keep = beats_lines(book["line_mse"], judged)
+    label = "at epochs chosen without each flight" if select == "nested" else "with the best correction"
     print(f"  {where}: held-out MSE per flight {np.round(book['line_mse'], 4).tolist()} km^2 with the lines, "
-          f"{np.round(book['best_mse'], 4).tolist()} with the best correction: "
+          f"{np.round(judged, 4).tolist()} {label}: "
           + ("kept it" if keep else "its gain is within one standard error of 0: no correction"))
     if not keep:
         for mb in members:
@@ -1069,7 +1088,8 @@ def check_config(cfg):
                 (cfg["val_mode"] not in ("cv", "flight", "tail"),
                  f"--val_mode {cfg['val_mode']!r}: use cv, flight or tail"),
                 (cfg["pool"] not in ("cls", "mean"), f"--pool {cfg['pool']!r}: use cls or mean"),
-                (cfg["select"] not in ("one_se", "min"), f"--select {cfg['select']!r}: use one_se or min"),
+                (cfg["select"] not in ("nested", "one_se", "min"),
+                 f"--select {cfg['select']!r}: use nested, one_se or min"),
                 (cfg["prior"] not in ("physics", "none"), f"--prior {cfg['prior']!r}: use physics or none"),
                 (cfg["surface_ref"] not in ("flight", "profile"),
                  f"--surface_ref {cfg['surface_ref']!r}: use flight or profile"),

@@ -1018,11 +1018,26 @@ def test_ft_cv_members_stop_together_on_the_pooled_out_of_fold_error(ft_tiny, mo
     assert members[0]["stats"]["prior_line"] != members[1]["stats"]["prior_line"]  # each its own fit flights
 
 
+def test_ft_nested_mse_judges_each_flight_at_an_epoch_chosen_without_it():
+    """nested_mse: flight j's error at the candidate with the lowest pooled error over the other flights. Epoch A
+    is the pooled best only because flight 0 gains a lot there; judged at A (one_se) the gain beats its standard
+    error, judged as nested cross-validation does, flight 0 is scored at epoch C (what the others prefer), where
+    it loses, and the correction is dropped."""
+    lines, a, c = [1.0, 1.0, 1.0, 1.0], [0.5, 0.95, 0.95, 0.95], [1.3, 0.7, 0.7, 0.8]
+    judged = ft.nested_mse([lines, a, c], [1, 1, 1, 1])
+    np.testing.assert_allclose(judged, [1.3, 0.95, 0.95, 0.95])
+    assert ft.beats_lines(lines, a) and not ft.beats_lines(lines, judged)
+    # flights weigh by their frames: with flight 0 small, the others' choice without flight 1 (say) is C
+    np.testing.assert_allclose(ft.nested_mse([lines, a, c], [1, 10, 10, 10]), [1.3, 0.7, 0.7, 0.8])
+    np.testing.assert_allclose(ft.nested_mse([lines, [0.9] * 4, [0.8] * 4], [5, 1, 1, 1]), [0.8] * 4)  # one best
+    np.testing.assert_allclose(ft.nested_mse([lines, lines], [1, 1, 1, 1]), lines)  # ties: the lines (first)
+    assert ft.parse_config([])["select"] == "nested"
+
+
 def test_ft_one_se_rule_keeps_the_lines_unless_the_gain_beats_its_standard_error(ft_tiny, monkeypatch):
-    """--select one_se (default): a correction that lowers the pooled error but not every held-out flight's (2
-    members: both must gain) is dropped and the unit predicts the physics row's line; one that every flight
-    gains from is kept. --select min keeps whatever had the lowest pooled error."""
-    assert ft.parse_config([])["select"] == "one_se"
+    """--select one_se and nested (default): a correction that lowers the pooled error but not every held-out
+    flight's (2 members: both must gain) is dropped and the unit predicts the physics row's line; one that every
+    flight gains from is kept. --select min keeps whatever had the lowest pooled error."""
     assert ft.beats_lines([1.0, 1.0, 1.0], [0.5, 0.6, 0.55]) and not ft.beats_lines([1.0, 1.0], [0.2, 1.1])
     assert not ft.beats_lines([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])  # no gain is no reason
     d, dev = ft_tiny["d"], torch.device("cpu")
@@ -1053,15 +1068,17 @@ def test_ft_one_se_rule_keeps_the_lines_unless_the_gain_beats_its_standard_error
                                                            mb["stats"]["y_std"]).pow(2).mean()) for mb in members]))
         return pred, (a * t["phys"][test] + b).numpy(), rows[0]["val_loss"], line_val
     one_sided = [shift[0], -0.2 * shift[1]]  # member 0's flight gains a lot, member 1's loses a little
-    pred, lines, val, line_val = run(one_sided, "one_se")
-    assert val < line_val  # the pooled error did drop ...
-    np.testing.assert_allclose(pred, lines, rtol=1e-6)  # ... yet the unit is the physics row's line
+    for select in ("one_se", "nested"):
+        pred, lines, val, line_val = run(one_sided, select)
+        assert val < line_val  # the pooled error did drop ...
+        np.testing.assert_allclose(pred, lines, rtol=1e-6)  # ... yet the unit is the physics row's line
     pred, lines, val, line_val = run(one_sided, "min")
     assert not np.allclose(pred, lines, rtol=1e-3)  # min keeps the correction
-    pred, lines, val, line_val = run(shift, "one_se")
-    assert val < line_val and not np.allclose(pred, lines, rtol=1e-3)  # every flight gains: kept
+    for select in ("one_se", "nested"):
+        pred, lines, val, line_val = run(shift, select)
+        assert val < line_val and not np.allclose(pred, lines, rtol=1e-3)  # every flight gains: kept
     single = ft.seed_fold(ft.make_folds(d, dict(cfg, val_mode="flight"))[0], 0)  # one member: no standard error
-    pred, lines, val, line_val = run([shift[0]], "one_se", single)
+    pred, lines, val, line_val = run([shift[0]], "nested", single)
     assert val < line_val and not np.allclose(pred, lines, rtol=1e-3)  # the rule does not apply: kept
 
 
@@ -1740,6 +1757,8 @@ def test_ft_resume_reproduces_the_uninterrupted_run(ft_tiny, tmp_path, monkeypat
     monkeypatch.setattr(data, "atomic_torch_save", counting_save)
     ft.main(args + ["--out_dir", str(tmp_path / "a")])
     monkeypatch.setattr(data, "atomic_torch_save", orig)
+    stopped = data.load_checkpoint(str(tmp_path / "stopped.pth"))
+    assert len(stopped["mse_path"]) == 3  # the lines, stage 1 epoch 1, stage 2 epoch 1: what nested judges on
     ft.main(args + ["--out_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "stopped.pth")])
     log_a, log_b = read_csv(tmp_path / "a" / "log.csv"), read_csv(tmp_path / "b" / "log.csv")
     assert len(log_b) == len(log_a) - 2 and log_b[0]["stage"] == "2" and log_b[0]["epoch"] == "2"
