@@ -1740,9 +1740,10 @@ def test_ft_help_lists_every_constant():
     assert len(names) > 20 and all(f"--{n}" in r.stdout for n in names)
 
 
-def test_ft_resume_reproduces_the_uninterrupted_run(ft_tiny, tmp_path, monkeypatch):
+def test_ft_resume_reproduces_the_uninterrupted_run(ft_tiny, tmp_path, monkeypatch, capsys):
     """Stop after stage-2 epoch 1 of the first fold (a copy of that checkpoint), resume into a fresh
-    out_dir: every later epoch's losses and the final table equal the uninterrupted run's."""
+    out_dir: every later epoch's losses and the final table equal the uninterrupted run's, and the resumed run
+    keeps the stored CPU precision instead of timing again (choose_cpu_dtype prints a cpu_bf16 line)."""
     args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "finetune,trees",
             "--head_epochs", "1", "--epochs", "2", "--num_threads", "1", "--n_trees", "10", "--batch_size", "16",
             "--val_gap", "10"]
@@ -1759,7 +1760,10 @@ def test_ft_resume_reproduces_the_uninterrupted_run(ft_tiny, tmp_path, monkeypat
     monkeypatch.setattr(data, "atomic_torch_save", orig)
     stopped = data.load_checkpoint(str(tmp_path / "stopped.pth"))
     assert len(stopped["mse_path"]) == 3  # the lines, stage 1 epoch 1, stage 2 epoch 1: what nested judges on
+    assert "cpu_bf16 auto" in capsys.readouterr().out
     ft.main(args + ["--out_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "stopped.pth")])
+    assert "cpu_bf16" not in capsys.readouterr().out
+    assert data.load_checkpoint(str(tmp_path / "b/checkpoints/latest.pth"))["cpu_autocast"] == stopped["cpu_autocast"]
     log_a, log_b = read_csv(tmp_path / "a" / "log.csv"), read_csv(tmp_path / "b" / "log.csv")
     assert len(log_b) == len(log_a) - 2 and log_b[0]["stage"] == "2" and log_b[0]["epoch"] == "2"
     for ra, rb in zip(log_a[2:], log_b):
