@@ -1030,7 +1030,8 @@ def test_ft_nested_mse_judges_each_flight_at_an_epoch_chosen_without_it():
     # flights weigh by their frames: with flight 0 small, the others' choice without flight 1 (say) is C
     np.testing.assert_allclose(ft.nested_mse([lines, a, c], [1, 10, 10, 10]), [1.3, 0.7, 0.7, 0.8])
     np.testing.assert_allclose(ft.nested_mse([lines, [0.9] * 4, [0.8] * 4], [5, 1, 1, 1]), [0.8] * 4)  # one best
-    np.testing.assert_allclose(ft.nested_mse([lines, lines], [1, 1, 1, 1]), lines)  # ties: the lines (first)
+    # ties go to the earlier candidate: flight 1's error is the same at both, so flight 0 is judged on the lines
+    np.testing.assert_allclose(ft.nested_mse([[1.0, 1.0], [0.5, 1.0]], [1, 1]), [1.0, 1.0])
     assert ft.parse_config([])["select"] == "nested"
 
 
@@ -1760,6 +1761,9 @@ def test_ft_resume_reproduces_the_uninterrupted_run(ft_tiny, tmp_path, monkeypat
     monkeypatch.setattr(data, "atomic_torch_save", orig)
     stopped = data.load_checkpoint(str(tmp_path / "stopped.pth"))
     assert len(stopped["mse_path"]) == 3  # the lines, stage 1 epoch 1, stage 2 epoch 1: what nested judges on
+    np.testing.assert_allclose(stopped["mse_path"][0], stopped["line_mse"])
+    logged = read_csv(tmp_path / "a" / "log.csv")[1]["val_mse_km2"]  # stage 2 epoch 1 of fold 0
+    np.testing.assert_allclose(stopped["mse_path"][-1], [float(v) for v in logged.split("/")], atol=1e-5)
     assert "cpu_bf16 auto" in capsys.readouterr().out
     ft.main(args + ["--out_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "stopped.pth")])
     assert "cpu_bf16" not in capsys.readouterr().out
