@@ -1033,6 +1033,15 @@ def test_ft_nested_mse_judges_each_flight_at_an_epoch_chosen_without_it():
     # ties go to the earlier candidate: flight 1's error is the same at both, so flight 0 is judged on the lines
     np.testing.assert_allclose(ft.nested_mse([[1.0, 1.0], [0.5, 1.0]], [1, 1]), [1.0, 1.0])
     assert ft.parse_config([])["select"] == "nested"
+    # judge_correction reads the rule it is given: on this path one_se keeps the heads, nested zeroes them
+    book = dict(line_mse=np.array(lines), best_mse=np.array(a), mse_path=[np.array(v) for v in (lines, a, c)])
+    for select, kept in (("one_se", True), ("nested", False)):
+        members = [dict(val=np.arange(5), model=torch.nn.Module()) for _ in lines]
+        for mb in members:
+            mb["model"].head = torch.nn.Linear(3, 1)  # a linear head, as the probe's
+            torch.nn.init.ones_(mb["model"].head.weight)
+        ft.judge_correction(members, book, "test", select)
+        assert all(bool(mb["model"].head.weight.abs().sum() > 0) == kept for mb in members), select
 
 
 def test_ft_one_se_rule_keeps_the_lines_unless_the_gain_beats_its_standard_error(ft_tiny, monkeypatch):
