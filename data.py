@@ -8,10 +8,12 @@ Schemas (the same as the real files, so real data drops in):
   fires   fire uint8 (S, T, H, W) cumulative burned area; static float32 (S, C, H, W), attr channels;
           wind float32 (S, T, 2) = (u east, v north) m/s, wind[:, t] drives frame t -> t+1; row 0 = north
 """
+import argparse
 import atexit
 import contextlib
 import csv
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -137,6 +139,59 @@ def _alive(pid):
     except PermissionError:  # alive, owned by another user
         return True
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# the constants block as command-line flags, CSV logs
+
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("true", "1", "yes"):
+        return True
+    if v.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def parse_constants(script, description, namespace, argv=None):
+    """argparse built from the constants block of a stage script (between '# --- config ---' and '# --- end
+    config ---'): one --flag per constant, its type from the default in `namespace` (the script's globals()),
+    its help from the comment, so `-h` lists every knob. Returns the parsed flags as a dict."""
+    block = open(script).read().split("# --- config ---\n")[1].split("# --- end config ---")[0]
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, _, comment in re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M):
+        default = namespace[name]
+        kind = (dict(type=str2bool, nargs="?", const=True) if isinstance(default, bool) else
+                dict(type=str if default is None else type(default)))
+        p.add_argument(f"--{name}", default=default, help=comment.replace("%", "%%"), **kind)  # help is %-formatted
+    return vars(p.parse_args(argv))
+
+
+def trim_csv(path, n):
+    """Keep the header and the first n rows of a CSV log: the rows a checkpoint accounts for."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()[:n + 1]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
+def append_csv(path, rows):
+    """Append rows (dicts) to a CSV log, with a header for a new file; returns the number of data rows it holds."""
+    if rows:
+        new = not os.path.isfile(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        return max(0, sum(1 for _ in f) - 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,12 +714,60 @@ def split_random(n, n_folds=5, seed=0):
             for k in range(n_folds)]
 
 
-INPUT_MODES = ("raw", "contrast", "both")
+INPUT_MODES = ("relative", "raw", "contrast", "both")
 WARM_PERCENTILE = 98  # a profile's warm reference: the clear-sea surface when any pixel sees it
+SURFACE_PERCENTILE = 90  # a flight's clear-sky level: this percentile of its profiles' warmest pixels
+MIN_FLAT_FIELD = 200  # profiles needed to estimate the camera's cross-track response
+MIN_FLIGHT_PROFILES = 20  # profiles of a flight needed to estimate its clear-sky level
 
 
-def profile_channels(images, mode):
+def flat_field(images, where):
+    """The camera's relative cross-track response (W,) from raw profiles (N, W): their mean profile over its own
+    mean. Why: the optics lose a few percent of the signal towards the swath edges, so the same sea reads colder
+    at the edge than at nadir; averaged over many frames a scene is alike at every cross-track position, so what
+    is left in the mean profile is the response. Label-free: any profiles of the camera will do (mae.py uses the
+    pre-training file's and stores it with the encoder). Too few profiles: no flat field, said in one line."""
+    if len(images) < MIN_FLAT_FIELD:
+        print(f"warning: {where}: {len(images)} profiles are too few for a flat field (need {MIN_FLAT_FIELD}); "
+              "using the profiles as they are")
+        return np.ones(np.shape(images)[1])
+    mean_profile = np.asarray(images, np.float64).mean(0)  # (W,)
+    return mean_profile / mean_profile.mean()
+
+
+def flight_levels(flat, flight, where):
+    """(N,) the clear-sky (sea-surface) level of each profile's flight: the SURFACE_PERCENTILE-th percentile of the
+    warmest pixel over that flight's flat-fielded profiles flat (N, W). Why: the sea's temperature sets every
+    pixel's absolute level and differs between flights, so with few flights it identifies each flight (a shortcut
+    that does not transfer); relative to it, a cloud's contrast is what the lapse rate turns into height. An
+    overcast profile sees no sea itself; the flight's other profiles do. Uses profiles only, never labels, so it
+    holds at any label budget and for a new flight. A flight with too few profiles falls back to each profile's
+    own warmest pixel, said in one line."""
+    warmest = np.asarray(flat, np.float64).max(1)  # (N,)
+    level = warmest.copy()
+    few = []
+    for f in np.unique(flight):
+        sel = flight == f
+        if sel.sum() >= MIN_FLIGHT_PROFILES:
+            level[sel] = np.percentile(warmest[sel], SURFACE_PERCENTILE)
+        else:
+            few.append(f"{int(f)} ({int(sel.sum())})")
+    if few:
+        print(f"warning: {where}: flights with fewer than {MIN_FLIGHT_PROFILES} profiles: {', '.join(few)}; "
+              "their level is each profile's own warmest pixel")
+    return level
+
+
+def relative_profiles(images, flight, gain, where):
+    """Label-free preprocessing every CBH method shares: raw profiles (N, W) divided by the flat field gain (W,),
+    minus their flight's clear-sky level (flight_levels) -> (N, W) float32, 0 = the sea, negative = colder."""
+    flat = np.asarray(images, np.float64) / np.asarray(gain, np.float64)
+    return (flat - flight_levels(flat, flight, where)[:, None]).astype(np.float32)
+
+
+def profile_channels(images, mode, flight=None, gain=None, where=""):
     """Raw profiles (N, W) -> model input channels (N, C, W), float32.
+      relative  relative_profiles: flat-fielded, minus the flight's clear-sky level (needs flight (N,), gain (W,))
       raw       the signal itself (C=1). Absolute brightness holds cloud-top temperature, but also the
                 flight's sea-surface temperature, which with few flights identifies each flight's CBH regime:
                 a shortcut that does not transfer to a new flight.
@@ -674,6 +777,8 @@ def profile_channels(images, mode):
       both      raw and contrast as two channels (C=2)."""
     if mode not in INPUT_MODES:
         raise DataError(f"--input {mode!r}: expected one of {', '.join(INPUT_MODES)}")
+    if mode == "relative":
+        return relative_profiles(images, flight, gain, where)[:, None]  # (N, 1, W)
     x = np.asarray(images, np.float32)
     contrast = x - np.percentile(x, WARM_PERCENTILE, axis=1, keepdims=True).astype(np.float32)
     chans = dict(raw=[x], contrast=[contrast], both=[x, contrast])[mode]

@@ -12,14 +12,12 @@ mae_encoder_pretrained.pth for finetune_cbh.py (which imports Encoder / load_enc
 
 Every constant below is also a command-line flag (`python mae.py -h`).
 """
-import argparse
 import contextlib
 import copy
 import csv
 import math
 import os
 import random
-import re
 import time
 
 import matplotlib
@@ -34,7 +32,7 @@ import losses
 
 # --- config ---
 data_path = ''  # unlabelled cloud-profile HDF5 file ('' = the embedded synthetic dataset)
-input = 'raw'  # raw | contrast (profile minus its own warm reference) | both (2 channels): data.profile_channels
+input = 'relative'  # relative (flat-fielded, minus the flight's clear-sky level) | raw | contrast | both: data.profile_channels
 out_dir = 'outputs/mae_pretrain'  # checkpoints/, plots/, log.csv and the exported encoder go here
 epochs = 100  # training epochs; the cosine schedule spans all of them
 batch_size = 128  # profiles per step, all processes together (torchrun); scale lr with it: lr = 1e-3 * batch_size / 64
@@ -87,31 +85,9 @@ MODEL_SIZES = {
 }  # "custom" takes every number from the constants block
 
 
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("true", "1", "yes"):
-        return True
-    if v.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
-
 def parse_args(argv=None):
-    """Build argparse from the constants block of this file: one flag per constant, the comment is the help."""
-    src = open(os.path.abspath(__file__)).read()
-    block = src.split("# --- config ---\n")[1].split("# --- end config ---")[0]
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for name, _, comment in re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M):
-        default = globals()[name]
-        if isinstance(default, bool):
-            p.add_argument(f"--{name}", type=str2bool, nargs="?", const=True, default=default,
-                           help=comment.replace("%", "%%"))  # argparse %-formats help strings
-        else:
-            typ = str if default is None else type(default)
-            p.add_argument(f"--{name}", type=typ, default=default, help=comment.replace("%", "%%"))
-    return vars(p.parse_args(argv))
+    """argparse built from the constants block of this file: one flag per constant, the comment is the help."""
+    return data.parse_constants(os.path.abspath(__file__), __doc__.split("\n\n")[1], globals(), argv)
 
 
 def model_config(cfg, width, in_chans=1):
@@ -279,7 +255,7 @@ def load_encoder(path, map_location="cpu"):
         raise data.DataError(f"{path}: encoder weights do not match its config ({type(e).__name__})") from None
     per_channel = lambda v: [float(s) for s in np.atleast_1d(v)]
     return enc, dict(config=ck["config"], input=ck.get("input", "raw"), norm_mean=per_channel(ck["norm_mean"]),
-                     norm_std=per_channel(ck["norm_std"]))
+                     norm_std=per_channel(ck["norm_std"]), flat_field=ck.get("flat_field"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,7 +425,7 @@ def plot_reconstruction(model, x, cfg, norm, path, epoch, dtype):
     hidden = mask[..., None].bool().expand_as(target)  # (n, N, C*P)
     enc = model.encoder
     n, N, C, P = len(x), enc.num_patches, enc.in_chans, enc.patch_size
-    mean, std = (torch.tensor(v, device=x.device)[:, None] for v in norm)  # (C, 1) each
+    mean, std = (torch.tensor(v, device=x.device)[:, None] for v in norm[:2])  # (C, 1) each
 
     def unpatch(t):  # (n, N, C*P) normalised -> (n, C, N*P) input units
         return (t.reshape(n, N, C, P).transpose(1, 2).reshape(n, C, N * P) * std + mean).cpu().numpy()
@@ -458,7 +434,8 @@ def plot_reconstruction(model, x, cfg, norm, path, epoch, dtype):
     visible = unpatch(target.masked_fill(hidden, float("nan")))
     recon = unpatch(pred.masked_fill(~hidden, float("nan")))
     px = np.arange(enc.crop, enc.crop + N * P)
-    names = dict(raw=["signal"], contrast=["contrast"], both=["signal", "contrast"])[cfg["input"]]
+    names = dict(relative=["signal - flight sea level"], raw=["signal"], contrast=["contrast"],
+                 both=["signal", "contrast"])[cfg["input"]]
     fig, axes = plt.subplots(n * C, 1, figsize=(10, 2.2 * n * C), sharex=True, squeeze=False)
     for k, ax in enumerate(axes[:, 0]):
         i, c = divmod(k, C)
@@ -538,7 +515,9 @@ def load_data(cfg, dev):
     indexing. Returns (X_train (N_train, C, W), X_val (N_val, C, W), per-channel (means, stds), path)."""
     path = cfg["data_path"] or data.default_cloud_paths()[0]
     d = data.load_clouds(path, labelled=False, max_samples=cfg["max_samples"])
-    images = data.profile_channels(d["images"], cfg["input"])  # (N, C, W)
+    # the flat field comes from this file's profiles (label-free) and travels with the encoder to finetune_cbh.py
+    gain = data.flat_field(d["images"], path) if cfg["input"] == "relative" else None  # (W,) or None
+    images = data.profile_channels(d["images"], cfg["input"], d["flight"], gain, path)  # (N, C, W)
     # val = the last of val_blocks contiguous time blocks of every flight, with val_gap frames removed from
     # train on its edge: random frames would leave near-identical neighbours on both sides of the split
     train_idx, val_idx = data.split_blocked(d["flight"], d["frame"], cfg["val_blocks"], cfg["val_blocks"] - 1,
@@ -546,7 +525,8 @@ def load_data(cfg, dev):
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise data.DataError(f"{path}: too few profiles for a train/val split ({len(d['images'])} profiles)")
     norm = data.norm_stats(images[train_idx])  # per channel, train split only; stored with the encoder
-    mean, std = (np.array(v, np.float32)[:, None] for v in norm)  # (C, 1)
+    norm = norm + (None if gain is None else gain.tolist(),)  # (means, stds, flat field)
+    mean, std = (np.array(v, np.float32)[:, None] for v in norm[:2])  # (C, 1)
     X_train, X_val = (torch.from_numpy((images[i] - mean) / std).float().to(dev) for i in (train_idx, val_idx))
     return X_train, X_val, norm, path
 
@@ -657,7 +637,7 @@ def save_checkpoints(ckpt, model, cfg, improved, norm):
     if improved:
         data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
         data.atomic_torch_save(dict(encoder=model.encoder.state_dict(), config=encoder_config(ckpt["model_config"]),
-                                    input=cfg["input"], norm_mean=norm[0], norm_std=norm[1]),
+                                    input=cfg["input"], norm_mean=norm[0], norm_std=norm[1], flat_field=norm[2]),
                                os.path.join(cfg["out_dir"], "mae_encoder_pretrained.pth"))
     if cfg["save_every"] > 0 and ckpt["epoch"] % cfg["save_every"] == 0:
         data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, f"epoch_{ckpt['epoch']:03d}.pth"))
