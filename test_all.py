@@ -749,7 +749,8 @@ def test_mae_export_and_reload_encoder(mae_run4, tmp_path):
     x = torch.randn(3, 1, 440)
     assert torch.equal(enc.eval().features(x), m.encoder.eval().features(x))
     assert meta["config"] == mae.encoder_config(ck["model_config"]) and meta["config"]["width"] == 440
-    assert meta["input"] == "raw" and meta["config"]["in_chans"] == 1  # mae.py's default input
+    assert meta["input"] == "relative" and meta["config"]["in_chans"] == 1  # mae.py's default input
+    assert len(meta["flat_field"]) == 440 and abs(np.mean(meta["flat_field"]) - 1) < 1e-9  # its file's flat field
     assert meta["norm_mean"] == ck["norm_mean"] and meta["norm_std"] == ck["norm_std"] and min(meta["norm_std"]) > 0
     assert len(enc.blocks) == 3 and enc.embed_dim == 128 and enc.num_patches == 22 and enc.patch_size == 20
     with pytest.raises(data.DataError, match="python mae.py"):
@@ -863,270 +864,412 @@ def test_mae_import_runs_no_training(tmp_path):
 
 
 # ==============================================================================================
-# finetune_cbh.py: cloud base height, fine-tuned encoder vs baselines
+# finetune_cbh.py: label efficiency of the fine-tuned encoder vs scratch and baselines
 
-FT_TINY = ["--head_epochs", "1", "--epochs", "1", "--num_threads", "1", "--n_trees", "20", "--batch_size", "16",
-           "--val_gap", "10", "--seeds", "1"]
+FT_TINY = ["--head_epochs", "1", "--epochs", "1", "--num_threads", "1", "--n_trees", "10", "--batch_size", "16",
+           "--seeds", "1", "--budgets", "1", "--cpu_bf16", "off"]
 
 
 @pytest.fixture(scope="module")
 def ft_tiny(tmp_path_factory):
-    """Tiny labelled file (3 flights x 40 labels) and tiny random encoders exported in mae.py's format: enc
-    for the default --input raw, enc_raw as exported before input modes (no 'input', scalar norms)."""
+    """Tiny labelled file (3 flights x 40 labels) and a tiny random encoder exported in mae.py's format (input
+    relative, with its flat field and normalisation from the unlabelled profiles); enc_raw: one pre-trained on raw."""
     root = tmp_path_factory.mktemp("cbh")
     unlab, lab = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120)
     data.write_clouds(root / "lab.h5", **lab)
     torch.manual_seed(0)
     enc_cfg = mae.encoder_config(dict(mae.MODEL_SIZES["tiny"], width=440))
-    mean, std = data.norm_stats(data.profile_channels(unlab["images"], "raw"))
-    data.atomic_torch_save(dict(encoder=mae.build_encoder(enc_cfg).state_dict(), config=enc_cfg, input="raw",
-                                norm_mean=mean, norm_std=std), root / "enc.pth")
-    mean, std = data.norm_stats(unlab["images"])
-    data.atomic_torch_save(dict(encoder=mae.build_encoder(enc_cfg).state_dict(), config=enc_cfg,
-                                norm_mean=mean, norm_std=std), root / "enc_raw.pth")
+    gain = data.flat_field(unlab["images"], "unlab")
+    rel = data.profile_channels(unlab["images"], "relative", unlab["metadata"][:, 0].round(), gain)
+    mean, std = data.norm_stats(rel)
+    state = mae.build_encoder(enc_cfg).state_dict()
+    data.atomic_torch_save(dict(encoder=state, config=enc_cfg, input="relative", norm_mean=mean, norm_std=std,
+                                flat_field=gain.tolist()), root / "enc.pth")
+    data.atomic_torch_save(dict(encoder=state, config=enc_cfg, input="raw", norm_mean=mean, norm_std=std),
+                           root / "enc_raw.pth")
     return dict(root=root, lab=str(root / "lab.h5"), enc=str(root / "enc.pth"), enc_raw=str(root / "enc_raw.pth"),
-                d=data.load_clouds(str(root / "lab.h5"), labelled=True))
+                d=data.load_clouds(str(root / "lab.h5"), labelled=True), gain=gain)
 
 
-def ft_cfg(**kw):
-    cfg = ft.parse_config([])
-    cfg.update(kw)
-    return cfg
+def ft_cfg(ft_tiny, *argv):
+    return ft.parse_config(["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], *FT_TINY, *argv])
 
 
-def test_ft_lofo_validation_by_flight_never_trains_on_val_or_test_flights(ft_tiny):
+def ft_setup(ft_tiny, *argv):
+    """What a comparison holds after load_inputs: (cfg, d, prep, folds, names, budgets, enc, t)."""
+    cfg = ft_cfg(ft_tiny, *argv)
+    d, prep, folds, names, budgets, enc, t, _ = ft.load_inputs(cfg, torch.device("cpu"))
+    return cfg, d, prep, folds, names, budgets, enc, t
+
+
+def test_ft_budgets_are_one_nested_contiguous_stretch_per_flight_and_never_cut_test_flights(ft_tiny):
     d = ft_tiny["d"]
-    folds = ft.make_folds(d, ft_cfg(split="lofo", val_mode="flight"))
-    assert len(folds) == 3
-    val_flights = []
-    for f in folds:
-        fit_fl, val_fl, test_fl = (set(d["flight"][f[k]]) for k in ("fit", "val", "test"))
-        assert len(val_fl) == len(test_fl) == 1 and not (fit_fl & val_fl) and not (fit_fl & test_fl)
-        assert not (val_fl & test_fl) and len(f["fit"]) + len(f["val"]) + len(f["test"]) == len(d["flight"])
-        val_flights += list(val_fl)
-    assert sorted(val_flights) == [0, 1, 2]  # the rotation gives every flight the validation role once
+    folds = ft.make_folds(d, ft_cfg(ft_tiny))
+    for fold in folds:
+        prev = None
+        for b in (1.0, 0.5, 0.25, 0.1, 0.05):
+            kept = ft.budget_frames(fold["train"], d["flight"], d["frame"], b)
+            assert np.isin(kept, fold["train"]).all() and not np.isin(kept, fold["test"]).any()
+            for fl in np.unique(d["flight"][fold["train"]]):
+                mine = fold["train"][d["flight"][fold["train"]] == fl]
+                order = mine[np.argsort(d["frame"][mine], kind="stable")]  # the flight's frames in time
+                pos = np.flatnonzero(np.isin(order, kept))
+                assert len(pos) == max(1, round(b * len(order)))
+                assert np.array_equal(pos, np.arange(pos[0], pos[0] + len(pos)))  # one contiguous stretch
+            if prev is not None:
+                assert np.isin(kept, prev).all()  # nested: inside the larger budget's stretch
+            prev = kept
+        assert np.array_equal(ft.budget_frames(fold["train"], d["flight"], d["frame"], 1.0), fold["train"])
 
 
-def test_ft_each_seed_is_stopped_by_another_training_flight(ft_tiny):
-    """Seed s of a network holds out turn s of the training flights (wrapping past their number): its fit and
-    val are whole training flights, never a test frame, and together the turns cover every training flight."""
-    d = ft_tiny["d"]
-    for f in ft.make_folds(d, ft_cfg(split="lofo", val_mode="flight", seeds=3)):
-        test_fl = set(d["flight"][f["test"]])
-        seen = []
-        for s in range(3):
-            sf = ft.seed_fold(f, s)
-            fit_fl, val_fl = set(d["flight"][sf["fit"]]), set(d["flight"][sf["val"]])
-            assert len(val_fl) == 1 and not fit_fl & val_fl and not (fit_fl | val_fl) & test_fl
-            assert sorted(np.concatenate([sf["fit"], sf["val"]])) == sorted(f["train"])
-            assert np.array_equal(sf["test"], f["test"])
-            seen += list(val_fl)
-        assert seen[0] == d["flight"][f["val"]][0] and sorted(set(seen)) == sorted(set(d["flight"][f["train"]]))
-        assert seen[2] == seen[0]  # 2 training flights: seed 2 takes turn 0 again
-    tail = ft.make_folds(d, ft_cfg(split="lofo", val_mode="tail", val_gap="5"))[0]
-    assert ft.seed_fold(tail, 2) is tail  # a time tail is the same for every seed
+def test_ft_every_method_and_seed_sees_the_same_budgeted_labels_and_tests_on_the_whole_flight(ft_tiny, monkeypatch):
+    cfg, d, prep, folds, names, budgets, enc, t = ft_setup(ft_tiny, "--budgets", "0.25,1")
+    seen = {}
+    monkeypatch.setattr(ft, "train_network", lambda m, fit, val, *a: seen.setdefault(("net", m, a[-2]), (fit, val))
+                        and (None, None, 0.0))
+    monkeypatch.setattr(ft, "network_km", lambda net, stats, t, idx, amp: np.zeros(len(idx)))
+    real_fit = ft.gbrt_fit
+    monkeypatch.setattr(ft, "gbrt_fit", lambda X, y, *a: seen.setdefault("trees", X) is not None and real_fit(X, y, *a))
+    want = ft.budget_frames(folds[1]["train"], d["flight"], d["frame"], 0.25)
+    units = [ft.run_unit((m, 0, 1, s), folds, budgets, d, prep, t, enc, cfg, (None, False), lambda r: None)
+             for m, s in (("finetune", 0), ("finetune", 1), ("scratch", 0), ("trees", 0), ("physics", 0))]
+    assert all(u["n_labels"] == len(want) and len(u["pred"]) == len(folds[1]["test"]) for u in units)
+    np.testing.assert_array_equal(seen["trees"], prep["features"][want])
+    stopping = set()
+    for key, (fit, val) in ((k, v) for k, v in seen.items() if k != "trees"):
+        np.testing.assert_array_equal(np.sort(np.concatenate([fit, val])), want)  # fit + stopping = the budget
+        assert len(np.unique(d["flight"][val])) == 1 and not np.isin(d["flight"][fit], d["flight"][val]).any()
+        stopping.add((key[1], int(d["flight"][val][0])))
+    assert len({fl for m, fl in stopping if m == "finetune"}) == 2  # each seed stops on another training flight
 
 
-def test_ft_run_unit_trains_each_seed_on_its_own_turn(ft_tiny, monkeypatch):
-    """run_unit hands train_network the fold as its seed sees it: seed 1 is stopped by turn 1's flight."""
-    d = ft_tiny["d"]
-    cfg = ft_cfg(split="lofo", val_mode="flight", seeds=2)
-    folds = ft.make_folds(d, cfg)
-    got, tensors = [], []
-    monkeypatch.setattr(ft, "train_network", lambda method, fold, t, *a: (got.append(fold), tensors.append(t),
-                                                                           [np.zeros(len(fold["test"]))])[2])
-    for seed in (0, 1):
-        ft.run_unit(("finetune", 0, seed), folds, d, {}, None, cfg, torch.device("cpu"), None, None, None, None)
-    for seed, fold in enumerate(got):
-        want = ft.seed_fold(folds[0], seed)
-        assert np.array_equal(fold["val"], want["val"]) and np.array_equal(fold["fit"], want["fit"])
-    assert set(d["flight"][got[0]["val"]]) != set(d["flight"][got[1]["val"]])
-    # the prior's feature: flat-fielded with the response of the fold's training profiles only, its warm end
-    # each flight's own clear-sky level
-    want_phys = ft.physics_feature(d["images"], ft.camera_response(d["images"][folds[0]["train"]]), d["flight"])
-    np.testing.assert_allclose(tensors[0]["phys"].numpy(), want_phys, rtol=1e-6)
+def test_ft_trees_see_no_absolute_level_and_no_angles():
+    """Preprocessing is relative to each flight's clear-sky level: a warmer sea (every raw value of a flight
+    shifted) and other solar angles leave every method's inputs unchanged."""
+    u, _ = data.generate_clouds(n_flights=2, frames_per_flight=300, n_labelled=20, seed=3)
+    flight = u["metadata"][:, 0].round()
+    d = dict(images=u["images"], flight=flight)
+    shifted = dict(d, images=u["images"] + 700.0 * (flight == 1)[:, None])
+    a, b = (ft.preprocess(x, np.ones(440), "f") for x in (d, shifted))
+    for k in ("rel", "phys", "features"):
+        np.testing.assert_allclose(a[k], b[k], atol=2e-3 * np.abs(a[k]).max())
+    assert a["features"].shape[1] == ft.profile_features(a["rel"][:3]).shape[1]  # angles never enter
+    np.testing.assert_allclose(ft.profile_features(a["rel"][[4, 1]]), a["features"][[4, 1]])  # per frame
 
 
-def test_ft_cv_unit_holds_out_every_training_flight_once_and_never_a_test_frame(ft_tiny):
-    """val_mode cv (the default): every seed's unit gets one member per training flight; member j trains on the
-    other training flights and is scored on flight j; no member sees a test frame."""
-    d = ft_tiny["d"]
-    cfg = ft_cfg(split="lofo", val_mode="cv", seeds=2)
-    assert ft.parse_config([])["val_mode"] == "cv"
-    for f in ft.make_folds(d, cfg):
-        assert f["cv"] and "cv over val flights" in f["how"]
-        for s in range(2):
-            members = ft.seed_fold(f, s)["members"]
-            val_fls = [set(d["flight"][v]) for _, v in members]
-            assert all(len(v) == 1 for v in val_fls)
-            assert sorted(int(next(iter(v))) for v in val_fls) == sorted(np.unique(d["flight"][f["train"]]))
-            for fit, val in members:
-                assert not set(d["flight"][fit]) & set(d["flight"][val])
-                assert not (set(fit) | set(val)) & set(f["test"])
-                assert sorted(np.concatenate([fit, val])) == sorted(f["train"])
-    assert "members" not in ft.seed_fold(ft.make_folds(d, ft_cfg(split="lofo", val_mode="flight"))[0], 0)
+def test_ft_flat_field_and_flight_level_are_label_free_and_fall_back_in_one_line(capsys):
+    rng = np.random.default_rng(0)
+    vignette = 1 - 0.04 * np.linspace(-1, 1, 440) ** 2
+    scene = 1000 + 10 * rng.standard_normal((500, 440))
+    gain = data.flat_field(scene * vignette, "cam.h5")
+    np.testing.assert_allclose(gain, vignette / vignette.mean(), atol=5e-3)
+    # an overcast profile: its own warmest pixel is cloud; the flight's clear profiles set its level
+    flight = np.zeros(40)
+    profiles = np.full((40, 440), 1000.0)
+    profiles[0] = 600.0
+    rel = data.relative_profiles(profiles, flight, np.ones(440), "f.h5")
+    assert rel[0].max() == pytest.approx(-400.0) and rel[1].max() == 0.0
+    assert capsys.readouterr().out == ""
+    assert np.all(data.flat_field(scene[:50], "cam.h5") == 1.0)  # too few profiles: none
+    rel = data.relative_profiles(profiles[:5], flight[:5], np.ones(440), "f.h5")
+    assert rel[0].max() == 0.0  # too few for a flight level: the profile's own warmest pixel
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and all(line.startswith("warning:") for line in out) and "cam.h5" in out[0], out
 
 
-def test_ft_cv_members_stop_together_on_the_pooled_out_of_fold_error(ft_tiny, monkeypatch):
-    """The criterion is the pooled out-of-fold MSE (each training flight scored by the member that never
-    trained on it), every member keeps the weights of the SAME epoch (the one with the lowest criterion), and
-    the unit predicts the mean of its members in km."""
-    d, dev = ft_tiny["d"], torch.device("cpu")
-    cfg = ft_cfg(head_epochs=3, epochs=0, batch_size=16, seeds=1, cpu_bf16="off", patience=100, select="min")
-    fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
-    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    t = ft.network_tensors(d, "raw", dev, ft.physics_feature(d["images"]))
-    # what each epoch sets each member's output bias to (0 = untrained): the members disagree about the best epoch
-    bias = {0: {1: 1.0, 2: -1.0, 3: 0.3}, 1: {1: 0.3, 2: 1.0, 3: -1.0}}
-    seen = []
+def test_ft_untrained_network_is_the_physics_line_and_gradients_reach_every_parameter(ft_tiny):
+    cfg, d, prep, folds, names, budgets, enc, t = ft_setup(ft_tiny)
+    labelled = torch.as_tensor(folds[0]["train"])
+    stats = ft.target_stats(t, labelled)
+    np.testing.assert_allclose(stats["line"], ft.physics_line(prep["phys"][folds[0]["train"]],
+                                                              d["cbh_km"][folds[0]["train"]]))
+    for method in ("finetune", "scratch", "probe"):
+        net = ft.build_network(method, enc, cfg)
+        pred = ft.network_km(net, stats, t, folds[0]["test"], None)
+        np.testing.assert_allclose(pred, np.polyval(stats["line"], prep["phys"][folds[0]["test"]]), atol=1e-5)
+    net = ft.build_network("finetune", enc, cfg).train()
+    torch.nn.init.normal_(net.head[-1].weight)  # past the first step: the head's output layer is not zero
+    net(t["x"][:8], t["phys"][:8]).square().sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
 
-    def epoch_bias(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where):
-        j, ep = int(where.split("member ")[1].split()[0]), int(where.split("epoch ")[1].split()[0])
-        seen.append((j, fit))
-        with torch.no_grad():
-            model.head[-1].bias.fill_(bias[j][ep])
-        return 0.0, lr_at(0)
-    monkeypatch.setattr(ft, "train_epoch", epoch_bias)
+
+def test_ft_stage1_trains_only_the_head_and_stage2_the_encoder(ft_tiny):
+    cfg, d, prep, folds, names, budgets, enc, t = ft_setup(ft_tiny, "--head_epochs", "2", "--epochs", "0")
+    fit, val = ft.stopping_split(folds[0]["train"], d["flight"], 0, 0)
+    net, _, mse = ft.train_network("finetune", fit, val, t, enc, cfg, (None, False), 0, lambda r: None)
+    assert all(torch.equal(net.encoder.state_dict()[k], v) for k, v in enc["state"].items())
+    assert net.head[-1].weight.abs().sum() > 0 and math.isfinite(mse)
+    cfg["epochs"] = 2
+    seen, real = [], ft.predict_std  # called once an epoch, to score the stopping flight
+
+    def spy(net, x, line, idx, amp_dtype, feats=None):
+        same = all(torch.equal(net.encoder.state_dict()[k], v) for k, v in enc["state"].items())
+        seen.append((feats is not None, same))
+        return real(net, x, line, idx, amp_dtype, feats)
+    ft.predict_std, _ = spy, None
+    try:
+        ft.train_network("finetune", fit, val, t, enc, cfg, (None, False), 0, lambda r: None)
+    finally:
+        ft.predict_std = real
+    assert seen == [(True, True)] * 2 + [(False, False)] * 2  # stage 1 on cached features, stage 2 moves it
+
+
+def test_ft_small_budgets_still_take_steps_and_a_tiny_run_learns(ft_tiny):
+    cfg, d, prep, folds, names, budgets, enc, t = ft_setup(ft_tiny, "--head_epochs", "0", "--epochs", "6",
+                                                           "--patience", "100", "--pretrained", "none")
+    assert len(ft.epoch_batches(5, cfg, torch.Generator())) == math.ceil(math.ceil(ft.MIN_EPOCH_SAMPLES / 5) * 5 / 16)
+    assert len(ft.epoch_batches(1000, cfg, torch.Generator())) == math.ceil(1000 / 16)
+    fit, val = ft.stopping_split(folds[0]["train"], d["flight"], 0, 0)
     rows = []
-    pred, members = ft.train_network("finetune", fold, t, enc, cfg, dev, (None, False), 1, rows.append, lambda st: None)
-    assert len(members) == 2 and len(seen) == 6 and [r["epoch"] for r in rows] == [1, 2, 3]  # lockstep
-    for j, fit in seen:  # a member never trains on its own validation flight
-        assert torch.equal(fit, members[j]["fit"])
-        assert not set(d["flight"][fit.numpy()]) & set(d["flight"][members[j]["val"].numpy()])
-
-    def sq_err(mb, b):  # squared km errors of a member with output bias b on its validation flight
-        with torch.no_grad():
-            mb["model"].head[-1].bias.fill_(b)
-            return ((ft.member_predict(mb, mb["val"], None) - mb["y"][mb["val"]]) * mb["stats"]["y_std"]) ** 2
-    kept = [mb["model"].head[-1].bias.item() for mb in members]
-    var = np.mean([mb["stats"]["y_std"] ** 2 for mb in members])
-    pooled = {ep: float(torch.cat([sq_err(mb, bias[j][ep] if ep else 0.0) for j, mb in enumerate(members)]).mean())
-              / var for ep in (0, 1, 2, 3)}  # by hand: every validation frame once, over the mean target variance
-    assert [r["val_loss"] for r in rows] == pytest.approx([pooled[e] for e in (1, 2, 3)], rel=1e-6)
-    best = min(pooled, key=pooled.get)
-    assert best != 0 and kept == pytest.approx([bias[j][best] for j in (0, 1)]), (pooled, kept)  # one epoch for all
-    own_best = [min((1, 2, 3), key=lambda ep: float(sq_err(mb, bias[j][ep]).mean())) for j, mb in enumerate(members)]
-    assert own_best != [best, best]  # alone, a member would have kept another epoch: the test can tell
-    for mb, b in zip(members, kept):
-        with torch.no_grad():
-            mb["model"].head[-1].bias.fill_(b)
-    # the unit: the physics row's line (every training flight) plus the mean of the members' corrections in km
-    test = torch.as_tensor(fold["test"])
-    corr = [(ft.member_predict(mb, test, None) - mb["prior"][test]) * mb["stats"]["y_std"] for mb in members]
-    a, b = np.polyfit(t["phys"][fold["train"]].numpy(), d["cbh_km"][fold["train"]], 1)
-    np.testing.assert_allclose(pred, a * t["phys"][test].numpy() + b + torch.stack(corr).mean(0).numpy(), rtol=1e-5)
-    assert members[0]["stats"]["prior_line"] != members[1]["stats"]["prior_line"]  # each its own fit flights
+    ft.train_network("scratch", fit, val, t, enc, cfg, (None, False), 0, rows.append)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
 
 
-def test_ft_nested_mse_judges_each_flight_at_an_epoch_chosen_without_it():
-    """nested_mse: flight j's error at the candidate with the lowest pooled error over the other flights. Epoch A
-    is the pooled best only because flight 0 gains a lot there; judged at A (one_se) the gain beats its standard
-    error, judged as nested cross-validation does, flight 0 is scored at epoch C (what the others prefer), where
-    it loses, and the correction is dropped."""
-    lines, a, c = [1.0, 1.0, 1.0, 1.0], [0.5, 0.95, 0.95, 0.95], [1.3, 0.7, 0.7, 0.8]
-    judged = ft.nested_mse([lines, a, c], [1, 1, 1, 1])
-    np.testing.assert_allclose(judged, [1.3, 0.95, 0.95, 0.95])
-    assert ft.beats_lines(lines, a) and not ft.beats_lines(lines, judged)
-    # flights weigh by their frames: with flight 0 small, the others' choice without flight 1 (say) is C
-    np.testing.assert_allclose(ft.nested_mse([lines, a, c], [1, 10, 10, 10]), [1.3, 0.7, 0.7, 0.8])
-    np.testing.assert_allclose(ft.nested_mse([lines, [0.9] * 4, [0.8] * 4], [5, 1, 1, 1]), [0.8] * 4)  # one best
-    # ties go to the earlier candidate: flight 1's error is the same at both, so flight 0 is judged on the lines
-    np.testing.assert_allclose(ft.nested_mse([[1.0, 1.0], [0.5, 1.0]], [1, 1]), [1.0, 1.0])
-    assert ft.parse_config([])["select"] == "nested"
-    # judge_correction reads the rule it is given: on this path one_se keeps the heads, nested zeroes them
-    book = dict(line_mse=np.array(lines), best_mse=np.array(a), mse_path=[np.array(v) for v in (lines, a, c)])
-    for select, kept in (("one_se", True), ("nested", False)):
-        members = [dict(val=np.arange(5), model=torch.nn.Module()) for _ in lines]
-        for mb in members:
-            mb["model"].head = torch.nn.Linear(3, 1)  # a linear head, as the probe's
-            torch.nn.init.ones_(mb["model"].head.weight)
-        ft.judge_correction(members, book, "test", select)
-        assert all(bool(mb["model"].head.weight.abs().sum() > 0) == kept for mb in members), select
+def test_ft_layer_decay_groups():
+    enc = mae.build_encoder(mae.encoder_config(dict(mae.MODEL_SIZES["tiny"], width=440)))
+    model = ft.CBHNet(enc, 8)
+    groups = ft.param_groups(model, 0.05, 0.5)
+    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    depth = len(enc.blocks)  # 3; MAE's layer ids: embeddings 0, blocks 1..3, final norm and head 4
+    assert scale[id(enc.patch_embed.weight)] == 0.5 ** (depth + 1)  # embeddings get the smallest LR
+    assert scale[id(enc.pos_embed)] == 0.5 ** (depth + 1) and wd[id(enc.pos_embed)] == 0.0
+    assert scale[id(enc.blocks[-1].qkv.weight)] == 0.5  # the last block is NOT at the full LR (as MAE)
+    assert scale[id(enc.norm.weight)] == 1.0 and scale[id(model.head[0].weight)] == 1.0
+    assert wd[id(model.head[0].weight)] == 0.05 and wd[id(model.head[0].bias)] == 0.0
+    assert len(scale) == sum(1 for _ in model.parameters())
 
 
-def test_ft_one_se_rule_keeps_the_lines_unless_the_gain_beats_its_standard_error(ft_tiny, monkeypatch):
-    """--select one_se and nested (default): a correction that lowers the pooled error but not every held-out
-    flight's (2 members: both must gain) is dropped and the unit predicts the physics row's line; one that every
-    flight gains from is kept. --select min keeps whatever had the lowest pooled error."""
-    assert ft.beats_lines([1.0, 1.0, 1.0], [0.5, 0.6, 0.55]) and not ft.beats_lines([1.0, 1.0], [0.2, 1.1])
-    assert not ft.beats_lines([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])  # no gain is no reason
-    d, dev = ft_tiny["d"], torch.device("cpu")
-    cfg = ft_cfg(head_epochs=1, epochs=0, batch_size=16, seeds=1, cpu_bf16="off")
-    fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
-    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    t = ft.network_tensors(d, "raw", dev, ft.physics_feature(d["images"]))
-    test = torch.as_tensor(fold["test"])
-    # each member's best constant shift of its line on its own validation flight (standardised units)
-    shift = []
-    for j, (fit, val) in enumerate(fold["members"]):
-        mb = ft.make_member("finetune", fold, fit, val, t, enc, cfg, dev, 0, False)
-        shift.append(float((mb["y"][mb["val"]] - mb["prior"][mb["val"]]).mean()))
-    assert min(abs(s) for s in shift) > 0.05
-
-    def run(biases, select, unit=fold):
-        def epoch_bias(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where):
-            j = int(where.split("member ")[1].split()[0]) if "member " in where else 0  # one member: no tag
-            with torch.no_grad():
-                model.head[-1].bias.fill_(biases[j])
-            return 0.0, lr_at(0)
-        monkeypatch.setattr(ft, "train_epoch", epoch_bias)
-        rows = []
-        pred, members = ft.train_network("finetune", unit, t, enc, dict(cfg, select=select), dev, (None, False), 1,
-                                         rows.append, lambda st: None)
-        a, b = ft.fold_line(unit, t)  # the physics row's line: every training flight
-        line_val = ft.criterion(members, np.array([float(((mb["prior"][mb["val"]] - mb["y"][mb["val"]]) *
-                                                           mb["stats"]["y_std"]).pow(2).mean()) for mb in members]))
-        return pred, (a * t["phys"][test] + b).numpy(), rows[0]["val_loss"], line_val
-    one_sided = [shift[0], -0.2 * shift[1]]  # member 0's flight gains a lot, member 1's loses a little
-    for select in ("one_se", "nested"):
-        pred, lines, val, line_val = run(one_sided, select)
-        assert val < line_val  # the pooled error did drop ...
-        np.testing.assert_allclose(pred, lines, rtol=1e-6)  # ... yet the unit is the physics row's line
-    pred, lines, val, line_val = run(one_sided, "min")
-    assert not np.allclose(pred, lines, rtol=1e-3)  # min keeps the correction
-    for select in ("one_se", "nested"):
-        pred, lines, val, line_val = run(shift, select)
-        assert val < line_val and not np.allclose(pred, lines, rtol=1e-3)  # every flight gains: kept
-    single = ft.seed_fold(ft.make_folds(d, dict(cfg, val_mode="flight"))[0], 0)  # one member: no standard error
-    pred, lines, val, line_val = run([shift[0]], "nested", single)
-    assert val < line_val and not np.allclose(pred, lines, rtol=1e-3)  # the rule does not apply: kept
+def test_ft_lr_schedule_exact_values():
+    """Per stage: linear warmup over 10 steps, then half-cosine from the peak to min_frac * peak."""
+    lrs = [ft.get_lr(s, 110, 10, 1e-3, 0.01) for s in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))  # half-way through the decay
+    assert lrs[110] == pytest.approx(1e-5) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_ft_lofo_tail_validation_inside_train(ft_tiny):
+def test_ft_test_labels_never_reach_training(ft_tiny):
+    """Junk labels on the test flight leave every method's test predictions bit-identical."""
+    cfg, d, prep, folds, names, budgets, enc, t = ft_setup(ft_tiny)
+    junk = dict(d, cbh_km=d["cbh_km"].copy())
+    junk["cbh_km"][folds[0]["test"]] = 19.0
+    preds = []
+    for dd in (d, junk):
+        tt = dict(t, y=torch.as_tensor(dd["cbh_km"]))
+        preds.append([ft.run_unit((m, 0, 0, 0), folds, budgets, dd, prep, tt, enc, cfg, (None, False),
+                                  lambda r: None)["pred"] for m in ft.METHODS])
+    for a, b in zip(*preds):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ft_end_to_end_two_budgets(ft_tiny, tmp_path):
+    out = tmp_path / "out"
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
+                   *FT_TINY, "--seeds", "2", "--budgets", "0.5,1")
+    assert r.returncode == 0, r.stderr
+    eff = read_csv(out / "label_efficiency.csv")
+    assert [(x["budget"], x["method"]) for x in eff if " - " not in x["method"]] == [
+        (b, m) for b in ("0.5", "1.0") for m in ft.METHODS]
+    units = read_csv(out / "results.csv")
+    assert len(units) == 2 * 3 * (3 * 2 + 2)  # budgets x folds x (3 networks x 2 seeds + trees + physics)
+    preds = read_csv(out / "predictions.csv")
+    assert len(preds) == 2 * 5 * len(ft_tiny["d"]["cbh_km"])  # every frame tested once per method and budget
+    for x in eff:
+        at = [p for p in preds if p["budget"] == x["budget"]]
+        if " - " not in x["method"]:
+            mine = [p for p in at if p["method"] == x["method"]]
+            true, pred = (np.array([float(p[c]) for p in mine]) for c in ("cbh_km", "pred_km"))
+            assert float(x["committee_r2"]) == pytest.approx(losses.regression_metrics(pred, true)["r2"], abs=1e-6)
+            assert float(x["r2_std"]) >= 0 and (x["inner_val_mse_km2"] != "") == (x["method"] in ft.NETWORKS)
+            continue
+        a, c = x["method"].split(" - ")
+        mse = lambda m, f: np.mean([(float(p["pred_km"]) - float(p["cbh_km"])) ** 2 for p in at
+                                    if p["method"] == m and p["flight"] == str(f)])
+        gain = np.array([mse(c, f) - mse(a, f) for f in range(3)])  # > 0: a wins on flight f
+        tie = np.isclose([mse(a, f) for f in range(3)], [mse(c, f) for f in range(3)], rtol=ft.TIE_RTOL, atol=0)
+        assert (int(x["flights_better"]), int(x["flights_worse"])) == (sum((gain > 0) & ~tie), sum((gain < 0) & ~tie))
+        assert float(x["r2_lo"]) <= float(x["r2"]) <= float(x["r2_hi"])
+        assert float(x["r2_lo_flights"]) <= float(x["r2"]) <= float(x["r2_hi_flights"])
+    for p in ("label_efficiency.png", "pred_vs_true.png", "per_flight_error.png"):
+        assert (out / "plots" / p).stat().st_size > 1000
+    assert {x["method"] for x in read_csv(out / "log.csv")} == set(ft.NETWORKS)
+
+
+def test_ft_resume_skips_finished_units_and_reproduces_the_uninterrupted_run(ft_tiny, tmp_path, monkeypatch):
+    args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], *FT_TINY, "--methods", "finetune,trees"]
+    ft.main(args + ["--out_dir", str(tmp_path / "a")])
+    real, calls = ft.run_unit, []
+
+    def stop_at_third(unit, *a):
+        calls.append(unit)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill while the third unit trains
+        return real(unit, *a)
+    monkeypatch.setattr(ft, "run_unit", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        ft.main(args + ["--out_dir", str(tmp_path / "b")])
+    monkeypatch.setattr(ft, "run_unit", lambda unit, *a: calls.append(unit) or real(unit, *a))
+    ft.main(args + ["--out_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b/checkpoints/latest.pth")])
+    assert calls[3:] == ft.units(["finetune", "trees"], [1.0], [0, 1, 2], dict(seeds=1))[2:]  # the rest, once
+    for name in ("results.csv", "label_efficiency.csv", "log.csv"):
+        untimed = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+        assert untimed(read_csv(tmp_path / "a" / name)) == untimed(read_csv(tmp_path / "b" / name)), name
+
+
+def test_ft_resume_with_other_settings_is_refused(ft_tiny, tmp_path):
+    out = tmp_path / "out"
+    args = ["finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "trees",
+            "--out_dir", out, "--budgets", "1"]
+    assert run_script(*args, "--n_trees", "5").returncode == 0
+    r = run_script(*args, "--n_trees", "6", "--resume", out / "checkpoints" / "latest.pth")
+    assert_one_line_error(r, "latest.pth", "settings")
+
+
+def test_ft_nonfinite_comparison_exits_3(ft_tiny, tmp_path):
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], *FT_TINY,
+                   "--methods", "scratch", "--lr", "1e30", "--ft_lr", "1e30", "--grad_clip", "0",
+                   "--out_dir", tmp_path / "out")
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "finite" in err[0], err
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_ft_final_takes_its_scores_from_the_completed_comparison_only(ft_tiny, tmp_path):
+    out = tmp_path / "out"
+    base = ["finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], *FT_TINY,
+            "--out_dir", out]
+    assert run_script(*base, "--methods", "physics,trees").returncode == 0
+    full = {r["method"]: float(r["r2"]) for r in read_csv(out / "label_efficiency.csv")}
+    assert run_script(*base, "--final", "physics").returncode == 0
+    assert ft.load_cbh_model(out / "cbh_model.pth")["cv"]["r2"] == pytest.approx(full["physics"])
+    assert run_script(*base, "--final", "physics", "--n_trees", "7").returncode == 0  # other settings
+    assert ft.load_cbh_model(out / "cbh_model.pth")["cv"] == "not cross-validated"
+    ck = data.load_checkpoint(out / "checkpoints" / "latest.pth")
+    data.atomic_torch_save(dict(ck, complete=False), out / "checkpoints" / "latest.pth")  # a newer run, interrupted
+    assert_one_line_error(run_script(*base, "--final", "physics"), "incomplete", "--resume")
+
+
+def test_ft_final_model_predicts_like_its_own_forward_pass_and_needs_no_labels(ft_tiny, tmp_path):
+    out = tmp_path / "out"
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
+                   "--final", "finetune", *FT_TINY)
+    assert r.returncode == 0, r.stderr
+    m = ft.load_cbh_model(out / "cbh_model.pth")
+    assert m["method"] == "finetune" and m["flights"] == [0, 1, 2] and m["cpu_autocast"] == "fp32"
     d = ft_tiny["d"]
-    folds = ft.make_folds(d, ft_cfg(split="lofo", val_mode="tail", val_gap="30"))
-    assert len(folds) == 3
-    for f in folds:
-        train = np.concatenate([f["fit"], f["val"]])
-        assert not set(d["flight"][train]) & set(d["flight"][f["test"]])
-        assert len(f["val"]) > 0 and not set(f["val"]) & set(f["fit"]) and not set(f["val"]) & set(f["test"])
-        for fl in np.unique(d["flight"][f["val"]]):  # val is a tail block in time, after a gap
-            v = d["frame"][f["val"]][d["flight"][f["val"]] == fl]
-            t = d["frame"][f["fit"]][d["flight"][f["fit"]] == fl]
-            assert t.max() < v.min() - 30
+    nolabel = tmp_path / "day1.h5"  # real lidar files mark "no cloud base" with NaN: prediction must not care
+    data.write_clouds(nolabel, d["images"], d["metadata"])
+    with h5py.File(nolabel, "a") as f:
+        f.create_dataset("cbh_km", data=np.full(len(d["images"]), np.nan, np.float32))
+    r = run_script("finetune_cbh.py", "--predict", nolabel, "--model", out / "cbh_model.pth", "--out_dir", out)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(out / "cbh_pred_day1.h5") as f:
+        pred, meta = f["cbh_pred_km"][:], f["metadata"][:]
+    np.testing.assert_array_equal(meta, d["metadata"])
+    # by hand: the stored flat field and normalisation, each flight's level from the file, line + head
+    np.testing.assert_allclose(m["flat_field"], ft_tiny["gain"])
+    rel = data.relative_profiles(d["images"], d["flight"], np.array(m["flat_field"]), "x")
+    net = ft.CBHNet(mae.build_encoder(m["encoder_config"]), m["head_hidden"]).eval()
+    net.load_state_dict(m["state"])
+    s = m["stats"]
+    line = (np.polyval(s["line"], ft.physics_feature(rel)) - s["y_mean"]) / s["y_std"]
+    with torch.no_grad():
+        out_std = net(torch.as_tensor((rel[:, None] - m["norm"][0]) / m["norm"][1]),
+                      torch.as_tensor(line, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(pred, np.clip(out_std * s["y_std"] + s["y_mean"], 0, 20), atol=1e-4)
+    assert len(list((out / "plots").glob("cbh_day1_flight_*.png"))) == 3
 
 
-@pytest.mark.parametrize("gap", [0, 30])
-def test_ft_blocked_leaves_the_gap(ft_tiny, gap):
+def test_ft_predict_bad_inputs_fail_with_one_line_and_write_nothing(ft_tiny, tmp_path):
+    out = tmp_path / "model"
+    assert run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--final", "physics", "--out_dir", out,
+                      "--pretrained", "none").returncode == 0
+    narrow = tmp_path / "narrow.h5"
+    data.write_clouds(narrow, ft_tiny["d"]["images"][:, :400], ft_tiny["d"]["metadata"])
+    cases = [(narrow, out / "cbh_model.pth", ["narrow.h5", "400 px", "440"]),
+             (ft_tiny["lab"], tmp_path / "missing.pth", ["missing.pth", "not found"]),
+             (ft_tiny["lab"], ft_tiny["enc"], ["enc.pth", "not a CBH model"])]
+    for i, (path, model, words) in enumerate(cases):
+        dest = tmp_path / f"pred{i}"
+        r = run_script("finetune_cbh.py", "--predict", path, "--model", model, "--out_dir", dest)
+        assert_one_line_error(r, *words)
+        assert not dest.exists()
+
+
+def test_ft_splits_blocked_leaves_the_gap_and_random_warns(ft_tiny, capsys):
     d = ft_tiny["d"]
-    folds = ft.make_folds(d, ft_cfg(split="blocked", n_blocks=4, gap=str(gap), val_gap="5"))
-    assert len(folds) == 4
-    checked = 0
-    for f in folds:
-        train = np.concatenate([f["fit"], f["val"]])
-        assert not set(train) & set(f["test"])
+    for fold in ft.make_folds(d, ft_cfg(ft_tiny, "--split", "blocked", "--n_folds", "4")):
+        gap = int(fold["name"].split("gap ")[1].rstrip(")"))
         for fl in np.unique(d["flight"]):
-            tr = d["frame"][train][d["flight"][train] == fl]
-            te = d["frame"][f["test"]][d["flight"][f["test"]] == fl]
-            assert np.abs(tr[:, None] - te[None, :]).min(initial=10 ** 9) > gap
-            checked += len(tr) * len(te)
-    assert checked > 0
+            tr, te = (d["frame"][i][d["flight"][i] == fl] for i in (fold["train"], fold["test"]))
+            assert len(te) and np.min(np.abs(tr[:, None] - te[None])) > gap
+    ft.make_folds(d, ft_cfg(ft_tiny, "--split", "random"))
+    assert "optimistic" in capsys.readouterr().out
 
 
-def test_ft_random_split_warns_about_leakage(ft_tiny, capsys):
-    folds = ft.make_folds(ft_tiny["d"], ft_cfg(split="random", n_blocks=3, val_gap="5"))
-    assert "warning" in capsys.readouterr().out and len(folds) == 3
-    assert sorted(np.concatenate([f["test"] for f in folds])) == list(range(len(ft_tiny["d"]["cbh_km"])))
+def test_ft_decorrelation_lag_of_a_known_process():
+    """AR(1) labels with correlation 0.9 per 10 frames (rho(lag) = 0.9^(lag/10)): it falls below 0.2 at ~153
+    frames; a white-noise series decorrelates within the first lag bin."""
+    rng = np.random.default_rng(0)
+    n, frames = 400, np.arange(0, 4000, 10)  # a label every 10 frames
+    y = np.zeros((3, n))
+    for i in range(1, n):
+        y[:, i] = 0.9 * y[:, i - 1] + np.sqrt(1 - 0.81) * rng.standard_normal(3)
+    flight = np.repeat(np.arange(3), n)
+    lag = ft.decorrelation_lag(y.ravel(), flight, np.tile(frames, 3), 0.2)
+    assert 120 <= lag <= 200, lag
+    assert ft.decorrelation_lag(rng.standard_normal(3 * n), flight, np.tile(frames, 3), 0.2) <= 20
+
+
+def test_ft_pretrained_none_skips_finetune_and_probe(ft_tiny, tmp_path):
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", "none",
+                   "--methods", "finetune,probe,trees", "--out_dir", tmp_path, *FT_TINY)
+    assert r.returncode == 0, r.stderr
+    assert "skipping finetune and probe" in r.stdout
+    assert {x["method"] for x in read_csv(tmp_path / "results.csv")} == {"trees"}
+
+
+@pytest.mark.parametrize("problem,cbh,words", [
+    ("nan", np.nan, ["cbh_km", "NaN"]),
+    ("negative", -0.5, ["cbh_km", "outside"]),
+    ("missing", None, ["cbh_km", "missing"]),
+])
+def test_ft_bad_label_files_fail_with_one_line(ft_tiny, tmp_path, problem, cbh, words):
+    d = ft_tiny["d"]
+    labels = None if cbh is None else np.where(np.arange(len(d["cbh_km"])) == 5, cbh, d["cbh_km"])
+    data.write_clouds(tmp_path / "bad.h5", d["images"], d["metadata"], labels)
+    r = run_script("finetune_cbh.py", "--data_path", tmp_path / "bad.h5", "--pretrained", ft_tiny["enc"],
+                   "--out_dir", tmp_path / "out")
+    assert_one_line_error(r, *words)
+    assert not (tmp_path / "out").exists()  # nothing written on bad input
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--pretrained", "nope.pth"], ["nope.pth", "python mae.py", "--pretrained none"]),
+    (["--pretrained", "RAW"], ["enc_raw.pth", "--input raw", "relative"]),
+    (["--lr", "nan"], ["--lr nan"]), (["--tree_lr", "nan"], ["--tree_lr"]), (["--head_hidden", "-4"], ["--head_hidden"]),
+    (["--weight_decay", "-1"], ["--weight_decay"]), (["--layer_decay", "0"], ["--layer_decay"]),
+    (["--drop_path", "1"], ["--drop_path"]), (["--budgets", "0,1"], ["--budgets"]), (["--budgets", "x"], ["--budgets"]),
+    (["--methods", "finetune,svm"], ["--methods"]), (["--split", "time"], ["--split"]),
+    (["--batch_size", "0"], ["--batch_size"]), (["--n_folds", "1"], ["--n_folds"]),
+])
+def test_ft_bad_flags_one_line_and_nothing_written(ft_tiny, tmp_path, flags, words):
+    flags = [ft_tiny["enc_raw"] if f == "RAW" else str(tmp_path / f) if f.endswith(".pth") else f for f in flags]
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], *flags,
+                   "--out_dir", tmp_path / "out")
+    assert_one_line_error(r, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_ft_help_lists_every_constant_on_two_screens():
+    r = run_script("finetune_cbh.py", "-h")
+    assert r.returncode == 0
+    src = open(os.path.join(REPO, "finetune_cbh.py")).read().split("# --- config ---")[1].split("# --- end")[0]
+    names = [line.split(" = ")[0] for line in src.strip().splitlines()]
+    assert 20 < len(names) <= 30 and all(f"--{n}" in r.stdout for n in names)
+    assert len(r.stdout.splitlines()) <= 100  # two screens of 50 lines
 
 
 def toy_regression(n, seed):
@@ -1227,593 +1370,6 @@ def test_bootstrap_diff_with_flights_resampled_carries_the_flight_to_flight_spre
     assert 0 < lo < d < hi
     assert lo_f < lo and hi_f > hi
     assert lo_f == pytest.approx(0.0, abs=1e-12)  # resamples without flight 0: a and b differ by nothing else
-
-
-def test_ft_tree_features_depend_on_each_frame_alone():
-    """A frame's tree features must not change with the other frames of the file (a dense unlabelled file
-    and the sparse labelled one give the same features), and angles are appended only when asked."""
-    rng = np.random.default_rng(0)
-    images, sza, saa = rng.normal(size=(6, 40)), rng.uniform(0, 90, 6), rng.uniform(0, 360, 6)
-    f = ft.profile_features(images, sza, saa, angles=False)
-    np.testing.assert_array_equal(ft.profile_features(images[[4, 1]], sza[[4, 1]], saa[[4, 1]], False), f[[4, 1]])
-    np.testing.assert_allclose(f[:, 0], images.mean(1))
-    fa = ft.profile_features(images, sza, saa, angles=True)
-    assert fa.shape[1] == f.shape[1] + 2 and np.array_equal(fa[:, -2:], np.stack([sza, saa], 1))
-
-
-def one_fold_setup(ft_tiny):
-    d = ft_tiny["d"]
-    fold = ft.make_folds(d, ft_cfg(split="lofo"))[0]
-    t = ft.network_tensors(d, "raw", torch.device("cpu"), ft.physics_feature(d["images"]))
-    encoder, meta = mae.load_encoder(ft_tiny["enc"])
-    enc = dict(config=meta["config"], state=encoder.state_dict(), norm_mean=meta["norm_mean"],
-               norm_std=meta["norm_std"])
-    return fold, t, enc
-
-
-def test_ft_stage1_trains_only_the_head_and_stage2_changes_the_encoder(ft_tiny):
-    fold, t, enc = one_fold_setup(ft_tiny)
-    cfg = ft_cfg(head_epochs=2, epochs=2, batch_size=16, patience=100)
-    states = []
-    save = lambda st: states.append({k: v.clone() for k, v in st["model"][0].items()} | {"_opt": st["optimizer"][0]})
-    ft.train_network("finetune", fold, t, enc, cfg, torch.device("cpu"), (None, False), 0, lambda row: None, save)
-    enc0 = {"encoder." + k: v for k, v in enc["state"].items()}
-    head_keys = [k for k in states[0] if k.startswith("head.")]
-    n_head = sum(1 for k in head_keys)
-    for st in states[:2]:  # stage 1: encoder bit-identical, head moved, optimizer holds only the head
-        assert all(torch.equal(st[k], v) for k, v in enc0.items())
-        assert sum(len(g["params"]) for g in st["_opt"]["param_groups"]) == n_head
-    assert not all(torch.equal(states[1][k], states[0][k]) for k in head_keys)
-    for st in states[2:]:  # stage 2: the encoder trains
-        assert not all(torch.equal(st[k], v) for k, v in enc0.items())
-        assert sum(len(g["params"]) for g in st["_opt"]["param_groups"]) > n_head
-
-
-def test_ft_lr_schedule_exact_values():
-    """Per stage: linear warmup over 10 steps, then half-cosine from the peak to min_frac * peak."""
-    lrs = [ft.get_lr(s, 110, 10, 1e-3, 0.01) for s in range(111)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
-    assert lrs[60] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))  # half-way through the decay
-    assert lrs[110] == pytest.approx(1e-5) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-
-
-def test_ft_test_labels_never_reach_training(ft_tiny):
-    """Replacing the test flight's labels by junk leaves every method's test predictions bit-identical, and
-    the fold statistics (input normalisation, target standardisation) come from the fit frames only."""
-    d = ft_tiny["d"]
-    cfg = ft_cfg(head_epochs=1, epochs=1, batch_size=16, seeds=1, n_trees=10, cpu_bf16="off")
-    folds = ft.make_folds(d, cfg)
-    junk = dict(d, cbh_km=d["cbh_km"].copy())
-    junk["cbh_km"][folds[0]["test"]] = 19.0
-    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    none_enc = dict(enc, state=None, norm_mean=None, norm_std=None)  # --pretrained none: fit-frame statistics
-    preds = []
-    for dd in (d, junk):
-        t = ft.network_tensors(dd, "raw", torch.device("cpu"), ft.physics_feature(dd["images"]))
-        run = lambda m, e: ft.run_unit((m, 0, 0), folds, dd, t, e, cfg, torch.device("cpu"), (None, False),
-                                       lambda row: None, lambda st: None, None)
-        preds.append([run("finetune", enc), run("scratch", none_enc), run("trees", None), run("physics", None)])
-        junk_x = t["x"].clone().index_fill_(0, torch.as_tensor(folds[0]["test"]), 1e6)
-        junk_phys = t["phys"].clone().index_fill_(0, torch.as_tensor(folds[0]["test"]), 1e6)
-        stats = ft.fold_inputs(folds[0], dict(t, x=junk_x, phys=junk_phys), none_enc, torch.device("cpu"), "physics")[3]
-        assert stats == ft.fold_inputs(folds[0], t, none_enc, torch.device("cpu"), "physics")[3]  # test images unused
-    for a, b in zip(*preds):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_ft_physics_prior_starts_at_the_physics_line_and_is_kept_when_training_only_hurts(ft_tiny, monkeypatch):
-    """prior physics: the untrained network's prediction IS its physics line (fitted on its fit frames; the head's
-    output layer starts at zero), and if every epoch makes the validation flight worse, the unit's test
-    predictions are exactly the physics ROW's (the line on every training flight, fit and val): a correction is
-    only ever kept when an unseen flight wants it, and without one the network is the baseline it is compared
-    with."""
-    d, dev = ft_tiny["d"], torch.device("cpu")
-    cfg = ft_cfg(head_epochs=1, epochs=1, batch_size=16, seeds=1, cpu_bf16="off")
-    folds = ft.make_folds(d, cfg)
-    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    t = ft.network_tensors(d, "raw", dev, ft.physics_feature(d["images"]))
-    phys = ft.physics_feature(d["images"], ft.camera_response(d["images"][folds[0]["train"]]),
-                              d["flight"])  # as run_unit makes it
-    t["phys"] = torch.as_tensor(phys, dtype=torch.float32)
-    line_km = ft.fit_physics(phys, d["cbh_km"], folds[0]["fit"], folds[0]["test"])
-    for method in ("finetune", "probe", "scratch"):
-        net = ft.build_network(method, enc, cfg, 0).eval()
-        x, y, prior, stats = ft.fold_inputs(folds[0], t, enc, dev, "physics")
-        test = torch.as_tensor(folds[0]["test"])
-        with torch.no_grad():
-            km = net(x[test], t["ang"][test][:, :0], prior[test]) * stats["y_std"] + stats["y_mean"]
-        np.testing.assert_allclose(km.numpy(), line_km, rtol=1e-5, atol=1e-5)
-    none = ft.fold_inputs(folds[0], t, enc, dev, "none")
-    assert none[3]["prior_line"] is None and not none[2].any()
-
-    def harmful_epoch(model, opt, scaler, inputs, fit, cfg, gen, amp_dtype, lr_at, where):
-        with torch.no_grad():
-            last = model.head if isinstance(model.head, torch.nn.Linear) else model.head[-1]
-            last.bias += 1e3  # every "epoch" moves every prediction 1000 std further off
-        return 0.0, lr_at(0)
-    monkeypatch.setattr(ft, "train_epoch", harmful_epoch)
-    pred = ft.train_network("finetune", folds[0], t, enc, cfg, dev, (None, False), 1, lambda row: None,
-                            lambda st: None)[0]
-    row = ft.run_unit(("physics", 0, 0), folds, d, t, enc, cfg, dev, None, None, None, None)
-    np.testing.assert_allclose(pred, row, rtol=1e-5, atol=1e-5)
-    a, b = np.polyfit(phys[folds[0]["train"]], d["cbh_km"][folds[0]["train"]], 1)
-    np.testing.assert_allclose(row, a * phys[folds[0]["test"]] + b, rtol=1e-6)
-    assert not np.allclose(row, line_km, rtol=1e-3)  # the fit-frame line differs: the test can tell them apart
-    assert len(folds[0]["train"]) == len(folds[0]["fit"]) + len(folds[0]["val"]) > len(folds[0]["fit"])
-
-
-def test_ft_within_flight_targets_remove_each_fit_flights_offset_from_the_line(ft_tiny, monkeypatch):
-    """--within_flight: on the fit frames the training labels are y minus their flight's mean residual from
-    the prior line (so each fit flight's mean sits on the line; within a flight nothing moves); validation
-    and test frames keep their true labels, and train_network trains on exactly those targets."""
-    d, dev = ft_tiny["d"], torch.device("cpu")
-    cfg = ft_cfg(head_epochs=1, epochs=0, batch_size=16, seeds=1, cpu_bf16="off", within_flight=True,
-                 val_mode="tail", val_gap="5")  # 2 fit flights (with 1 the line's own fit leaves no offset)
-    fold = ft.make_folds(d, cfg)[0]
-    assert len(np.unique(d["flight"][fold["fit"]])) == 2
-    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    t = ft.network_tensors(d, "raw", dev, ft.physics_feature(d["images"]))
-    x, y, prior, stats = ft.fold_inputs(fold, t, enc, dev, "physics")
-    fit = torch.as_tensor(fold["fit"])
-    target = ft.within_flight_targets(y, prior, t["flight"], fit)
-    others = torch.as_tensor(np.setdiff1d(np.arange(len(y)), fold["fit"]))
-    assert torch.equal(target[others], y[others])
-    for fl in np.unique(d["flight"][fold["fit"]]):
-        rows = fit[t["flight"][fit] == int(fl)]
-        assert abs(float((target[rows] - prior[rows]).mean())) < 1e-5  # the flight's mean is on the line
-        shift = target[rows] - y[rows]
-        assert float(shift.std()) < 1e-6 and abs(float(shift[0])) > 1e-3  # one offset per flight, not zero
-    seen = []
-    monkeypatch.setattr(ft, "train_epoch", lambda model, opt, scaler, inputs, *a: (seen.append(inputs[3]), (0.0, 0.0))[1])
-    ft.train_network("finetune", fold, t, enc, cfg, dev, (None, False), 1, lambda row: None, lambda st: None)
-    assert len(seen) == 1 and torch.equal(seen[0], target)
-
-
-def test_ft_predict_physics_model_flat_fields_with_its_stored_response(ft_tiny):
-    """--predict with a physics model divides the profiles by the camera response stored in the file; a file
-    written before the flat field (no `flat_field` key) predicts on the raw feature, as it was fitted."""
-    d, dev = ft_tiny["d"], torch.device("cpu")
-    gain, line = ft.camera_response(d["images"]), [0.001, 0.2]
-    got = ft.predict_km(dict(method="physics", line=line, flat_field=gain.tolist()), d, dev)
-    np.testing.assert_allclose(got, np.clip(np.polyval(line, ft.physics_feature(d["images"], gain)), 0, 20), rtol=1e-6)
-    old = ft.predict_km(dict(method="physics", line=line), d, dev)
-    np.testing.assert_allclose(old, np.clip(np.polyval(line, ft.physics_feature(d["images"])), 0, 20), rtol=1e-6)
-    by_flight = ft.predict_km(dict(method="physics", line=line, flat_field=gain.tolist(), surface_ref="flight"), d, dev)
-    want = np.polyval(line, ft.physics_feature(d["images"], gain, d["flight"]))
-    np.testing.assert_allclose(by_flight, np.clip(want, 0, 20), rtol=1e-6)
-    assert not np.allclose(by_flight, got)
-    assert not np.allclose(got, old, rtol=1e-3)
-
-
-def test_ft_correction_applies_only_inside_the_members_fit_range_of_the_physics_feature(ft_tiny):
-    """--correction_domain: a member's prediction is its line plus its correction on frames whose physics
-    feature lies within the range of its fit frames, and exactly its line elsewhere (validation and test
-    frames alike); with the flag off, or without a prior, the correction reaches every frame."""
-    d, dev = ft_tiny["d"], torch.device("cpu")
-    cfg = ft_cfg(seeds=1, cpu_bf16="off")
-    fold = ft.seed_fold(ft.make_folds(d, cfg)[0], 0)
-    fit, val = fold["members"][0]
-    _, enc = ft.load_encoder_source(dict(cfg, pretrained=ft_tiny["enc"]), ["finetune"], 440)
-    t = ft.network_tensors(d, "raw", dev, ft.physics_feature(d["images"]))
-    everything = torch.arange(len(d["flight"]))
-    for domain in (True, False):
-        mb = ft.make_member("finetune", fold, fit, val, t, enc, dict(cfg, correction_domain=domain), dev, 0, False)
-        mb["model"].head[-1].bias.data += 0.5  # a correction of +0.5 std everywhere
-        got = ft.member_predict(mb, everything, None) - mb["prior"]
-        phys = t["phys"].numpy()
-        lo, hi = phys[fit].min(), phys[fit].max()
-        inside = (phys >= lo) & (phys <= hi)
-        assert mb["stats"]["phys_range"] == ([pytest.approx(lo), pytest.approx(hi)] if domain else None)
-        assert inside[fit].all() and not inside.all()  # the tiny data has frames outside: the test can tell
-        want = np.where(inside | (not domain), 0.5, 0.0)
-        np.testing.assert_allclose(got.numpy(), want, atol=1e-5)
-    none = ft.fold_inputs(dict(fold, fit=fit), t, enc, dev, "none", True)[3]
-    assert none["phys_range"] is None and bool(ft.in_domain(t["phys"], none).all())
-    assert ft.parse_config([])["correction_domain"] is False  # what the inner validation chose (README)
-
-
-def test_ft_layer_decay_groups():
-    enc = mae.build_encoder(mae.encoder_config(dict(mae.MODEL_SIZES["tiny"], width=440)))
-    model = ft.CBHNet(enc, 2, 8, 0.0)
-    groups = ft.param_groups(model, 0.05, 0.5)
-    scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
-    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    depth = len(enc.blocks)  # 3; MAE's layer ids: embeddings 0, blocks 1..3, final norm and head 4
-    assert scale[id(enc.patch_embed.weight)] == 0.5 ** (depth + 1)  # embeddings get the smallest LR
-    assert scale[id(enc.pos_embed)] == 0.5 ** (depth + 1) and wd[id(enc.pos_embed)] == 0.0
-    assert scale[id(enc.blocks[0].qkv.weight)] == 0.5 ** depth
-    assert scale[id(enc.blocks[-1].qkv.weight)] == 0.5  # the last block is NOT at the full LR (as MAE)
-    assert scale[id(enc.norm.weight)] == 1.0 and scale[id(model.head[0].weight)] == 1.0
-    assert wd[id(model.head[0].weight)] == 0.05 and wd[id(model.head[0].bias)] == 0.0
-    assert len(scale) == sum(1 for _ in model.parameters())
-
-
-def test_ft_end_to_end_tiny(ft_tiny, tmp_path):
-    out = tmp_path / "out"
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
-                   *FT_TINY, "--seeds", "2", "--select", "min", "--surface_ref", "profile")
-    # min, and the cruder profile line: the seeds keep different corrections (the committee is not the mean)
-    assert r.returncode == 0, r.stderr
-    rows = read_csv(out / "results.csv")
-    for m in ft.METHODS:
-        seeds = ["0", "1"] if m in ft.NETWORKS else ["0"]
-        keys = [(x["seed"], x["fold"]) for x in rows if x["method"] == m]
-        assert keys == [(s, f"flight {k}") for s in seeds for k in range(3)] + [(s, "pooled") for s in seeds] + [
-            ("committee", "pooled"), ("mean", "pooled"), ("mean", "fold mean"), ("std", "pooled"),
-            ("mean", "fold std")], (m, keys)
-        assert all(np.isfinite(float(x["mae_km"])) for x in rows if x["method"] == m)
-    pooled = {x["seed"]: float(x["r2"]) for x in rows if x["method"] == "finetune" and x["fold"] == "pooled"}
-    assert pooled["mean"] == pytest.approx((pooled["0"] + pooled["1"]) / 2)
-    preds = read_csv(out / "predictions.csv")
-    mse = lambda m, f: np.mean([(float(p["pred_km"]) - float(p["cbh_km"])) ** 2 for p in preds
-                                if p["method"] == m and p["flight"] == str(f)])
-    for name in ("finetune - scratch", "finetune - trees", "finetune - physics"):
-        diff, by_flight = [x for x in rows if x["method"] == name]
-        assert (diff["fold"], by_flight["fold"], by_flight["n_test"]) == ("pooled", "flights resampled", "3")
-        gain = np.array([mse(name.split(" - ")[1], f) - mse("finetune", f) for f in range(3)])  # > 0: finetune wins
-        for x in (diff, by_flight):
-            assert float(x["r2_lo"]) <= float(x["r2"]) <= float(x["r2_hi"]), x
-            assert (int(x["flights_better"]), int(x["flights_worse"])) == (sum(gain > 1e-9), sum(gain < -1e-9)), x
-        assert by_flight["r2"] == diff["r2"]
-    assert len(preds) == 5 * len(ft_tiny["d"]["cbh_km"])  # every frame tested once per method under lofo
-    assert len({(p["method"], p["frame"], p["flight"]) for p in preds}) == len(preds)
-    assert {p["n_seeds"] for p in preds if p["method"] == "finetune"} == {"2"}
-    mine = [(float(p["cbh_km"]), float(p["pred_km"])) for p in preds if p["method"] == "finetune"]
-    committee = losses.regression_metrics(np.array([q for _, q in mine]), np.array([t for t, _ in mine]))["r2"]
-    assert pooled["committee"] == pytest.approx(committee, abs=1e-6)  # the R2 of the seed-mean predictions
-    assert pooled["committee"] != pytest.approx(pooled["mean"], abs=1e-9)  # not the mean of the seeds' R2
-    for p in ("pred_vs_true.png", "per_flight_error.png"):
-        assert (out / "plots" / p).stat().st_size > 1000
-    log = read_csv(out / "log.csv")
-    assert {x["method"] for x in log} == {"finetune", "scratch", "probe"}
-
-
-def test_ft_refuses_an_encoder_of_another_input_mode(ft_tiny, tmp_path):
-    for enc, flag in ((ft_tiny["enc_raw"], "contrast"), (ft_tiny["enc"], "both")):
-        r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", enc, "--input", flag,
-                       "--out_dir", tmp_path / "out", *FT_TINY)
-        assert_one_line_error(r, enc, "--input", flag)
-        assert not (tmp_path / "out").exists()
-    encoder, meta = mae.load_encoder(ft_tiny["enc_raw"])  # a file from before input modes reads as raw
-    assert meta["input"] == "raw" and len(meta["norm_mean"]) == len(meta["norm_std"]) == 1
-
-
-def test_ft_physics_row_is_a_line_on_the_contrast_feature():
-    x = np.full((6, 440), 9000.0)
-    x[:, 200] -= np.arange(6) * 100  # a colder (higher) cloud pixel in the centre
-    x[:, 0] = -1e6  # outside the centre 400 px: ignored
-    feat = ft.physics_feature(x)
-    np.testing.assert_allclose(feat, np.arange(6) * 100)
-    y = 0.5 + 0.002 * feat
-    np.testing.assert_allclose(ft.fit_physics(feat, y, np.arange(4), np.arange(4, 6)), y[4:])
-
-
-def test_ft_surface_level_replaces_an_overcast_profiles_warmest_pixel_with_its_flights_clear_sky():
-    """An overcast profile's warmest pixel is cloud: with flight references its warm end is the level its
-    flight's clear profiles show (the 90th percentile of the flight's warmest pixels), never another flight's;
-    a profile warmer than that level keeps its own; without flights it is the profile's own warmest pixel."""
-    rng = np.random.default_rng(0)
-    sea = {0: 1000.0, 1: 1200.0}  # each flight's clear-sky sea level (counts)
-    flight = np.repeat([0, 1], 20)
-    images = np.stack([np.full(440, sea[f]) + rng.normal(0, 1, 440) for f in flight])  # clear scenes
-    images[:, 200:240] -= 300  # a cold cloud top in every profile
-    images[5] = 800.0  # flight 0, overcast: every pixel cloud, its top 600
-    images[5, 200:240] = 600.0
-    images[6, 100] = 1100.0  # flight 0, one hot pixel: warmer than the level, kept
-    feat = ft.physics_feature(images, None, flight)
-    assert feat[5] == pytest.approx(1000 - 600, abs=5)  # the flight's sea, not the profile's 800
-    assert feat[6] == pytest.approx(1100 - images[6].min())
-    level = ft.surface_level(images.max(1), flight)
-    assert level[flight == 0] == pytest.approx(1000, abs=5) and level[flight == 1] == pytest.approx(1200, abs=5)
-    assert ft.physics_feature(images)[5] == pytest.approx(800 - 600)  # profile reference: its own warmest pixel
-    np.testing.assert_allclose(ft.physics_feature(images[flight == 1], None, flight[flight == 1]),
-                               feat[flight == 1])  # flight 0's profiles do not move flight 1's level
-    vignette = 1 - 0.04 * np.linspace(-1, 1, 440) ** 2  # the level is taken on the flat-fielded profiles
-    np.testing.assert_allclose(ft.physics_feature(images * vignette, vignette, flight), feat, rtol=1e-9)
-
-
-def test_ft_predict_warns_when_a_flight_has_too_few_profiles_for_its_clear_sky_level(capsys):
-    d = dict(flight=np.repeat([0, 1], [30, 3]))
-    ft.warn_few_profiles(dict(surface_ref="flight"), d, "f.h5")
-    out = capsys.readouterr().out
-    assert out.startswith("warning: f.h5") and "1 (3)" in out and "0 (30)" not in out
-    ft.warn_few_profiles(dict(surface_ref="profile"), d, "f.h5")  # its own warmest pixel: no flight needed
-    ft.warn_few_profiles(dict(), d, "f.h5")  # a file from before --surface_ref
-    assert capsys.readouterr().out == ""
-
-
-def test_ft_flat_field_removes_the_cameras_vignetting_from_the_physics_feature():
-    """camera_response recovers a known cross-track falloff from many frames of a scene that is the same at
-    every position on average, and dividing by it gives back the contrast the vignetting distorted: a cloud
-    near the swath edge reads ~1,250 counts colder than the sea at nadir, and 1,000 once flat-fielded."""
-    rng = np.random.default_rng(0)
-    W = 440
-    vignette = 1.0 - 0.04 * np.linspace(-1, 1, W) ** 2
-    scenes = 9000.0 + 300.0 * rng.standard_normal((20000, W))  # statistically uniform across the track
-    gain = ft.camera_response(scenes * vignette)
-    np.testing.assert_allclose(gain, vignette / vignette.mean(), atol=2e-3)
-    profile = np.full((1, W), 9000.0)
-    profile[0, 25] = 8000.0  # a cloud 1,000 counts colder than the sea, near the edge of the centre 400 px
-    seen = profile * vignette
-    assert ft.physics_feature(seen)[0] > 1200  # the edge reads colder: the contrast grows by ~260 counts
-    # up to the response's overall scale (its mean is 1), dividing gives back the true contrast
-    exact = ft.physics_feature(seen, vignette / vignette.mean())[0]
-    assert exact == pytest.approx(1000.0 * vignette.mean(), rel=1e-9)
-    assert ft.physics_feature(seen, gain)[0] == pytest.approx(exact, rel=0.03)
-    np.testing.assert_array_equal(ft.physics_feature(seen, None), ft.physics_feature(seen))
-
-
-def test_ft_decorrelation_lag_of_a_known_process():
-    """AR(1) labels with correlation 0.9 per 10 frames (rho(lag) = 0.9^(lag/10)): it falls below 0.2 at ~153
-    frames; a white-noise series decorrelates within the first lag bin."""
-    rng = np.random.default_rng(0)
-    n, frames = 400, np.arange(0, 4000, 10)  # a label every 10 frames
-    y = np.zeros((3, n))
-    for i in range(1, n):
-        y[:, i] = 0.9 * y[:, i - 1] + np.sqrt(1 - 0.81) * rng.standard_normal(3)
-    flight = np.repeat(np.arange(3), n)
-    lag = ft.decorrelation_lag(y.ravel(), flight, np.tile(frames, 3), 0.2)
-    assert 120 <= lag <= 200, lag
-    assert ft.decorrelation_lag(rng.standard_normal(3 * n), flight, np.tile(frames, 3), 0.2) <= 20
-    d = dict(cbh_km=y.ravel(), flight=flight, frame=np.tile(frames, 3))
-    assert ft.gap_for("auto", np.arange(3 * n), d, dict(acf_threshold=0.2)) == lag
-    assert ft.gap_for("37", np.arange(3 * n), d, dict(acf_threshold=0.2)) == 37
-
-
-@pytest.mark.parametrize("val_mode,flights,n_members", [("cv", [0, 1, 2], 3), ("flight", [0, 1, 2], 1)])
-def test_ft_final_model_predicts_like_its_own_forward_pass(ft_tiny, tmp_path, val_mode, flights, n_members):
-    """--final under cv: one member per flight, each held out on it; --predict gives the line of all labelled
-    flights (they are all in `flights`) plus the mean of the members' corrections, from their own forward
-    passes. Under flight: one network trained on flights 0-1, stopped by the last flight."""
-    out = tmp_path / "out"
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
-                   "--final", "finetune", *FT_TINY, "--cpu_bf16", "off",  # fp32: comparable to a plain forward
-                   "--val_mode", val_mode, "--select", "min",  # min: the members keep real corrections
-                   "--correction_domain", "true")
-    assert r.returncode == 0, r.stderr
-    m = ft.load_cbh_model(out / "cbh_model.pth")
-    assert m["cpu_autocast"] == "fp32" and len(m["members"]) == n_members
-    assert m["method"] == "finetune" and m["flights"] == flights and m["cv"] == "not cross-validated"
-    before = open(ft_tiny["lab"], "rb").read()
-    r = run_script("finetune_cbh.py", "--predict", ft_tiny["lab"], "--model", out / "cbh_model.pth", "--out_dir", out)
-    assert r.returncode == 0, r.stderr
-    assert open(ft_tiny["lab"], "rb").read() == before  # the input file is only read
-    with h5py.File(out / "cbh_pred_lab.h5") as f:
-        pred, meta = f["cbh_pred_km"][:], f["metadata"][:]
-    d = ft_tiny["d"]
-    np.testing.assert_array_equal(meta, d["metadata"])
-    # each member's own forward pass, by hand: raw input normalised with its stored statistics, plus its
-    # physics line (fitted on its training flights) in standardised units; the model predicts their mean.
-    # The physics feature is flat-fielded with the response of every labelled profile, stored in the file.
-    np.testing.assert_allclose(m["flat_field"], ft.camera_response(d["images"]), rtol=1e-12)
-    assert m["surface_ref"] == "flight"  # and the warm end is each flight's clear-sky level, from the file's profiles
-    phys = ft.physics_feature(d["images"], m["flat_field"], d["flight"])
-    want, outside = [], []
-    for j, mb in enumerate(m["members"]):
-        net = ft.CBHNet(mae.build_encoder(m["encoder_config"]), 0, m["head_hidden"], m["head_dropout"], m["pool"]).eval()
-        net.load_state_dict(mb["state"])
-        x = (torch.as_tensor(d["images"])[:, None] - mb["norm_mean"][0]) / mb["norm_std"][0]  # (N, 1, W)
-        a_own, b_own = mb["prior_line"]
-        prior = torch.as_tensor((a_own * phys + b_own - mb["y_mean"]) / mb["y_std"], dtype=torch.float32)
-        with torch.no_grad():  # the member's correction in km: what it adds to its line
-            raw = net(x, torch.zeros(len(x), 0), prior).numpy()
-        # its correction counts only where the physics feature lies in the range of the flights it trained on
-        trained = phys.astype(np.float32)[d["flight"] != (j if n_members > 1 else 2)]
-        assert mb["phys_range"] == pytest.approx([trained.min(), trained.max()], rel=1e-6)
-        inside = (phys.astype(np.float32) >= mb["phys_range"][0]) & (phys.astype(np.float32) <= mb["phys_range"][1])
-        want.append((raw - prior.numpy()) * mb["y_std"] * inside)
-        outside.append(not inside.all())
-    assert n_members == 1 or not np.allclose(want[0], want[1])  # distinct members, really averaged
-    assert any(outside)  # some frame lies outside a member's range: the mask is exercised
-    a, b = np.polyfit(phys, d["cbh_km"], 1)  # the corrections sit on the line of all flights
-    np.testing.assert_allclose(m["line"], [a, b], rtol=1e-4)
-    want = a * phys + b + np.mean(want, 0)
-    np.testing.assert_allclose(pred, np.clip(want, 0, 20), rtol=1e-4, atol=1e-4)
-    for j, mb in enumerate(m["members"]):  # member j's targets were scaled on the flights it trained on
-        trained = d["flight"] != (j if n_members > 1 else 2)
-        assert mb["y_mean"] == pytest.approx(float(d["cbh_km"][trained].mean()), rel=1e-5)
-    if n_members == 1:  # a model file written before members existed: one network's keys at the top level,
-        # no line of all flights, no flat field, no domain: it predicts its own line on the raw feature + correction
-        newer = ("members", "line", "flat_field", "surface_ref")
-        old = {k: v for k, v in m.items() if k not in newer} | m["members"][0]
-        del old["phys_range"]
-        torch.save(old, tmp_path / "old_model.pth")
-        prior = torch.as_tensor((a_own * ft.physics_feature(d["images"]) + b_own - mb["y_mean"]) / mb["y_std"],
-                                dtype=torch.float32)
-        with torch.no_grad():
-            own = net(x, torch.zeros(len(x), 0), prior).numpy() * mb["y_std"] + mb["y_mean"]
-        r = run_script("finetune_cbh.py", "--predict", ft_tiny["lab"], "--model", tmp_path / "old_model.pth",
-                       "--out_dir", tmp_path / "old")
-        assert r.returncode == 0, r.stderr
-        with h5py.File(tmp_path / "old" / "cbh_pred_lab.h5") as f:
-            np.testing.assert_allclose(f["cbh_pred_km"][:], np.clip(own, 0, 20), rtol=1e-4, atol=1e-4)
-    assert all((out / "plots" / f"cbh_lab_flight_{fl}.png").stat().st_size > 1000 for fl in range(3))
-
-
-def test_ft_final_members_only_where_the_comparison_has_them(ft_tiny):
-    """--final under val_mode cv trains members only with split lofo, as the comparison does; under blocked or
-    random the comparison stops single networks on time tails, so the final model is one network too."""
-    d = ft_tiny["d"]
-    fold = ft.final_fold(d, ft_cfg(final="finetune"))
-    assert [sorted(set(d["flight"][v])) for _, v in fold["members"]] == [[0], [1], [2]]
-    assert all(not set(d["flight"][fit]) & set(d["flight"][v]) for fit, v in fold["members"])
-    for split in ("blocked", "random"):
-        assert "members" not in ft.final_fold(d, ft_cfg(final="finetune", split=split))
-    assert "members" not in ft.final_fold(d, ft_cfg(final="trees"))
-
-
-def test_ft_final_records_the_cross_validated_score_only_for_matching_settings(ft_tiny, tmp_path):
-    args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", tmp_path, *FT_TINY]
-    assert run_script("finetune_cbh.py", *args, "--methods", "trees,physics").returncode == 0
-    results = read_csv(tmp_path / "results.csv")
-    r = run_script("finetune_cbh.py", *args, "--final", "trees")
-    assert r.returncode == 0, r.stderr
-    cv = ft.load_cbh_model(tmp_path / "cbh_model.pth")["cv"]
-    row = next(x for x in results if (x["method"], x["seed"], x["fold"]) == ("trees", "mean", "pooled"))
-    assert cv["split"] == "lofo" and cv["mae_km"] == pytest.approx(float(row["mae_km"]))
-    assert read_csv(tmp_path / "results.csv") == results  # the comparison's files are left alone
-    assert run_script("finetune_cbh.py", *args, "--final", "trees", "--tree_angles", "false").returncode == 0
-    assert ft.load_cbh_model(tmp_path / "cbh_model.pth")["cv"] == "not cross-validated"
-    # a run from before a flag existed ran as that flag's UNTIL_ADDED value: without correction_domain it
-    # matches today's default (off); without flat_field it ran unflattened, which today's default is not
-    ckpt_path = tmp_path / "checkpoints" / "latest.pth"
-    ckpt = torch.load(ckpt_path, weights_only=False)
-    for key, still_matches in (("correction_domain", True), ("flat_field", False), ("surface_ref", False)):
-        torch.save(dict(ckpt, config={k: v for k, v in ckpt["config"].items() if k != key}), ckpt_path)
-        assert run_script("finetune_cbh.py", *args, "--final", "trees").returncode == 0
-        cv = ft.load_cbh_model(tmp_path / "cbh_model.pth")["cv"]
-        assert (cv != "not cross-validated") == still_matches, key
-
-
-def test_ft_predict_bad_inputs_fail_with_one_line_and_write_nothing(ft_tiny, tmp_path):
-    out = tmp_path / "model"
-    assert run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--final", "physics", "--out_dir", out,
-                      "--pretrained", "none").returncode == 0
-    narrow = tmp_path / "narrow.h5"
-    data.write_clouds(narrow, ft_tiny["d"]["images"][:, :400], ft_tiny["d"]["metadata"])
-    cases = [(narrow, out / "cbh_model.pth", ["narrow.h5", "400 px", "440"]),
-             (ft_tiny["lab"], tmp_path / "missing.pth", ["missing.pth", "not found"]),
-             (ft_tiny["lab"], ft_tiny["enc"], ["enc.pth", "not a CBH model"])]
-    for i, (path, model, words) in enumerate(cases):
-        dest = tmp_path / f"pred{i}"
-        r = run_script("finetune_cbh.py", "--predict", path, "--model", model, "--out_dir", dest)
-        assert_one_line_error(r, *words)
-        assert not dest.exists()
-
-
-def test_ft_nonfinite_loss_stops_the_comparison_with_exit_3_and_stays_resumable(ft_tiny, tmp_path, monkeypatch,
-                                                                               capsys):
-    real = ft.CBHNet.forward
-    calls = [0]
-
-    def nan_late(self, x, ang, prior=None):
-        out = real(self, x, ang, prior)
-        calls[0] += self.training  # training steps: 2 members x 3 steps an epoch; 40 = 2nd unit, stage 2, member 1
-        return out * float("nan") if self.training and calls[0] == 40 else out
-    monkeypatch.setattr(ft.CBHNet, "forward", nan_late)
-    args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "finetune",
-            "--head_epochs", "2", "--epochs", "2", "--num_threads", "1", "--batch_size", "16", "--seeds", "1",
-            "--cpu_bf16", "off"]
-    with pytest.raises(SystemExit) as e:
-        ft.main(args + ["--out_dir", str(tmp_path)])
-    assert e.value.code == 3
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "non-finite loss" in err[0] and "finetune flight" in err[0], err
-    ckpt = data.load_checkpoint(tmp_path / "checkpoints" / "latest.pth")
-    assert all(torch.isfinite(v).all() for state in ckpt["model"] for v in state.values())
-    monkeypatch.setattr(ft.CBHNet, "forward", real)
-    trained, real_train = [], ft.train_network
-    monkeypatch.setattr(ft, "train_network", lambda *a, **k: trained.append(k.get("ck") or a[-1]) or real_train(*a, **k))
-    ft.main(args + ["--out_dir", str(tmp_path), "--resume", str(tmp_path / "checkpoints" / "latest.pth")])
-    # the unit finished before the NaN is skipped, the interrupted one continues from its checkpoint, one more runs
-    assert len(trained) == 2 and trained[0] is not None and trained[1] is None, trained
-    assert [r["fold"] for r in read_csv(tmp_path / "results.csv") if r["seed"] == "0"][:3] == ["flight 0", "flight 1",
-                                                                                                 "flight 2"]
-
-
-def test_ft_pretrained_none_skips_finetune_and_probe(ft_tiny, tmp_path):
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", "none",
-                   "--methods", "finetune,probe,trees",
-            "--out_dir", tmp_path, *FT_TINY)
-    assert r.returncode == 0, r.stderr
-    assert "skipping finetune, probe" in r.stdout
-    assert {x["method"] for x in read_csv(tmp_path / "results.csv")} == {"trees"}
-
-
-@pytest.mark.parametrize("problem,cbh,words", [
-    ("nan", np.nan, ["cbh_km", "NaN"]),
-    ("negative", -0.5, ["cbh_km", "outside"]),
-    ("missing", None, ["cbh_km", "missing"]),
-])
-def test_ft_bad_label_files_fail_with_one_line(ft_tiny, tmp_path, problem, cbh, words):
-    d = ft_tiny["d"]
-    labels = None if cbh is None else np.where(np.arange(len(d["cbh_km"])) == 5, cbh, d["cbh_km"])
-    data.write_clouds(tmp_path / "bad.h5", d["images"], d["metadata"], labels)
-    r = run_script("finetune_cbh.py", "--data_path", tmp_path / "bad.h5", "--pretrained", ft_tiny["enc"],
-                   "--out_dir", tmp_path / "out")
-    assert_one_line_error(r, *words)
-    assert not (tmp_path / "out").exists()  # nothing written on bad input
-
-
-def test_ft_missing_pretrained_one_line_error(ft_tiny, tmp_path):
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", tmp_path / "nope.pth",
-                   "--out_dir", tmp_path / "out", "--val_gap", 10)
-    assert_one_line_error(r, "nope.pth", "python mae.py", "--pretrained none")
-    assert not (tmp_path / "out").exists()
-
-
-def test_ft_help_lists_every_constant():
-    r = run_script("finetune_cbh.py", "-h")
-    assert r.returncode == 0
-    src = open(os.path.join(REPO, "finetune_cbh.py")).read().split("# --- config ---")[1].split("# --- end")[0]
-    names = [line.split(" = ")[0] for line in src.strip().splitlines()]
-    assert len(names) > 20 and all(f"--{n}" in r.stdout for n in names)
-
-
-def test_ft_resume_reproduces_the_uninterrupted_run(ft_tiny, tmp_path, monkeypatch, capsys):
-    """Stop after stage-2 epoch 1 of the first fold (a copy of that checkpoint), resume into a fresh
-    out_dir: every later epoch's losses and the final table equal the uninterrupted run's, and the resumed run
-    keeps the stored CPU precision instead of timing again (choose_cpu_dtype prints a cpu_bf16 line)."""
-    args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "finetune,trees",
-            "--head_epochs", "1", "--epochs", "2", "--num_threads", "1", "--n_trees", "10", "--batch_size", "16",
-            "--val_gap", "10"]
-    saves = []
-    orig = data.atomic_torch_save
-
-    def counting_save(obj, path):
-        orig(obj, path)
-        saves.append(1)
-        if len(saves) == 2:  # stage 1 epoch 1, then stage 2 epoch 1 of fold 0
-            shutil.copy(path, tmp_path / "stopped.pth")
-    monkeypatch.setattr(data, "atomic_torch_save", counting_save)
-    ft.main(args + ["--out_dir", str(tmp_path / "a")])
-    monkeypatch.setattr(data, "atomic_torch_save", orig)
-    stopped = data.load_checkpoint(str(tmp_path / "stopped.pth"))
-    assert len(stopped["mse_path"]) == 3  # the lines, stage 1 epoch 1, stage 2 epoch 1: what nested judges on
-    np.testing.assert_allclose(stopped["mse_path"][0], stopped["line_mse"])
-    logged = read_csv(tmp_path / "a" / "log.csv")[1]["val_mse_km2"]  # stage 2 epoch 1 of fold 0
-    np.testing.assert_allclose(stopped["mse_path"][-1], [float(v) for v in logged.split("/")], atol=1e-5)
-    assert "cpu_bf16 auto" in capsys.readouterr().out
-    ft.main(args + ["--out_dir", str(tmp_path / "b"), "--resume", str(tmp_path / "stopped.pth")])
-    assert "cpu_bf16" not in capsys.readouterr().out
-    assert data.load_checkpoint(str(tmp_path / "b/checkpoints/latest.pth"))["cpu_autocast"] == stopped["cpu_autocast"]
-    log_a, log_b = read_csv(tmp_path / "a" / "log.csv"), read_csv(tmp_path / "b" / "log.csv")
-    assert len(log_b) == len(log_a) - 2 and log_b[0]["stage"] == "2" and log_b[0]["epoch"] == "2"
-    for ra, rb in zip(log_a[2:], log_b):
-        assert (ra["fold"], ra["stage"], ra["epoch"]) == (rb["fold"], rb["stage"], rb["epoch"])
-        assert float(ra["train_loss"]) == float(rb["train_loss"]) and float(ra["val_loss"]) == float(rb["val_loss"])
-    assert read_csv(tmp_path / "a" / "results.csv") == read_csv(tmp_path / "b" / "results.csv")
-
-
-def test_ft_resume_with_other_settings_is_refused(ft_tiny, tmp_path):
-    out = tmp_path / "out"
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
-                   "--methods", "trees", "--out_dir", out, "--n_trees", "5", "--val_gap", "10")
-    assert r.returncode == 0, r.stderr
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
-                   "--methods", "trees", "--out_dir", out, "--n_trees", "6", "--val_gap", "10",
-                   "--resume", out / "checkpoints" / "latest.pth")
-    assert_one_line_error(r, "latest.pth", "settings")
-    # a checkpoint of an older protocol (its units were run another way) is refused even with equal settings
-    ck = torch.load(out / "checkpoints" / "latest.pth", weights_only=False)
-    assert ck["protocol"] == ft.PROTOCOL
-    del ck["protocol"]
-    torch.save(ck, tmp_path / "old.pth")
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "trees",
-                   "--out_dir", tmp_path / "resumed", "--n_trees", "5", "--val_gap", "10", "--resume", tmp_path / "old.pth")
-    assert_one_line_error(r, "old.pth", "older finetune_cbh.py")
-    assert not (tmp_path / "resumed").exists()
-    # a checkpoint from before a flag existed resumes only if today's flags say what it did (UNTIL_ADDED)
-    ck["protocol"] = ft.PROTOCOL
-    cfg = dict(ck["config"], resume=str(tmp_path / "new_flags.pth"))
-    for key, resumable in (("correction_domain", True), ("flat_field", False), ("surface_ref", False)):
-        torch.save(dict(ck, config={k: v for k, v in ck["config"].items() if k != key}), tmp_path / "new_flags.pth")
-        if resumable:
-            done = ft.maybe_resume(cfg, str(tmp_path / "log.csv"))[1]
-            assert [(u["method"], u["fold"]) for u in done] == [(u["method"], u["fold"]) for u in ck["done"]] != []
-        else:
-            with pytest.raises(data.DataError, match="with these settings"):
-                ft.maybe_resume(cfg, str(tmp_path / "log.csv"))
 
 
 # ==============================================================================================
@@ -2258,20 +1814,6 @@ def test_ember_resume_trims_logs_and_bad_flags_write_nothing(tmp_path, capsys, r
             em.main([*flags, "--out_dir", str(tmp_path / "out")])
         assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {flags[0]}")
     assert not (tmp_path / "out").exists()
-
-
-def test_ft_bad_flags_and_log_trim(ft_tiny, tmp_path):
-    for flags, words in ((["--batch_size", "0"], "--batch_size"), (["--n_blocks", "1"], "--n_blocks"),
-                         (["--val_frac", "1"], "--val_frac"), (["--prior", "lines"], "--prior 'lines'")):
-        r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
-                       "--out_dir", tmp_path / "out", *flags)
-        assert_one_line_error(r, words)
-    assert not (tmp_path / "out").exists()
-    log = tmp_path / "log.csv"
-    log.write_text("method,epoch\nscratch,1\nscratch,2\nscratch,3\n")
-    ft.trim_rows(str(log), 2)  # a checkpoint that accounts for two rows
-    assert log.read_text() == "method,epoch\nscratch,1\nscratch,2\n"
-    assert ft.count_rows(str(log)) == 2 and ft.count_rows(str(tmp_path / "none.csv")) == 0
 
 
 # ==============================================================================================
@@ -3071,3 +2613,27 @@ def test_ember_nonfinite_loss_on_one_rank_stops_every_rank_with_exit_3(fire_file
     pid, host = (tmp_path / "lock_seen").read_text().split()  # rank 0 took the lock: "pid host"
     assert pid.isdigit() and host == socket.gethostname()
     assert not (out / ".lock").exists()  # released at exit
+
+
+# ==============================================================================================
+# bench_gpu.sh: the prepared GPU measurement script must parse and skip cleanly without a GPU
+
+def test_bench_gpu_script_skips_cuda_parts_cleanly_on_a_cpu_machine(tmp_path):
+    """bench_gpu.sh with CUDA hidden: exit 0, one `skip: <step> (no CUDA device)` line for every step function,
+    and nothing under OUT that claims a result (no ok/result/capped/FAIL line, no CSV, checkpoint or data file)."""
+    env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
+    r = subprocess.run(["bash", "bench_gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with open(os.path.join(REPO, "bench_gpu.sh")) as f:
+        steps = set(re.findall(r"^step_(\w+)\(\)", f.read(), re.M)) - {"info"}
+    assert {"mae_tiny", "mae_resume", "cbh_tiny", "cbh_predict", "ember_tiny", "ember_eval", "bench_ember_400",
+            "mae_full", "cbh_default"} <= steps  # the parse found the steps
+    skipped = set(re.findall(r"^skip: (\w+) \(no CUDA device\)$", r.stdout, re.M))
+    assert skipped == steps, r.stdout
+    claims = re.compile(r"^(ok|result|capped|FAIL):", re.M)
+    assert not claims.search(r.stdout), r.stdout
+    files = [os.path.relpath(os.path.join(d, n), tmp_path) for d, _, names in os.walk(tmp_path) for n in names]
+    assert files == ["summary.log"], files  # no work folder, steps.log, CSV, checkpoint or data file
+    with open(tmp_path / "summary.log") as f:
+        summary = f.read()
+    assert not claims.search(summary) and summary.strip() == r.stdout.strip(), summary
