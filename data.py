@@ -105,19 +105,23 @@ def check_out_dir(out_dir):
 
 def claim_out_dir(out_dir):
     """Create out_dir and take its lock (.lock holding this process id, removed at exit). A lock left by a
-    process that is no longer running is taken over with a notice. Under torchrun (a process group is up) the
-    lock also names the host, "pid host", since the job may span machines; call it on rank 0 only."""
+    process that is no longer running is taken over with a notice. The lock names the host too ("pid host"): on a
+    shared filesystem a live run on another node must not look stale; under torchrun call it on rank 0 only."""
     check_out_dir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise DataError(f"--out_dir {out_dir}: cannot create it ({e.strerror})") from None
+    for folder, _, names in os.walk(out_dir):  # temp files of a write a kill interrupted: no live run owns them
+        for name in names:
+            if name.startswith(".tmp_"):
+                os.remove(os.path.join(folder, name))
     lock = os.path.join(out_dir, ".lock")
     holder = _lock_owner(lock)[0]
     if holder is not None and holder != os.getpid():
         print(f"note: taking over the stale lock {lock} of process {holder}, which is no longer running")
     with open(lock, "w") as f:
-        f.write(str(os.getpid()) + (f" {socket.gethostname()}" if _distributed() else ""))
+        f.write(f"{os.getpid()} {socket.gethostname()}")  # the host too: on a shared filesystem a pid alone misleads
     atexit.register(lambda: _lock_owner(lock)[0] == os.getpid() and os.remove(lock))
 
 
@@ -205,6 +209,9 @@ def _atomic_write(path, write_fn):
     os.close(fd)
     try:
         write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the user's umask, like any other tool (mkstemp makes files 0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -225,7 +232,6 @@ def atomic_write_csv(path, rows):
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        os.chmod(tmp, 0o644)  # a report, readable as a plainly written file is (the temp file starts at 0600)
     _atomic_write(path, write)
 
 
@@ -233,7 +239,6 @@ def atomic_savefig(fig, path, **kwargs):
     """fig.savefig(path), atomically; the format comes from path's extension (the temp file's name has none)."""
     def write(tmp):
         fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png", **kwargs)
-        os.chmod(tmp, 0o644)  # as atomic_write_csv
     _atomic_write(path, write)
 
 

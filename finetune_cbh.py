@@ -741,7 +741,8 @@ def plot_efficiency(rows, names, path):
     ax2.axhline(0, color="k", lw=0.8)
     ax2.set(xscale="log", xlabel="labelled training frames per fold", ylabel="R2 difference",
             title="what pre-training buys (band: 95% interval, flights resampled)")
-    ax2.legend(fontsize=8)
+    if ax2.get_legend_handles_labels()[0]:  # no pair without scratch
+        ax2.legend(fontsize=8)
     fig.tight_layout()
     data.atomic_savefig(fig, path, dpi=110)
     plt.close(fig)

@@ -18,6 +18,7 @@ import csv
 import math
 import os
 import random
+import re
 import time
 
 import matplotlib
@@ -479,7 +480,8 @@ def trim_log(path, last_epoch):
         return
     with open(path) as f:
         lines = f.readlines()
-    keep = lines[:1] + [line for line in lines[1:] if int(line.split(",")[0]) <= last_epoch]
+    epoch = lambda line: int(line.split(",")[0]) if re.match(r"\d+,", line) and line.endswith("\n") else None
+    keep = lines[:1] + [line for line in lines[1:] if epoch(line) is not None and epoch(line) <= last_epoch]
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
@@ -491,13 +493,24 @@ def check_config(cfg, world=1):
          f"--model_size {cfg['model_size']!r}: use tiny, small or custom"),
         (cfg["device"] not in ("auto", "cpu", "cuda", "mps"),
          f"--device {cfg['device']!r}: use auto, cpu, cuda or mps"),
-        (not 0 <= cfg["mask_ratio"] < 1, f"--mask_ratio {cfg['mask_ratio']}: must be in [0, 1)"),
+        (not 0 < cfg["mask_ratio"] < 1, f"--mask_ratio {cfg['mask_ratio']}: must be in (0, 1): with none hidden "
+                                        "there is nothing to reconstruct"),
         (min(cfg["epochs"], cfg["batch_size"], cfg["patience"]) < 1,
          "--epochs, --batch_size and --patience must be >= 1"),
         (cfg["batch_size"] < world, f"--batch_size {cfg['batch_size']} is the global batch, split over the {world} "
                                     f"processes: it must be at least {world}"),
-        (cfg["lr"] <= 0, f"--lr {cfg['lr']}: must be > 0"),
-        (cfg["embed_dim"] % cfg["num_heads"] or cfg["dec_dim"] % cfg["dec_heads"],
+        (not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0), f"--lr {cfg['lr']}: must be finite and > 0"),
+        (not (math.isfinite(cfg["min_lr"]) and 0 <= cfg["min_lr"] <= cfg["lr"]),
+         f"--min_lr {cfg['min_lr']}: must be in [0, --lr]"),
+        (not (math.isfinite(cfg["weight_decay"]) and cfg["weight_decay"] >= 0),
+         f"--weight_decay {cfg['weight_decay']}: must be finite and >= 0"),
+        (not (0 <= cfg["beta1"] < 1 and 0 <= cfg["beta2"] < 1), "--beta1 and --beta2 must be in [0, 1)"),
+        (not (math.isfinite(cfg["grad_clip"]) and cfg["grad_clip"] >= 0),
+         f"--grad_clip {cfg['grad_clip']}: must be finite and >= 0 (0 = off)"),
+        (cfg["warmup_epochs"] < 0, "--warmup_epochs must be >= 0"),
+        (min(cfg["embed_dim"], cfg["depth"], cfg["num_heads"], cfg["dec_dim"], cfg["dec_depth"], cfg["dec_heads"]) < 1,
+         "--embed_dim, --depth, --num_heads, --dec_dim, --dec_depth and --dec_heads must be >= 1"),
+        (cfg["embed_dim"] % max(1, cfg["num_heads"]) or cfg["dec_dim"] % max(1, cfg["dec_heads"]),
          "--num_heads must divide --embed_dim, and --dec_heads must divide --dec_dim"),
         (cfg["val_blocks"] < 2, "--val_blocks must be >= 2"),
         (min(cfg["patch_size"], cfg["n_plot"]) < 1 or cfg["val_gap"] < 0,
@@ -633,12 +646,12 @@ def save_checkpoints(ckpt, model, cfg, improved, norm):
     """latest.pth every epoch, best.pth and the exported encoder on improvement, epoch_NNN.pth every
     save_every epochs; all atomic."""
     ckpt_dir = os.path.join(cfg["out_dir"], "checkpoints")
-    data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
-    if improved:
+    if improved:  # best and the encoder BEFORE latest: a kill between them re-runs this epoch on resume
         data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
         data.atomic_torch_save(dict(encoder=model.encoder.state_dict(), config=encoder_config(ckpt["model_config"]),
                                     input=cfg["input"], norm_mean=norm[0], norm_std=norm[1], flat_field=norm[2]),
                                os.path.join(cfg["out_dir"], "mae_encoder_pretrained.pth"))
+    data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
     if cfg["save_every"] > 0 and ckpt["epoch"] % cfg["save_every"] == 0:
         data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, f"epoch_{ckpt['epoch']:03d}.pth"))
 

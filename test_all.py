@@ -773,6 +773,56 @@ def test_mae_bad_inputs_give_one_line_error(tiny_clouds, tmp_path):
         assert not out.exists()  # nothing written on bad input
 
 
+@pytest.mark.parametrize("flags,words", [
+    (["--mask_ratio", "0"], "--mask_ratio 0.0"), (["--mask_ratio", "1"], "--mask_ratio 1.0"),
+    (["--lr", "nan"], "--lr nan"), (["--min_lr", "-1"], "--min_lr"), (["--beta1", "1.5"], "--beta1"),
+    (["--weight_decay", "-0.1"], "--weight_decay"), (["--num_heads", "0"], "--num_heads"),
+    (["--model_size", "custom", "--embed_dim", "0"], "--embed_dim"), (["--grad_clip", "inf"], "--grad_clip"),
+])
+def test_mae_flags_out_of_range_are_one_line_and_write_nothing(tmp_path, flags, words):
+    # checked before any data is read: the data file need not exist
+    r = run_script("mae.py", "--out_dir", tmp_path / "out", "--data_path", tmp_path / "none.h5", *flags)
+    assert_one_line_error(r, words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_mae_writes_best_and_the_encoder_before_latest(monkeypatch, tmp_path):
+    """A kill between two writes must never leave latest.pth recording a best that best.pth and the exported
+    encoder do not hold: they are written first (an event order, not a clock)."""
+    written = []
+    monkeypatch.setattr(data, "atomic_torch_save", lambda obj, path: written.append(os.path.basename(path)))
+    model = mae.MAE(**mae.MODEL_SIZES["tiny"])
+    cfg = dict(out_dir=str(tmp_path), input="relative", save_every=1)
+    ckpt = dict(epoch=3, model_config=dict(mae.MODEL_SIZES["tiny"], width=440))
+    mae.save_checkpoints(ckpt, model, cfg, True, ([0.0], [1.0], None))
+    assert written == ["best.pth", "mae_encoder_pretrained.pth", "latest.pth", "epoch_003.pth"]
+
+
+def test_mae_resume_survives_a_partial_last_log_line(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,train_loss\n1,0.5\n2,0.4\n3,0.3\n4,0.2")  # a kill while appending epoch 4's row
+    mae.trim_log(str(log), 3)
+    assert log.read_text() == "epoch,train_loss\n1,0.5\n2,0.4\n3,0.3\n"
+    log.write_text("epoch,train_loss\n1,0.5\n\n")
+    mae.trim_log(str(log), 3)
+    assert log.read_text() == "epoch,train_loss\n1,0.5\n"
+
+
+def test_outputs_follow_the_umask_and_stale_temp_files_are_removed(tmp_path):
+    old = os.umask(0o002)
+    try:
+        data.atomic_torch_save({"a": 1}, tmp_path / "x.pth")
+        data.atomic_write_csv(tmp_path / "x.csv", [dict(a=1)])
+    finally:
+        os.umask(old)
+    assert all((tmp_path / n).stat().st_mode & 0o777 == 0o664 for n in ("x.pth", "x.csv"))
+    stale = tmp_path / "run" / "checkpoints" / ".tmp_latest.pthab12"  # a kill during a checkpoint write
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a checkpoint")
+    data.claim_out_dir(tmp_path / "run")
+    assert not stale.exists()
+
+
 def test_mae_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoints(tiny_clouds, tmp_path,
                                                                                     monkeypatch, capsys):
     """A NaN loss in epoch 2 (injected into the training path's loss) stops the run with one line and exit
@@ -838,7 +888,7 @@ def test_out_dir_unwritable_or_held_by_a_live_run_is_refused(tiny_clouds, tmp_pa
     dead.wait()
     (out / ".lock").write_text(str(dead.pid))  # a lock left by a process that has ended is taken over
     r = run_script("finetune_cbh.py", "--data_path", tiny_clouds[1], "--out_dir", out, "--methods", "physics",
-                   "--val_gap", "10")
+                   "--budgets", "1")
     assert r.returncode == 0, r.stderr
     assert "stale lock" in r.stdout and not (out / ".lock").exists()  # released at exit
 
@@ -1969,10 +2019,10 @@ def test_device_per_process_refuses_fewer_gpus_than_processes(monkeypatch):
 
 
 def test_lock_names_host_and_pid_under_torchrun(tmp_path, monkeypatch):
-    """One process writes a bare pid (as before); under torchrun rank 0 writes "pid host", and a lock naming
-    another host is refused (its process cannot be seen from here) with the host in the message."""
+    """Every lock says "pid host" (one process too: on a shared filesystem a live run on another node must not be
+    taken over), and a lock naming another host is refused (its process cannot be seen from here)."""
     data.claim_out_dir(tmp_path / "single")
-    assert (tmp_path / "single/.lock").read_text() == str(os.getpid())
+    assert (tmp_path / "single/.lock").read_text().split() == [str(os.getpid()), socket.gethostname()]
     monkeypatch.setattr(data, "_distributed", lambda: True)
     out = tmp_path / "ddp"
     data.claim_out_dir(out)
