@@ -12,6 +12,7 @@ import argparse
 import atexit
 import contextlib
 import csv
+import hashlib
 import os
 import re
 import socket
@@ -170,6 +171,17 @@ def parse_constants(script, description, namespace, argv=None):
                 dict(type=str if default is None else type(default)))
         p.add_argument(f"--{name}", default=default, help=comment.replace("%", "%%"), **kind)  # help is %-formatted
     return vars(p.parse_args(argv))
+
+
+def fingerprint(*arrays):
+    """A short hash of the arrays' values (numpy or torch, any device): a checkpoint stores it so --resume can
+    tell that the data changed under the same file name."""
+    h = hashlib.sha1()
+    for a in arrays:
+        a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
 
 
 def trim_csv(path, n):

@@ -598,9 +598,10 @@ def run_unit(unit, folds, budgets, d, prep, t, enc, cfg, amp, log):
                 n_labels=len(labelled))
 
 
-def load_resume(cfg, log_path):
-    """The checkpoint of an interrupted comparison with these settings (None for a fresh run, whose log starts
-    anew). The log is trimmed back to the rows the checkpoint accounts for, so no epoch is logged twice."""
+def load_resume(cfg, log_path, data_hash):
+    """The checkpoint of an interrupted comparison with these settings and data (data_hash: data.fingerprint of the
+    labelled file's arrays); None for a fresh run, whose log starts anew. The log is trimmed back to the rows the
+    checkpoint accounts for, so no epoch is logged twice."""
     if not cfg["resume"]:
         if os.path.isfile(log_path):
             os.remove(log_path)
@@ -610,6 +611,9 @@ def load_resume(cfg, log_path):
     if ck.get("kind") != "cbh_comparison" or same(ck["config"]) != same(cfg):
         raise data.DataError(f"{cfg['resume']}: not a checkpoint of a finetune_cbh.py comparison with these "
                              "settings (older comparisons: check out the commit that made them)")
+    if ck.get("data_hash", data_hash) != data_hash:
+        raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded labelled file'} does not hold the "
+                             "frames this comparison ran on (their fingerprint differs); resume with its data")
     data.trim_csv(log_path, ck["log_rows"])
     return ck
 
@@ -800,13 +804,15 @@ def compare(cfg, dev):
     d, prep, folds, names, budgets, enc, t, _ = load_inputs(cfg, dev)
     ckpt_path, log_path = os.path.join(cfg["out_dir"], "checkpoints", "latest.pth"), os.path.join(cfg["out_dir"],
                                                                                                    "log.csv")
-    ck = load_resume(cfg, log_path)
+    data_hash = data.fingerprint(d["images"], d["metadata"], d["cbh_km"])
+    ck = load_resume(cfg, log_path, data_hash)
     data.claim_out_dir(cfg["out_dir"])
     amp = amp_policy(dev, cfg, t, enc, ck and ck["cpu_autocast"]) if t is not None else (None, False)
     cpu_autocast = ("bf16" if amp[0] else "fp32") if dev.type == "cpu" else None
     done, log_rows = (ck["done"], ck["log_rows"]) if ck else ([], 0)
     save = lambda **extra: data.atomic_torch_save(dict(kind="cbh_comparison", config=cfg, done=done, log_rows=log_rows,
-                                                       cpu_autocast=cpu_autocast, complete=False) | extra, ckpt_path)
+                                                       cpu_autocast=cpu_autocast, data_hash=data_hash,
+                                                       complete=False) | extra, ckpt_path)
     for unit in units(names, budgets, folds, cfg):
         if any((u["method"], u["budget"], u["fold"], u["seed"]) == unit for u in done):
             continue  # finished before the interruption

@@ -544,8 +544,9 @@ def load_data(cfg, dev):
     return X_train, X_val, norm, path
 
 
-def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen):
-    """Load a --resume checkpoint into the model, optimizer, scaler and generators. Returns
+def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen, data_hash):
+    """Load a --resume checkpoint into the model, optimizer, scaler and generators; refused if the data are not
+    those it trained on (data_hash: data.fingerprint of the train and val tensors). Returns
     (epochs done, best val loss, epochs without improvement, the CPU precision the run chose: 'bf16' or
     'fp32'); (0, inf, 0, None) for a fresh run."""
     if not cfg["resume"]:
@@ -565,6 +566,10 @@ def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen):
     if diff:  # another schedule, split or model would not continue the run: it would be a new one
         raise data.DataError(f"{cfg['resume']}: checkpoint was made with different settings; pass " +
                              " ".join(f"--{k} {saved.get(k)!r}" for k in diff))
+    if ckpt.get("data_hash", data_hash) != data_hash:  # the same file name can hold other profiles
+        raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded dataset'} does not hold the "
+                             "profiles this checkpoint trained on (their fingerprint differs); resume with its "
+                             "data, or start a new run")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
@@ -700,7 +705,9 @@ def train(cfg):
         # seeded alike on every process, so all of them draw the same global batches, augmentations and masks
         shuffle_gen = torch.Generator().manual_seed(cfg["seed"])  # batch order (CPU)
         gen = torch.Generator(dev).manual_seed(cfg["seed"])  # masks and augmentations (on the device)
-        start_epoch, best_val, bad_epochs, cpu_autocast = maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen)
+        data_hash = data.fingerprint(X_train, X_val)
+        start_epoch, best_val, bad_epochs, cpu_autocast = maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen,
+                                                                       data_hash)
         msg = None
         if dev.type == "cpu" and cpu_autocast:  # a resumed run keeps the precision it chose: its losses continue
             dtype = torch.bfloat16 if cpu_autocast == "bf16" else None
@@ -735,7 +742,7 @@ def train(cfg):
             if rank == 0:
                 ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                             epoch=n, best_val=best_val, bad_epochs=bad_epochs, rng=rng_state(shuffle_gen, gen),
-                            config=cfg, model_config=mcfg, norm_mean=norm[0], norm_std=norm[1],
+                            config=cfg, model_config=mcfg, norm_mean=norm[0], norm_std=norm[1], data_hash=data_hash,
                             cpu_autocast=("bf16" if dtype else "fp32") if dev.type == "cpu" else None)
                 log_epoch(log_path, n, train_loss, val_loss, lr, secs, rate)  # log first: a kill between the two
                 save_checkpoints(ckpt, model, cfg, improved, norm)  # re-runs epoch n on resume, and trims its row

@@ -786,6 +786,26 @@ def test_mae_flags_out_of_range_are_one_line_and_write_nothing(tmp_path, flags, 
     assert not (tmp_path / "out").exists()
 
 
+def test_resume_refuses_a_data_file_that_changed_under_the_same_name(tmp_path):
+    """mae.py and finetune_cbh.py store a fingerprint of their data: a resumed run on other data (same path) is
+    refused with one line naming the file."""
+    u, l = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120, seed=0)
+    u2, l2 = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120, seed=1)
+    data.write_clouds(tmp_path / "unlab.h5", **u)
+    data.write_clouds(tmp_path / "lab.h5", **l)
+    mae_args = ["mae.py", "--data_path", tmp_path / "unlab.h5", "--out_dir", tmp_path / "m", *MAE_TINY]
+    ft_args = ["finetune_cbh.py", "--data_path", tmp_path / "lab.h5", "--out_dir", tmp_path / "f", "--pretrained",
+               "none", "--methods", "physics", "--budgets", "1"]
+    assert run_script(*mae_args, "--epochs", "1").returncode == 0
+    assert run_script(*ft_args).returncode == 0
+    data.write_clouds(tmp_path / "unlab.h5", **u2)  # the same names, other profiles and labels
+    data.write_clouds(tmp_path / "lab.h5", **l2)
+    r = run_script(*mae_args, "--epochs", "1", "--resume", tmp_path / "m/checkpoints/latest.pth")
+    assert_one_line_error(r, "unlab.h5", "fingerprint")
+    r = run_script(*ft_args, "--resume", tmp_path / "f/checkpoints/latest.pth")
+    assert_one_line_error(r, "lab.h5", "fingerprint")
+
+
 def test_mae_writes_best_and_the_encoder_before_latest(monkeypatch, tmp_path):
     """A kill between two writes must never leave latest.pth recording a best that best.pth and the exported
     encoder do not hold: they are written first (an event order, not a clock)."""
