@@ -510,8 +510,13 @@ def write_cbh_predictions(path, cbh_pred_km, metadata):
     _atomic_write(path, write)
 
 
-def load_clouds(path, labelled=False, max_samples=0):
-    """Read and validate a cloud-profile file. Returns numpy arrays (see module docstring)."""
+NO_BASE_FILL = -999.0  # cbh_km at or below this (or NaN) marks "no cloud base seen" in real lidar files
+
+
+def load_clouds(path, labelled=False, max_samples=0, drop_unlabelled=False):
+    """Read and validate a cloud-profile file. Returns numpy arrays (see module docstring). drop_unlabelled (with
+    labelled): frames whose cbh_km is NaN or a fill value (<= NO_BASE_FILL), as real lidar files mark "no cloud
+    base", are left out with a one-line count instead of refusing the file."""
     with _open_h5(path) as f:
         d_img = _read(f, path, "images", "f", 2)
         d_meta = _read(f, path, "metadata", "f", 2)
@@ -537,6 +542,15 @@ def load_clouds(path, labelled=False, max_samples=0):
             out["cbh_km"] = d_cbh[:n].astype(np.float32)
     _check_finite(path, "images", images)
     _check_finite(path, "metadata", meta)
+    if labelled and drop_unlabelled:
+        keep = ~(np.isnan(out["cbh_km"]) | (out["cbh_km"] <= NO_BASE_FILL))  # +-inf stay: refused below
+        if not keep.any():
+            raise DataError(f"{path}: dataset 'cbh_km' has no frame with a cloud base")
+        if not keep.all():
+            print(f"note: {path}: {int((~keep).sum())} of {len(keep)} frames have no cloud base (cbh_km NaN or "
+                  f"<= {NO_BASE_FILL:g}); left out")
+            out = {k: v[keep] for k, v in out.items()}
+            images, meta = out["images"], out["metadata"]
     sza, saa = meta[:, 2], meta[:, 3]
     if (sza < 0).any() or (sza > 180).any() or (saa < -360).any() or (saa > 360).any():
         raise DataError(f"{path}: dataset 'metadata' solar angles out of range (sza 0..180, saa -360..360 deg)")

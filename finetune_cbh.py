@@ -555,7 +555,7 @@ def load_inputs(cfg, dev):
     """Labelled data, its preprocessing, folds, methods, budgets, the encoder source and the network tensors."""
     names, budgets = parse_list(cfg)
     path = cfg["data_path"] or data.default_cloud_paths()[1]
-    d = data.load_clouds(path, labelled=True)
+    d = data.load_clouds(path, labelled=True, drop_unlabelled=True)
     folds = make_folds(d, cfg)
     enc = load_encoder_source(cfg, d["images"].shape[1])
     if enc["state"] is None and {"finetune", "probe"} & set(names):
@@ -873,7 +873,7 @@ def train_final(cfg, dev):
     if method not in METHODS:
         raise data.DataError(f"--final {method!r}: expected one of {', '.join(METHODS)}")
     path = cfg["data_path"] or data.default_cloud_paths()[1]
-    d = data.load_clouds(path, labelled=True)
+    d = data.load_clouds(path, labelled=True, drop_unlabelled=True)
     enc = load_encoder_source(cfg, d["images"].shape[1])
     if method in ("finetune", "probe") and enc["state"] is None:
         raise data.DataError(f"--final {method} needs a pre-trained encoder (--pretrained)")

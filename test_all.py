@@ -1301,8 +1301,22 @@ def test_ft_pretrained_none_skips_finetune_and_probe(ft_tiny, tmp_path):
     assert {x["method"] for x in read_csv(tmp_path / "results.csv")} == {"trees"}
 
 
+def test_ft_frames_without_a_cloud_base_are_left_out_with_a_count(ft_tiny, tmp_path):
+    """Real lidar files mark "no cloud base" with NaN or a fill value: a comparison leaves those frames out and
+    says how many, instead of refusing the file."""
+    d = ft_tiny["d"]
+    cbh = d["cbh_km"].copy()
+    cbh[[3, 50, 90]], cbh[[7, 8]] = np.nan, -9999.0
+    data.write_clouds(tmp_path / "gaps.h5", d["images"], d["metadata"], cbh)
+    r = run_script("finetune_cbh.py", "--data_path", tmp_path / "gaps.h5", "--pretrained", "none", "--methods",
+                   "physics", "--budgets", "1", "--out_dir", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "5 of 120 frames have no cloud base" in r.stdout
+    assert len(read_csv(tmp_path / "out" / "predictions.csv")) == 115
+
+
 @pytest.mark.parametrize("problem,cbh,words", [
-    ("nan", np.nan, ["cbh_km", "NaN"]),
+    ("inf", np.inf, ["cbh_km", "Inf"]),
     ("negative", -0.5, ["cbh_km", "outside"]),
     ("missing", None, ["cbh_km", "missing"]),
 ])
