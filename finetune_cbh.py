@@ -744,9 +744,13 @@ def plot_efficiency(rows, names, path):
             ax2.fill_between(n, lo, hi, alpha=0.2)
     ax2.axhline(0, color="k", lw=0.8)
     ax2.set(xscale="log", xlabel="labelled training frames per fold", ylabel="R2 difference",
-            title="what pre-training buys (band: 95% interval, flights resampled)")
+            title="pre-trained minus scratch (band: 95%, flights resampled)")
     if ax2.get_legend_handles_labels()[0]:  # no pair without scratch
         ax2.legend(fontsize=8)
+    ticks = sorted({x["labelled_frames"] for x in rows})
+    for a in (ax, ax2):  # the budgets themselves as ticks: log-axis minor labels collide
+        a.set_xticks(ticks, [str(v) for v in ticks])
+        a.minorticks_off()
     fig.tight_layout()
     data.atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
@@ -770,7 +774,7 @@ def plot_full_budget(done, folds, d, names, b, plot_dir):
     data.atomic_savefig(fig, os.path.join(plot_dir, "pred_vs_true.png"), dpi=110)
     plt.close(fig)
     fls = np.unique(flight)
-    fig, ax = plt.subplots(figsize=(0.6 * len(fls) * len(names) + 3, 4))
+    fig, ax = plt.subplots(figsize=(0.25 * len(fls) * len(names) + 3, 3.5))
     w = 0.8 / len(names)
     for j, m in enumerate(names):
         test, pred = pooled(done, folds, m, b)
