@@ -842,17 +842,6 @@ def trim_csv(path, last_epoch):
     os.replace(path + ".tmp", path)
 
 
-def append_csv(path, rows):
-    if not rows:
-        return
-    new = not os.path.isfile(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-
-
 def error_image(pred, truth, start):
     """pred, truth, start (H, W) bool CPU -> (H, W, 3) RGB: white hit, red false alarm, blue miss, grey burning
     at the start frame (and kept), black neither."""
@@ -1048,16 +1037,6 @@ def set_rng_state(st, gen):
 # ----------------------------------------------------------------------------------------------
 # main
 
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("true", "1", "yes"):
-        return True
-    if v.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
-
 def build_parser(only_given=False):
     """argparse built from the config block above: one --flag per constant, help = its comment. only_given: no
     defaults, so parsing returns only the flags written on the command line."""
@@ -1067,7 +1046,7 @@ def build_parser(only_given=False):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     for name, value, comment in re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M):
         default = ast.literal_eval(value)  # the file's value, not the global: train() overwrites those
-        kind = dict(type=str2bool, nargs="?", const=True) if isinstance(default, bool) else dict(
+        kind = dict(type=data.str2bool, nargs="?", const=True) if isinstance(default, bool) else dict(
             type=str if default is None else type(default))
         p.add_argument(f"--{name}", default=argparse.SUPPRESS if only_given else default, help=comment, **kind)
     return p
@@ -1216,8 +1195,8 @@ def print_epoch(epoch, tr, va, base):
 
 def write_epoch_outputs(row, step_rows, model, D, sample, amp, base):
     """The epoch's rows in log.csv and log_steps.csv, its preview plot and the updated curves."""
-    append_csv(os.path.join(out_dir, "log.csv"), [row])
-    append_csv(os.path.join(out_dir, "log_steps.csv"), step_rows)
+    data.append_csv(os.path.join(out_dir, "log.csv"), [row])
+    data.append_csv(os.path.join(out_dir, "log_steps.csv"), step_rows)
     plot_preview(model, D, sample, amp, os.path.join(out_dir, "plots", f"preview_epoch_{row['epoch']:03d}.png"))
     plot_curves(os.path.join(out_dir, "log.csv"), base, os.path.join(out_dir, "curves.png"))
 
