@@ -900,7 +900,7 @@ def test_out_dir_unwritable_or_held_by_a_live_run_is_refused(tiny_clouds, tmp_pa
     out = tmp_path / "held"
     out.mkdir()
     (out / ".lock").write_text(str(os.getpid()))  # this test process is alive: the folder is taken
-    for script, extra in (("mae.py", MAE_TINY), ("finetune_cbh.py", ["--methods", "physics"])):
+    for script, extra in (("mae.py", MAE_TINY), ("finetune_cbh.py", ["--methods", "physics", "--pretrained", "none"])):
         r = run_script(script, "--data_path", tiny_clouds[int(script != "mae.py")], "--out_dir", out, *extra)
         assert_one_line_error(r, f"in use by process {os.getpid()}")
     assert sorted(os.listdir(out)) == [".lock"]
@@ -908,7 +908,7 @@ def test_out_dir_unwritable_or_held_by_a_live_run_is_refused(tiny_clouds, tmp_pa
     dead.wait()
     (out / ".lock").write_text(str(dead.pid))  # a lock left by a process that has ended is taken over
     r = run_script("finetune_cbh.py", "--data_path", tiny_clouds[1], "--out_dir", out, "--methods", "physics",
-                   "--budgets", "1")
+                   "--budgets", "1", "--pretrained", "none")
     assert r.returncode == 0, r.stderr
     assert "stale lock" in r.stdout and not (out / ".lock").exists()  # released at exit
 
