@@ -1088,6 +1088,14 @@ def check_config(cfg, world=1):
         raise data.DataError(f"--test_frac {cfg['test_frac']}: must be in [0, 1)")
     if cfg["wind_scale"] <= 0 or cfg["grad_clip"] < 0:
         raise data.DataError("--wind_scale must be > 0 and --grad_clip >= 0")
+    ranges = dict(lr=(0, False), lr_temporal=(0, True), lr_spatial=(0, True), weight_decay=(0, False),
+                  pos_weight=(0, False), dil_wind=(0, True), bce_weight=(0, False), dice_weight=(0, False),
+                  grad_clip=(0, False), warmup_frac=(0, False), min_lr_frac=(0, False))  # (bound, strictly above)
+    for k, (lo, strict) in ranges.items():  # NaN fails every comparison: finite first
+        if not math.isfinite(cfg[k]) or cfg[k] < lo or (strict and cfg[k] == lo):
+            raise data.DataError(f"--{k} {cfg[k]}: must be finite and {'>' if strict else '>='} {lo}")
+    if cfg["warmup_frac"] >= 1 or cfg["min_lr_frac"] > 1 or cfg["bce_weight"] + cfg["dice_weight"] == 0:
+        raise data.DataError("--warmup_frac must be < 1, --min_lr_frac <= 1, and --bce_weight + --dice_weight > 0")
     check_mode(cfg)
     if cfg["eval_only"] and world > 1:
         raise data.DataError(f"--eval_only runs in one process: start it with python, not torchrun with {world} "

@@ -1877,6 +1877,16 @@ def test_ember_bad_flag_and_checkpoint(tmp_path, capsys, restore_globals):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("flag,value,words", [
+    ("--lr_temporal", "-1", "must be finite and > 0"), ("--lr", "nan", "--lr nan"), ("--pos_weight", "-2", ">= 0"),
+    ("--dil_wind", "0", "--dil_wind 0.0"), ("--weight_decay", "-1", "--weight_decay"), ("--lr_spatial", "inf", "inf"),
+])
+def test_ember_numeric_flags_out_of_range_are_one_line_and_write_nothing(tmp_path, flag, value, words):
+    r = run_script("emberformer.py", flag, value, "--out_dir", tmp_path / "out")
+    assert_one_line_error(r, flag, words)
+    assert not (tmp_path / "out").exists()
+
+
 def test_ember_help_lists_constants():
     r = subprocess.run([sys.executable, "emberformer.py", "-h"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0
