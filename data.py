@@ -184,7 +184,7 @@ def fingerprint(*arrays):
     return h.hexdigest()[:16]
 
 
-def trim_csv(path, n):
+def keep_first_rows(path, n):
     """Keep the header and the first n rows of a CSV log: the rows a checkpoint accounts for."""
     if not os.path.isfile(path):
         return

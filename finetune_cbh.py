@@ -535,9 +535,10 @@ def load_encoder_source(cfg, width):
 
 def preprocess(d, gain, where):
     """The label-free preprocessing every method shares: relative profiles (N, W), the physics feature (N,), tree
-    features (N, F)."""
+    features (N, F) and the flat field gain (W,) used (None: estimated from d's own profiles)."""
+    gain = data.flat_field(d["images"], where) if gain is None else np.asarray(gain, np.float64)
     rel = data.relative_profiles(d["images"], d["flight"], gain, where)
-    return dict(rel=rel, phys=physics_feature(rel), features=profile_features(rel))
+    return dict(rel=rel, phys=physics_feature(rel), features=profile_features(rel), gain=gain)
 
 
 def network_tensors(prep, d, enc, dev):
@@ -561,13 +562,12 @@ def load_inputs(cfg, dev):
     if enc["state"] is None and {"finetune", "probe"} & set(names):
         print("note: --pretrained none: skipping finetune and probe (they need a pre-trained encoder)")
         names = [m for m in names if m not in ("finetune", "probe")]
-    gain = enc["flat_field"] if enc["flat_field"] is not None else data.flat_field(d["images"], path)
-    prep = preprocess(d, gain, path)
+    prep = preprocess(d, enc["flat_field"], path)  # the encoder's flat field (from unlabelled profiles) if any
     t = network_tensors(prep, d, enc, dev) if set(names) & set(NETWORKS) else None
     print(f"{len(d['cbh_km'])} labelled profiles from {path}, {len(np.unique(d['flight']))} flights; split "
           f"{cfg['split']} ({len(folds)} folds); budgets {', '.join(f'{b:g}' for b in budgets)}; methods "
           f"{', '.join(names)}; device {dev}")
-    return d, prep, folds, names, budgets, enc, t, gain
+    return d, prep, folds, names, budgets, enc, t
 
 
 def units(names, budgets, folds, cfg):
@@ -614,7 +614,7 @@ def load_resume(cfg, log_path, data_hash):
     if ck.get("data_hash", data_hash) != data_hash:
         raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded labelled file'} does not hold the "
                              "frames this comparison ran on (their fingerprint differs); resume with its data")
-    data.trim_csv(log_path, ck["log_rows"])
+    data.keep_first_rows(log_path, ck["log_rows"])
     return ck
 
 
@@ -805,7 +805,7 @@ def report(done, folds, budgets, d, names, out_dir):
 
 def compare(cfg, dev):
     t_start = time.time()
-    d, prep, folds, names, budgets, enc, t, _ = load_inputs(cfg, dev)
+    d, prep, folds, names, budgets, enc, t = load_inputs(cfg, dev)
     ckpt_path, log_path = os.path.join(cfg["out_dir"], "checkpoints", "latest.pth"), os.path.join(cfg["out_dir"],
                                                                                                    "log.csv")
     data_hash = data.fingerprint(d["images"], d["metadata"], d["cbh_km"])
@@ -882,9 +882,8 @@ def train_final(cfg, dev):
     if method in ("finetune", "probe") and enc["state"] is None:
         raise data.DataError(f"--final {method} needs a pre-trained encoder (--pretrained)")
     cv = cross_validated(cfg, method)
-    gain = enc["flat_field"] if enc["flat_field"] is not None else data.flat_field(d["images"], path)
-    prep, y = preprocess(d, gain, path), d["cbh_km"]
-    saved = dict(kind="cbh_model", method=method, width=d["images"].shape[1], flat_field=list(map(float, gain)),
+    prep, y = preprocess(d, enc["flat_field"], path), d["cbh_km"]
+    saved = dict(kind="cbh_model", method=method, width=d["images"].shape[1], flat_field=prep["gain"].tolist(),
                  cv=cv, data_path=path, flights=sorted(int(f) for f in np.unique(d["flight"])))
     if method == "trees":
         saved["trees"] = gbrt_fit(prep["features"], y, cfg["n_trees"], cfg["tree_depth"], cfg["tree_lr"])

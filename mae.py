@@ -33,7 +33,7 @@ import losses
 
 # --- config ---
 data_path = ''  # unlabelled cloud-profile HDF5 file ('' = the embedded synthetic dataset)
-input = 'relative'  # relative (flat-fielded, minus the flight's clear-sky level) | raw | contrast | both: data.profile_channels
+input = 'relative'  # relative (flat-fielded, minus the flight's sea level) | raw | contrast | both
 out_dir = 'outputs/mae_pretrain'  # checkpoints/, plots/, log.csv and the exported encoder go here
 epochs = 100  # training epochs; the cosine schedule spans all of them
 batch_size = 128  # profiles per step, all processes together (torchrun); scale lr with it: lr = 1e-3 * batch_size / 64

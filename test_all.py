@@ -968,7 +968,7 @@ def ft_cfg(ft_tiny, *argv):
 def ft_setup(ft_tiny, *argv):
     """What a comparison holds after load_inputs: (cfg, d, prep, folds, names, budgets, enc, t)."""
     cfg = ft_cfg(ft_tiny, *argv)
-    d, prep, folds, names, budgets, enc, t, _ = ft.load_inputs(cfg, torch.device("cpu"))
+    d, prep, folds, names, budgets, enc, t = ft.load_inputs(cfg, torch.device("cpu"))
     return cfg, d, prep, folds, names, budgets, enc, t
 
 
@@ -1023,7 +1023,7 @@ def test_ft_trees_see_no_absolute_level_and_no_angles():
     a, b = (ft.preprocess(x, np.ones(440), "f") for x in (d, shifted))
     for k in ("rel", "phys", "features"):
         np.testing.assert_allclose(a[k], b[k], atol=2e-3 * np.abs(a[k]).max())
-    assert a["features"].shape[1] == ft.profile_features(a["rel"][:3]).shape[1]  # angles never enter
+    assert a["features"].shape[1] == 21  # the profile's own statistics only: no solar-angle columns
     np.testing.assert_allclose(ft.profile_features(a["rel"][[4, 1]]), a["features"][[4, 1]])  # per frame
 
 
