@@ -40,11 +40,11 @@ args = p.parse_args()
 if args.num_threads > 0:
     torch.set_num_threads(args.num_threads)
 try:
-    dev = em.pick_device(args.device)
+    dev = data.pick_device(args.device)
     fires = data.load_fire(args.data_path or data.default_fire_path())
 except data.DataError as e:
     p.error(str(e))
-amp = em.amp_dtype_for(dev)
+amp = data.cuda_autocast(dev)[0]
 B, K, P = args.batch_size, args.history, args.patch_size
 S, T, H, W = fires["fire"].shape
 D = dict(fire=torch.from_numpy(fires["fire"]).to(dev), wind=torch.from_numpy(fires["wind"]).to(dev),

@@ -12,9 +12,12 @@ import argparse
 import atexit
 import contextlib
 import csv
+import errno
 import hashlib
+import math
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -104,6 +107,23 @@ def check_out_dir(out_dir):
                         "or choose another --out_dir")
 
 
+def check_run_folder(out_dir, resume):
+    """A training run's folder holds one run, never two merged and never a deleted one. A fresh run refuses a folder
+    holding a previous run's log or checkpoint; --resume continues its own folder's run, or branches a checkpoint
+    into a folder without a run, but refuses another run's folder (that run's log and checkpoints would mix)."""
+    found = [n for n in ("log.csv", os.path.join("checkpoints", "latest.pth"))
+             if os.path.exists(os.path.join(out_dir, n))]
+    home = os.path.dirname(os.path.dirname(os.path.realpath(resume))) if resume else None
+    if not found or home == os.path.realpath(out_dir):
+        return
+    if resume:
+        raise DataError(f"--resume {resume}: --out_dir {out_dir} holds another run ({', '.join(found)}); resume "
+                        f"into the checkpoint's own folder or a new --out_dir")
+    raise DataError(f"--out_dir {out_dir} holds a previous run ({', '.join(found)}): continue it with --resume "
+                    f"{os.path.join(out_dir, 'checkpoints', 'latest.pth')}, or choose another --out_dir (or delete "
+                    "that folder to start over)")
+
+
 def claim_out_dir(out_dir):
     """Create out_dir and take its lock (.lock holding this process id, removed at exit). A lock left by a
     process that is no longer running is taken over with a notice. The lock names the host too ("pid host"): on a
@@ -124,6 +144,22 @@ def claim_out_dir(out_dir):
     with open(lock, "w") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}")  # the host too: on a shared filesystem a pid alone misleads
     atexit.register(lambda: _lock_owner(lock)[0] == os.getpid() and os.remove(lock))
+
+
+def claim_output_of(folder, marker, source):
+    """Outputs named after an input's file name (eval_<stem>/, cbh_pred_<stem>.h5) belong to that input: `marker`
+    (a text file in `folder`) records its absolute path, and another input with the same file name is refused in
+    one line instead of overwriting the first one's outputs. Claims (creates and locks) `folder`."""
+    source = os.path.realpath(source)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            before = f.read().strip()
+        if before != source:
+            raise DataError(f"{marker}: these outputs belong to {before}; {source} has the same file name: pass "
+                            "another --out_dir (or rename the file)")
+    claim_out_dir(folder)
+    with open(marker, "w") as f:
+        f.write(source + "\n")
 
 
 def _lock_owner(lock):
@@ -173,6 +209,79 @@ def parse_constants(script, description, namespace, argv=None):
     return vars(p.parse_args(argv))
 
 
+def check_range(cfg, keys, lo=-math.inf, hi=math.inf, lo_open=False, hi_open=False):
+    """Refuse (DataError, one line naming the flag) any of the space-separated flags `keys` whose value is not
+    finite or lies outside lo..hi (open ends: lo_open / hi_open). NaN fails every comparison: finite first."""
+    for k in keys.split():
+        v = cfg[k]
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)):
+            low = f"{'>' if lo_open else '>='} {lo:g}" if lo > -math.inf else ""
+            high = f"{'<' if hi_open else '<='} {hi:g}" if hi < math.inf else ""
+            raise DataError(f"--{k} {v}: must be finite" + "".join(f" and {b}" for b in (low, high) if b))
+
+
+def check_choice(cfg, key, choices):
+    if cfg[key] not in choices:
+        raise DataError(f"--{key} {cfg[key]!r}: choose {', '.join(choices)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# device and precision: the same policy in every stage
+
+def pick_device(name):
+    """--device auto (cuda > mps > cpu) | cpu | cuda | mps -> torch.device, or one line if it is not here."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    ok = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    if name not in ok:
+        raise DataError(f"--device {name!r}: choose auto, cpu, cuda or mps")
+    if not ok[name]:
+        raise DataError(f"--device {name}: not available on this machine")
+    return torch.device(name)
+
+
+def cuda_autocast(device):
+    """(autocast dtype or None, whether a GradScaler is needed): CUDA runs bf16 where supported, else fp16 +
+    GradScaler; other devices None here (the CPU's precision is chosen by choose_cpu_dtype)."""
+    if device.type != "cuda":
+        return None, False
+    return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+
+
+def choose_cpu_dtype(setting, time_step, timer=time.perf_counter, warmup=2, timed=3, rounds=3):
+    """CPU precision for cpu_bf16 = on | off | auto -> (torch.bfloat16 or None, a one-line message).
+    auto: time_step(dtype) runs one real training step of the stage's model and batch shape. After `warmup`
+    untimed steps in each precision, `rounds` alternating rounds of `timed` steps are timed in fp32 and in bf16
+    autocast, and the precision with the faster best round wins (alternating and taking the best round keeps a
+    busy, shared machine from deciding it). Whether bf16 pays depends on the CPU (AMX, AVX512-BF16 or neither),
+    the model and the batch, so one CPU flag cannot decide it. A CPU where bf16 autocast fails falls back to
+    fp32 with a notice."""
+    if setting != "auto":
+        on = setting == "on"
+        return (torch.bfloat16 if on else None), f"cpu_bf16 {setting}: {'bf16' if on else 'fp32'}"
+
+    def run(dtype, n):
+        for _ in range(n):
+            time_step(dtype)
+    try:
+        run(torch.bfloat16, warmup)  # bf16 first: if autocast fails here, nothing else is timed
+    except RuntimeError as e:
+        return None, f"cpu_bf16 auto: bf16 autocast failed on this CPU ({type(e).__name__}); using fp32"
+    run(None, warmup)
+    best = dict(fp32=math.inf, bf16=math.inf)  # seconds per step of the best round
+    for _ in range(rounds):
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            t0 = timer()
+            run(dtype, timed)
+            best[name] = min(best[name], (timer() - t0) / timed)
+    pick = "bf16" if best["bf16"] < best["fp32"] else "fp32"
+    return (torch.bfloat16 if pick == "bf16" else None), (
+        f"cpu_bf16 auto: fp32 {1 / best['fp32']:.1f} steps/s, bf16 {1 / best['bf16']:.1f} steps/s -> {pick}")
+
+
+# ----------------------------------------------------------------------------------------------
+# data fingerprints and CSV logs
+
 def fingerprint(*arrays):
     """A short hash of the arrays' values (numpy or torch, any device): a checkpoint stores it so --resume can
     tell that the data changed under the same file name."""
@@ -195,15 +304,39 @@ def keep_first_rows(path, n):
     os.replace(path + ".tmp", path)
 
 
+def trim_log(path, last_epoch):
+    """Keep the header and the complete rows of epochs <= last_epoch, so a resumed run never lists an epoch twice;
+    a blank or partial line (a kill while appending) is dropped. A log without a complete header is removed."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    header = lines[0].rstrip("\n").split(",") if lines and lines[0].endswith("\n") else []
+    if "epoch" not in header:
+        os.remove(path)
+        return
+    col = header.index("epoch")
+    cells = lambda line: line.rstrip("\n").split(",")
+    keep = [line for line in lines[1:] if line.endswith("\n") and len(cells(line)) == len(header)
+            and cells(line)[col].isdigit() and int(cells(line)[col]) <= last_epoch]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines[:1] + keep)
+    os.replace(path + ".tmp", path)
+
+
 def append_csv(path, rows):
     """Append rows (dicts) to a CSV log, with a header for a new file; returns the number of data rows it holds."""
     if rows:
         new = not os.path.isfile(path)
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+        try:
+            with open(path, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                if new:
+                    w.writeheader()
+                w.writerows(rows)
+        except OSError as e:  # a partial row is dropped by trim_log / keep_first_rows on --resume
+            _raise_if_disk_full(e, path)
+            raise
     if not os.path.isfile(path):
         return 0
     with open(path) as f:
@@ -225,10 +358,22 @@ def _atomic_write(path, write_fn):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # the user's umask, like any other tool (mkstemp makes files 0600)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        _raise_if_disk_full(e, path)
         raise
+
+
+def _raise_if_disk_full(e, path):
+    """A full disk as one line naming the file (exit 2), not torch's "unexpected pos" traceback: Python reports it
+    as ENOSPC, torch's zip writer as a RuntimeError, which counts when the disk is (nearly) full."""
+    torch_write = isinstance(e, RuntimeError) and any(s in str(e) for s in ("unexpected pos", "write failed",
+                                                                           "failed writing"))
+    full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+    if full or torch_write and shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2 ** 26:
+        raise DataError(f"{path}: cannot write it: no space left on device (the last complete version, if any, "
+                        "is kept); free some space and --resume") from None
 
 
 def atomic_torch_save(obj, path):
@@ -562,6 +707,11 @@ def load_clouds(path, labelled=False, max_samples=0, drop_unlabelled=False):
                             f"(min {cbh.min():.3g}, max {cbh.max():.3g})")
     out["flight"] = meta[:, 0].round().astype(np.int64)
     out["frame"] = meta[:, 1].round().astype(np.int64)
+    pairs, counts = np.unique(np.stack([out["flight"], out["frame"]], 1), axis=0, return_counts=True)
+    if (counts > 1).any():
+        fl, fr = pairs[counts > 1][0]
+        raise DataError(f"{path}: dataset 'metadata' lists {int((counts > 1).sum())} (flight_idx, frame_idx) pairs more "
+                        f"than once, e.g. flight {fl} frame {fr}: each frame must appear once")
     out["sza"], out["saa"] = sza, saa
     return out
 
@@ -728,6 +878,30 @@ def split_blocked(flight, frame, n_blocks=5, test_block=0, gap=20):
         test.append(t_idx)
     cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
     return cat(train), cat(test)
+
+
+def decorrelation_lag(y, flight, frame, threshold):
+    """Lag in frames after which labels y along a flight are no longer correlated: the autocorrelation,
+    estimated on the irregular (sparse) label series from every pair of labelled frames of the same flight
+    (values centred on their flight's mean, lags binned by the median label spacing), first falls below
+    `threshold`. Returns the upper edge of that lag bin (the largest lag seen if it never falls)."""
+    prods, lags = [], []
+    for fl in np.unique(flight):
+        sel = flight == fl
+        yc, fr = y[sel] - y[sel].mean(), frame[sel]
+        i, j = np.triu_indices(len(yc), 1)  # every pair once
+        prods.append(yc[i] * yc[j])
+        lags.append(np.abs(fr[i] - fr[j]))
+    prods, lags = np.concatenate(prods), np.concatenate(lags)
+    var = np.mean(np.concatenate([y[flight == fl] - y[flight == fl].mean() for fl in np.unique(flight)]) ** 2)
+    if len(lags) == 0 or var == 0:
+        return 0
+    spacing = max(1, int(np.median(np.concatenate([np.diff(np.sort(frame[flight == fl]))
+                                                   for fl in np.unique(flight)] + [[1]]))))
+    b = lags // spacing  # lag bin of every pair
+    acf = np.bincount(b, prods) / np.maximum(np.bincount(b), 1) / var  # (n_bins,)
+    below = np.flatnonzero((acf < threshold) & (np.bincount(b) > 0))
+    return int((below[0] + 1) * spacing) if len(below) else int(lags.max())
 
 
 def split_lofo(flight):
@@ -898,6 +1072,8 @@ def load_fire(path, max_sequences=0):
             raise DataError(f"{path}: dataset 'fire' holds no sequences")
         if T < 2:
             raise DataError(f"{path}: dataset 'fire' has T={T} frames; at least 2 are needed for a sample")
+        if H == 0 or W == 0:
+            raise DataError(f"{path}: dataset 'fire' has an empty grid (H={H}, W={W})")
         if d_static.shape[0] != S or d_static.shape[2:] != (H, W):
             raise DataError(f"{path}: dataset 'static' has shape {d_static.shape}, expected (S={S}, C, {H}, {W})"
                             " to match 'fire'")

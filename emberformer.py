@@ -47,7 +47,6 @@ import torch.nn.functional as F
 
 import data
 import losses
-import mae  # for choose_cpu_dtype, the CPU precision policy every stage shares
 
 # --- config ---
 data_path = ''  # HDF5 fire file (fire/static/wind); '' = the embedded synthetic dataset (generated on first use)
@@ -126,16 +125,9 @@ ROLLOUT_METHODS = ("model", "dilation", "persistence")  # rollout.csv rows, in t
 EVAL_COLUMNS = ("loss", "f1", "iou", "precision", "recall", "accuracy", "new_precision", "new_recall", "new_f1",
                 "new_iou", "new_ap")  # eval.csv's metric columns, after method, pairs and fires
 
-def amp_dtype_for(dev):
-    """CUDA: bf16 autocast where supported, else fp16 + GradScaler. Other devices: None here; on the CPU
-    cpu_precision decides (bf16 was slower than fp32 on the AMX box, faster on an AVX512-BF16 EPYC)."""
-    if dev.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
 
 def cpu_precision(model, D, stored):
-    """bf16 or None on the CPU: what a resumed run chose (`stored`), else mae.choose_cpu_dtype(cpu_bf16)
+    """bf16 or None on the CPU: what a resumed run chose (`stored`), else data.choose_cpu_dtype(cpu_bf16)
     timing real training steps (one warm-up, two rounds of one) of a throw-away copy of the model on a
     training batch (under torchrun: this process's slice of it, and rank 0's choice is then broadcast). The
     global RNG is put back, so timing never changes the run."""
@@ -150,7 +142,7 @@ def cpu_precision(model, D, stored):
         forward_batch(trial, D, s, t, dtype)[0].backward()
         opt.step()
     rng = torch.get_rng_state()
-    dtype, msg = mae.choose_cpu_dtype(cpu_bf16, step, warmup=1, timed=1, rounds=2)
+    dtype, msg = data.choose_cpu_dtype(cpu_bf16, step, warmup=1, timed=1, rounds=2)
     torch.set_rng_state(rng)
     print(msg)
     return dtype
@@ -600,7 +592,8 @@ def load_data(dev):
     mean, std = st.mean((0, 2, 3)).float(), st.std((0, 2, 3)).float().clamp(min=1e-6)
     return dict(fire_tensors(d, dev, path), train=(train_s, train_t), val=data.fire_sample_index(val_seq, T),
                 test=data.fire_sample_index(test_seq, T), mean=mean, std=std,
-                train_fire_hashes=fire_hashes(d["fire"][np.unique(train_s.numpy())]))  # the fires it learns from
+                train_fire_hashes=fire_hashes(d["fire"][np.unique(train_s.numpy())]),  # the fires it learns from
+                data_hash=data.fingerprint(d["fire"], d["static"], d["wind"]))  # --resume checks the file's content
 
 
 def model_logits(model, hist, wind, lengths, static, amp):
@@ -826,22 +819,6 @@ def rollout_scores(model, D, n_steps, amp):
 # ----------------------------------------------------------------------------------------------
 # outputs: csv logs, plots, checkpoints
 
-def trim_csv(path, last_epoch):
-    """Keep the rows up to last_epoch, so a log never lists an epoch twice."""
-    if not os.path.isfile(path):
-        return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= last_epoch]
-    if not rows:
-        os.remove(path)
-        return
-    with open(path + ".tmp", "w", newline="") as f:  # temp + rename: a crash never loses the log
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(path + ".tmp", path)
-
-
 def error_image(pred, truth, start):
     """pred, truth, start (H, W) bool CPU -> (H, W, 3) RGB: white hit, red false alarm, blue miss, grey burning
     at the start frame (and kept), black neither."""
@@ -886,7 +863,8 @@ def plot_preview(model, D, sample, amp, path):
         err = error_image(pred, tgt, cur)
         u, v = wind[r, L - 1].tolist()
         panels = [(age, f"burn age over {L} frames (yellow = new), wind {math.hypot(u, v):.1f} m/s", "viridis_r"),
-                  (D["static"][s[r], ch].cpu(), f"static: {D['channels'][ch]}", "terrain"),
+                  (D["static"][s[r], ch].cpu() if D["channels"] else torch.zeros(tgt.shape),  # C may be 0
+                   f"static: {D['channels'][ch]}" if D["channels"] else "no static channels", "terrain"),
                   (tgt.float(), f"target t+1 (seq {s[r].item()}, t={t[r].item()})", "gray"),
                   (prob[r], "predicted probability", "magma"), (err, "error: white hit, red FP, blue FN", None)]
         for ax, (img, title, cmap) in zip(axes[r], panels):
@@ -1061,15 +1039,6 @@ def given_flags(argv=None):
     return set(vars(build_parser(only_given=True).parse_args(argv)))
 
 
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    ok = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
-    if not ok.get(name, False):
-        raise data.DataError(f"--device {name}: not available here (choose auto, cpu, cuda or mps)")
-    return torch.device(name)
-
-
 def check_config(cfg, world=1):
     """The flags, for a run of `world` processes (torchrun), else one line (DataError)."""
     if cfg["monitor"] not in MONITORS:
@@ -1128,7 +1097,7 @@ def build_model(D, dev):
     return model
 
 
-def maybe_resume(cfg, model, opt, scaler, gen):
+def maybe_resume(cfg, model, opt, scaler, gen, data_hash):
     """Load --resume into model, optimizer, scaler and RNGs -> (epoch, best, best_epoch, bad_epochs, the CPU
     precision the run chose); a fresh run starts at (0, worst, 0, 0, None)."""
     if not resume:
@@ -1136,6 +1105,8 @@ def maybe_resume(cfg, model, opt, scaler, gen):
     ckpt = data.load_checkpoint(resume)  # on CPU: RNG states must stay CPU tensors
     if not {"model", "optimizer", "epoch", "config", "rng"} <= set(ckpt):
         raise data.DataError(f"{resume}: not an emberformer checkpoint (keys {sorted(ckpt)[:6]})")
+    if "model_config" in ckpt:  # mae.py's checkpoints have the same top-level keys
+        raise data.DataError(f"{resume}: a mae.py checkpoint, not an emberformer.py one")
     if "target" not in ckpt["config"]:  # its model re-predicted burning cells and its optimizer had 2 groups
         raise data.DataError(f"{resume}: checkpoint predates --target (new-burn target, test split); "
                              "it cannot be resumed, start a new run")
@@ -1143,6 +1114,9 @@ def maybe_resume(cfg, model, opt, scaler, gen):
     if diff:
         raise data.DataError(f"{resume}: checkpoint was made with different " + ", ".join(
             f"--{k} ({ckpt['config'].get(k)!r}, now {cfg[k]!r})" for k in diff))
+    if ckpt.get("data_hash", data_hash) != data_hash:  # checkpoints from before the hash: not checked
+        raise data.DataError(f"{resume}: {data_path or 'the embedded fire file'} does not hold the fires this "
+                             "checkpoint trained on (their fingerprint differs); resume with its data")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -1190,7 +1164,7 @@ def prepare_logs(start):
     for name in ("log.csv", "log_steps.csv"):
         path = os.path.join(out_dir, name)
         if resume:
-            trim_csv(path, start)  # resuming an older checkpoint re-runs the later epochs
+            data.trim_log(path, start)  # resuming an older checkpoint re-runs the later epochs
         elif os.path.isfile(path):
             os.remove(path)
 
@@ -1215,14 +1189,15 @@ def setup(cfg, rank, world):
     check_config(cfg, world)
     if rank == 0:
         data.check_out_dir(out_dir)  # unwritable, or held by a live run: refused before any work
+        data.check_run_folder(out_dir, resume)  # one run per folder: never merged, never deleted
     if num_threads > 0:
         torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
     gen = torch.Generator().manual_seed(seed)  # owns the shuffling order, alike on every process; saved in checkpoints
-    dev = data.ddp_device(pick_device(device))  # under torchrun: this process's own GPU
-    amp = amp_dtype_for(dev)
+    dev = data.ddp_device(data.pick_device(device))  # under torchrun: this process's own GPU
+    amp = data.cuda_autocast(dev)[0]
     D = load_data(dev)  # every process holds the whole data set
     model = build_model(D, dev)
     # BatchNorm over the global batch where it can be: SyncBatchNorm runs on GPUs only, so on the CPU each process
@@ -1231,7 +1206,7 @@ def setup(cfg, rank, world):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(model)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp is torch.float16)
-    resumed = maybe_resume(cfg, model, opt, scaler, gen)
+    resumed = maybe_resume(cfg, model, opt, scaler, gen, D["data_hash"])
     if world > 1:  # dropout and drop-path masks per process (DDP has given every process rank 0's weights)
         torch.manual_seed(seed + 1_000_003 * rank + 7919 * resumed[0])
     return dev, amp, D, model, opt, scaler, gen, resumed
@@ -1299,7 +1274,7 @@ def train(cfg):
                             config=cfg, channels=D["channels"], baselines=base, val_metrics=va,
                             cpu_autocast=("bf16" if amp else "fp32") if dev.type == "cpu" else None,
                             arch=dataclasses.asdict(model.arch), data_file=os.path.abspath(D["path"]),
-                            train_fire_hashes=D["train_fire_hashes"])
+                            train_fire_hashes=D["train_fire_hashes"], data_hash=D["data_hash"])
                 if improved:
                     data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
                 data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
@@ -1353,7 +1328,7 @@ def evaluate_file(cfg, given):
     forecasts, into out_dir/eval_<file stem>/ (a training run's logs and checkpoints are never touched). Every
     check runs before anything is written."""
     check_config(cfg, data.rank_world()[1])  # refused under torchrun with several processes
-    dev = pick_device(cfg["device"])
+    dev = data.pick_device(cfg["device"])
     net, ckpt = load_trained(cfg["model"], dev)
     cfg = eval_config(cfg, ckpt, given)
     globals().update(cfg)  # as train(): the steps read history, target, pred_thresh... from module scope
@@ -1361,8 +1336,8 @@ def evaluate_file(cfg, given):
         torch.set_num_threads(num_threads)
     D = load_eval_data(dev, ckpt)
     eval_dir = os.path.join(out_dir, "eval_" + os.path.splitext(os.path.basename(D["path"]))[0])
-    data.claim_out_dir(eval_dir)
-    amp = amp_dtype_for(dev)  # CUDA's policy; on the CPU the precision the model trained in (its val_metrics match)
+    data.claim_output_of(eval_dir, os.path.join(eval_dir, "input.txt"), D["path"])  # refuses another file's
+    amp = data.cuda_autocast(dev)[0]  # CUDA's policy; on the CPU the precision the model trained in (its val_metrics match)
     if dev.type == "cpu" and ckpt.get("cpu_autocast") == "bf16":
         amp = torch.bfloat16
     print(f"model {model} (epoch {ckpt.get('epoch')}, target {target}, history {history}, patch {patch_size}, "

@@ -25,9 +25,11 @@ Outputs in out_dir: label_efficiency.csv, results.csv, predictions.csv, log.csv,
 import math
 import os
 import re
-import sys
 import time
 
+import matplotlib
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn as nn
@@ -282,7 +284,7 @@ def make_folds(d, cfg):
         folds = []
         for k in range(cfg["n_folds"]):
             train0 = data.split_blocked(flight, frame, cfg["n_folds"], k, 0)[0]
-            gap = decorrelation_lag(d["cbh_km"][train0], flight[train0], frame[train0], ACF_THRESHOLD)
+            gap = data.decorrelation_lag(d["cbh_km"][train0], flight[train0], frame[train0], ACF_THRESHOLD)
             train, test = data.split_blocked(flight, frame, cfg["n_folds"], k, gap)
             folds.append(dict(name=f"block {k} (gap {gap})", train=train, test=test))
         return folds
@@ -312,30 +314,6 @@ def stopping_split(labelled, flight, fold_index, seed):
     flights = np.unique(flight[labelled])
     val_fl = flights[(fold_index + seed) % len(flights)]
     return labelled[flight[labelled] != val_fl], labelled[flight[labelled] == val_fl]
-
-
-def decorrelation_lag(y, flight, frame, threshold):
-    """Lag in frames after which labels y along a flight are no longer correlated: the autocorrelation,
-    estimated on the irregular (sparse) label series from every pair of labelled frames of the same flight
-    (values centred on their flight's mean, lags binned by the median label spacing), first falls below
-    `threshold`. Returns the upper edge of that lag bin (the largest lag seen if it never falls)."""
-    prods, lags = [], []
-    for fl in np.unique(flight):
-        sel = flight == fl
-        yc, fr = y[sel] - y[sel].mean(), frame[sel]
-        i, j = np.triu_indices(len(yc), 1)  # every pair once
-        prods.append(yc[i] * yc[j])
-        lags.append(np.abs(fr[i] - fr[j]))
-    prods, lags = np.concatenate(prods), np.concatenate(lags)
-    var = np.mean(np.concatenate([y[flight == fl] - y[flight == fl].mean() for fl in np.unique(flight)]) ** 2)
-    if len(lags) == 0 or var == 0:
-        return 0
-    spacing = max(1, int(np.median(np.concatenate([np.diff(np.sort(frame[flight == fl]))
-                                                   for fl in np.unique(flight)] + [[1]]))))
-    b = lags // spacing  # lag bin of every pair
-    acf = np.bincount(b, prods) / np.maximum(np.bincount(b), 1) / var  # (n_bins,)
-    below = np.flatnonzero((acf < threshold) & (np.bincount(b) > 0))
-    return int((below[0] + 1) * spacing) if len(below) else int(lags.max())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,17 +452,13 @@ def network_km(net, stats, t, idx, amp_dtype):
 
 
 def amp_policy(dev, cfg, t, enc, stored=None):
-    """(autocast dtype or None, use GradScaler). CUDA: bf16 where supported, else fp16 + GradScaler. CPU: `stored`
-    ('bf16'/'fp32', what a resumed run chose), else mae.choose_cpu_dtype(cpu_bf16), which under auto times a few
+    """(autocast dtype or None, use GradScaler): data.cuda_autocast on CUDA; on the CPU `stored` ('bf16'/'fp32',
+    what a resumed run or a saved model chose), else data.choose_cpu_dtype(cpu_bf16), which under auto times a few
     end-to-end training steps of the network both ways."""
-    if dev.type == "cuda":
-        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
     if dev.type != "cpu":
-        return None, False
+        return data.cuda_autocast(dev)
     if stored:
         return (torch.bfloat16 if stored == "bf16" else None), False
-    if cfg["cpu_bf16"] != "auto":  # nothing to time
-        return mae.choose_cpu_dtype(cfg["cpu_bf16"], None)[0], False
     net = build_network("scratch", enc, cfg).to(dev)
     opt = torch.optim.AdamW(net.parameters())
     idx = torch.arange(min(cfg["batch_size"], len(t["y"])), device=dev)
@@ -495,7 +469,7 @@ def amp_policy(dev, cfg, t, enc, stored=None):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    dtype, msg = mae.choose_cpu_dtype(cfg["cpu_bf16"], step)  # random draws here do not matter: units reseed
+    dtype, msg = data.choose_cpu_dtype(cfg["cpu_bf16"], step)  # random draws here do not matter: units reseed
     print(msg)
     return dtype, False
 
@@ -720,73 +694,57 @@ def prediction_rows(done, folds, budgets, d, names):
 
 
 def plot_efficiency(rows, names, path):
-    """R2 against labelled frames (log axis): one line per method, its band the spread over seeds (+- 1 std), the
-    physics line dashed; right: finetune - scratch (and probe - scratch) with the flights-resampled interval."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for m in names:
-        r = [x for x in rows if x["method"] == m]
-        n, mu, sd = (np.array([x[c] for x in r], float) for c in ("labelled_frames", "r2", "r2_std"))
-        ax.plot(n, mu, "k--" if m == "physics" else "o-", label=m)
-        if m in NETWORKS:
-            ax.fill_between(n, mu - sd, mu + sd, alpha=0.2)
-    ax.set(xscale="log", xlabel="labelled training frames per fold", ylabel="pooled R2 on unseen flights",
-           title="label efficiency (band: +- 1 std over seeds)")
-    ax.legend(fontsize=8)
-    for pair in ("finetune - scratch", "probe - scratch"):
-        r = [x for x in rows if x["method"] == pair]
+    """Left: pooled R2 against labelled frames (log axis), one line per method, the networks' band +- 1 std over
+    seeds, physics dashed. Right: finetune - scratch and probe - scratch with the flights-resampled 95% interval."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    col = lambda r, c: np.array([x[c] for x in r], float)
+    for m in [*names, "finetune - scratch", "probe - scratch"]:
+        r, pair = [x for x in rows if x["method"] == m], int(" - " in m)  # pairs go right
         if r:
-            n, d, lo, hi = (np.array([x[c] for x in r], float) for c in ("labelled_frames", "r2", "r2_lo_flights",
-                                                                         "r2_hi_flights"))
-            ax2.plot(n, d, "o-", label=pair)
-            ax2.fill_between(n, lo, hi, alpha=0.2)
-    ax2.axhline(0, color="k", lw=0.8)
-    ax2.set(xscale="log", xlabel="labelled training frames per fold", ylabel="R2 difference",
-            title="pre-trained minus scratch (band: 95%, flights resampled)")
-    if ax2.get_legend_handles_labels()[0]:  # no pair without scratch
-        ax2.legend(fontsize=8)
-    ticks = sorted({x["labelled_frames"] for x in rows})
-    for a in (ax, ax2):  # the budgets themselves as ticks: log-axis minor labels collide
-        a.set_xticks(ticks, [str(v) for v in ticks])
-        a.minorticks_off()
+            n, mu = col(r, "labelled_frames"), col(r, "r2")
+            axes[pair].plot(n, mu, "k--" if m == "physics" else "o-", label=m)
+            lo, hi = ((col(r, "r2_lo_flights"), col(r, "r2_hi_flights")) if pair else
+                      (mu - col(r, "r2_std"), mu + col(r, "r2_std")))
+            if pair or m in NETWORKS:
+                axes[pair].fill_between(n, lo, hi, alpha=0.2)
+    axes[1].axhline(0, color="k", lw=0.8)
+    ticks = sorted({x["labelled_frames"] for x in rows})  # the budgets themselves: log-axis minor labels collide
+    for ax, what in zip(axes, ("pooled R2 on unseen flights: label efficiency (band: +- 1 std over seeds)",
+                               "R2 difference: pre-trained minus scratch (band: 95%, flights resampled)")):
+        ylabel, title = what.split(": ", 1)
+        ax.set(xscale="log", xlabel="labelled training frames per fold", ylabel=ylabel, title=title)
+        ax.set_xticks(ticks, [str(v) for v in ticks])
+        ax.minorticks_off()
+        if ax.get_legend_handles_labels()[0]:  # no pair without scratch
+            ax.legend(fontsize=8)
     fig.tight_layout()
     data.atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
 def plot_full_budget(done, folds, d, names, b, plot_dir):
-    """At budget index b: predicted vs true per method, and the test error per flight per method."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    y, flight = d["cbh_km"], d["flight"]
+    """At budget index b: predicted vs true per method (pred_vs_true.png) and each method's MAE per test flight
+    (per_flight_error.png)."""
+    y, flight, fls = d["cbh_km"], d["flight"], np.unique(d["flight"])
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False)
-    lim = (0, float(y.max()) * 1.1)
-    for ax, m in zip(axes[0], names):
+    fig2, ax2 = plt.subplots(figsize=(0.25 * len(fls) * len(names) + 3, 3.5))
+    lim, w = (0, float(y.max()) * 1.1), 0.8 / len(names)
+    for j, (ax, m) in enumerate(zip(axes[0], names)):
         test, pred = pooled(done, folds, m, b)
         ax.scatter(y[test], pred, c=flight[test], s=5, cmap="tab10")
         ax.plot(lim, lim, "k--", lw=1)
         ax.set(xlim=lim, ylim=lim, xlabel="lidar CBH (km)", ylabel="predicted CBH (km)",
                title=f"{m}: R2 {losses.regression_metrics(pred, y[test])['r2']:.2f}")
-    fig.tight_layout()
-    data.atomic_savefig(fig, os.path.join(plot_dir, "pred_vs_true.png"), dpi=110)
-    plt.close(fig)
-    fls = np.unique(flight)
-    fig, ax = plt.subplots(figsize=(0.25 * len(fls) * len(names) + 3, 3.5))
-    w = 0.8 / len(names)
-    for j, m in enumerate(names):
-        test, pred = pooled(done, folds, m, b)
-        err = np.abs(pred - y[test])
-        mae_ = [err[flight[test] == fl].mean() if (flight[test] == fl).any() else np.nan for fl in fls]
-        ax.bar(np.arange(len(fls)) + (j - (len(names) - 1) / 2) * w, mae_, w, label=m)
-    ax.set(xticks=np.arange(len(fls)), xticklabels=[str(f) for f in fls], xlabel="test flight", ylabel="MAE (km)",
-           title="error per unseen flight")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    data.atomic_savefig(fig, os.path.join(plot_dir, "per_flight_error.png"), dpi=110)
-    plt.close(fig)
+        err = [np.abs(pred - y[test])[flight[test] == fl].mean() if (flight[test] == fl).any() else np.nan
+               for fl in fls]
+        ax2.bar(np.arange(len(fls)) + (j - (len(names) - 1) / 2) * w, err, w, label=m)
+    ax2.set(xticks=np.arange(len(fls)), xticklabels=[str(f) for f in fls], xlabel="test flight", ylabel="MAE (km)",
+            title="error per unseen flight")
+    ax2.legend(fontsize=8)
+    for fg, name in ((fig, "pred_vs_true.png"), (fig2, "per_flight_error.png")):
+        fg.tight_layout()
+        data.atomic_savefig(fg, os.path.join(plot_dir, name), dpi=110)
+        plt.close(fg)
 
 
 def report(done, folds, budgets, d, names, out_dir):
@@ -843,29 +801,21 @@ FINAL_KEYS = ("data_path", "pretrained", "head_hidden", "head_epochs", "epochs",
               "layer_decay", "weight_decay", "drop_path", "grad_clip", "patience", "n_trees", "tree_depth", "tree_lr")
 
 
-def setting(cfg, key):
-    """A config value to compare between runs; paths as absolute paths ('' data_path = the embedded file)."""
-    if key == "data_path":
-        return os.path.abspath(cfg[key] or data.default_cloud_paths()[1])
-    if key == "pretrained" and cfg[key] != "none":
-        return os.path.abspath(cfg[key])
-    return cfg[key]
-
-
 def cross_validated(cfg, method):
-    """The method's full-label pooled scores from the COMPLETED comparison in out_dir, if it used these settings;
-    else 'not cross-validated'. An incomplete comparison there is refused: its results.csv may be an older run's."""
+    """The method's full-label pooled scores from the COMPLETED comparison in out_dir, if it used these settings
+    (paths compared as absolute paths); else 'not cross-validated'. An incomplete comparison there is refused: its
+    results.csv may be an older run's."""
     path = os.path.join(cfg["out_dir"], "checkpoints", "latest.pth")
-    if not os.path.isfile(path):
-        return "not cross-validated"
-    ck = data.load_checkpoint(path)
+    ck = data.load_checkpoint(path) if os.path.isfile(path) else {}
     if ck.get("kind") != "cbh_comparison":
         return "not cross-validated"
     if not ck["complete"]:
         raise data.DataError(f"{path}: the comparison in {cfg['out_dir']} is incomplete; finish it with --resume "
                              f"{path} (or pass another --out_dir) before --final")
+    settings = lambda c: [os.path.abspath(c[k] or data.default_cloud_paths()[1]) if k == "data_path" else
+                          os.path.abspath(c[k]) if k == "pretrained" and c[k] != "none" else c[k] for k in FINAL_KEYS]
     score = ck["full_label_scores"].get(method)
-    if score is None or any(setting(ck["config"], k) != setting(cfg, k) for k in FINAL_KEYS):
+    if score is None or settings(ck["config"]) != settings(cfg):
         return "not cross-validated"
     return dict(split=ck["config"]["split"], **score)
 
@@ -950,10 +900,10 @@ def predict_file(cfg, dev):
     out = os.path.join(cfg["out_dir"], f"cbh_pred_{stem}.h5")
     if os.path.abspath(out) == os.path.abspath(path):
         raise data.DataError(f"{path}: the output would overwrite the input; pass another --out_dir")
+    data.claim_output_of(cfg["out_dir"], os.path.join(cfg["out_dir"], f"cbh_pred_{stem}.input.txt"), path)
     t0 = time.time()
     pred = predict_km(m, d, dev, path)
     secs = time.time() - t0
-    data.claim_out_dir(cfg["out_dir"])
     data.write_cbh_predictions(out, pred, d["metadata"])
     try:  # labels are optional here: draw them when the file has valid ones
         d["cbh_km"] = data.load_clouds(path, labelled=True)["cbh_km"]
@@ -967,9 +917,6 @@ def predict_file(cfg, dev):
 def plot_flights(d, pred, m, stem, plot_dir):
     """Predicted CBH along each flight (frame index), lidar CBH where the file has it, and the model's
     cross-validated MAE as a band, so nobody reads the final model as better than its LOFO score."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     os.makedirs(plot_dir, exist_ok=True)
     cv = m["cv"]
     band = cv["mae_km"] if isinstance(cv, dict) else None
@@ -997,50 +944,37 @@ def plot_flights(d, pred, m, stem, plot_dir):
 
 def check_config(cfg):
     """Flags a user can get wrong, refused in one line before anything is read or written."""
-    ok = lambda k, lo, hi, lo_open=False, hi_open=False: math.isfinite(cfg[k]) and (
-        cfg[k] > lo if lo_open else cfg[k] >= lo) and (cfg[k] < hi if hi_open else cfg[k] <= hi)
-    problems = [
-        (min(cfg["batch_size"], cfg["patience"], cfg["seeds"], cfg["n_trees"], cfg["tree_depth"]) < 1,
-         "--batch_size, --patience, --seeds, --n_trees and --tree_depth must be >= 1"),
-        (min(cfg["epochs"], cfg["head_epochs"], cfg["head_hidden"]) < 0,
-         "--epochs, --head_epochs and --head_hidden must be >= 0"),
-        (cfg["epochs"] + cfg["head_epochs"] < 1, "--epochs plus --head_epochs must be >= 1"),
-        (cfg["n_folds"] < 2, f"--n_folds {cfg['n_folds']}: must be >= 2"),
-        (not (ok("lr", 0, math.inf, lo_open=True) and ok("ft_lr", 0, math.inf, lo_open=True)),
-         f"--lr {cfg['lr']} / --ft_lr {cfg['ft_lr']}: must be finite and > 0"),
-        (not ok("layer_decay", 0, 1, lo_open=True), f"--layer_decay {cfg['layer_decay']}: must be in (0, 1]"),
-        (not ok("weight_decay", 0, math.inf), f"--weight_decay {cfg['weight_decay']}: must be finite and >= 0"),
-        (not ok("grad_clip", 0, math.inf), f"--grad_clip {cfg['grad_clip']}: must be finite and >= 0 (0 = off)"),
-        (not ok("drop_path", 0, 1, hi_open=True), f"--drop_path {cfg['drop_path']}: must be in [0, 1)"),
-        (not ok("tree_lr", 0, 1, lo_open=True), f"--tree_lr {cfg['tree_lr']}: must be in (0, 1]"),
-        (cfg["split"] not in ("lofo", "blocked", "random"), f"--split {cfg['split']!r}: use lofo, blocked or random"),
-        (cfg["cpu_bf16"] not in ("auto", "on", "off"), f"--cpu_bf16 {cfg['cpu_bf16']!r}: use auto, on or off")]
-    for bad, msg in problems:
-        if bad:
-            raise data.DataError(msg)
+    data.check_choice(cfg, "split", ("lofo", "blocked", "random"))
+    data.check_choice(cfg, "cpu_bf16", ("auto", "on", "off"))
+    data.check_range(cfg, "batch_size patience seeds n_trees tree_depth", 1)
+    data.check_range(cfg, "epochs head_epochs head_hidden weight_decay grad_clip", 0)
+    data.check_range(cfg, "n_folds", 2)
+    data.check_range(cfg, "lr ft_lr", 0, lo_open=True)
+    data.check_range(cfg, "layer_decay tree_lr", 0, 1, lo_open=True)
+    data.check_range(cfg, "drop_path", 0, 1, hi_open=True)
+    if cfg["epochs"] + cfg["head_epochs"] < 1:
+        raise data.DataError("--epochs plus --head_epochs must be >= 1")
     parse_list(cfg)
+
+
+def run(cfg):
+    check_config(cfg)
+    data.check_out_dir(cfg["out_dir"])  # unwritable, or held by a live run: refused before any work
+    dev = data.pick_device(cfg["device"])
+    if cfg["num_threads"] > 0:
+        torch.set_num_threads(cfg["num_threads"])
+    if cfg["predict"]:
+        predict_file(cfg, dev)
+    elif cfg["final"]:
+        train_final(cfg, dev)
+    else:
+        data.check_run_folder(cfg["out_dir"], cfg["resume"])  # one comparison per folder: never merged or deleted
+        compare(cfg, dev)
 
 
 def main(argv=None):
     cfg = parse_config(argv)
-    try:
-        check_config(cfg)
-        data.check_out_dir(cfg["out_dir"])  # unwritable, or held by a live run: refused before any work
-        dev = mae.pick_device(cfg["device"])
-        if cfg["num_threads"] > 0:
-            torch.set_num_threads(cfg["num_threads"])
-        if cfg["predict"]:
-            predict_file(cfg, dev)
-        elif cfg["final"]:
-            train_final(cfg, dev)
-        else:
-            compare(cfg, dev)
-    except data.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except data.NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+    data.run_stage(lambda: run(cfg))  # bad input: one line, exit 2; a non-finite loss: exit 3
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import csv
 import math
 import os
 import random
-import re
 import time
 
 import matplotlib
@@ -284,58 +283,8 @@ def get_lr(step, cfg, steps_per_epoch):
     return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
 
 
-def pick_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    available = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
-    if name not in available:
-        raise data.DataError(f"--device {name!r}: expected auto, cpu, cuda or mps")
-    if not available[name]:
-        raise data.DataError(f"--device {name}: not available on this machine")
-    return torch.device(name)
-
-
-def amp_policy(device, cfg):
-    """-> (autocast dtype or None, whether a GradScaler is needed) on CUDA; None on other devices (the CPU
-    precision is chosen by choose_cpu_dtype)."""
-    if device.type == "cuda" and cfg["amp"]:
-        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
-    return None, False
-
-
-def choose_cpu_dtype(setting, time_step, timer=time.perf_counter, warmup=2, timed=3, rounds=3):
-    """CPU precision for cpu_bf16 = on | off | auto -> (torch.bfloat16 or None, a one-line message).
-    auto: time_step(dtype) runs one real training step of the stage's model and batch shape. After `warmup`
-    untimed steps in each precision, `rounds` alternating rounds of `timed` steps are timed in fp32 and in
-    bf16 autocast, and the precision with the faster best round wins (alternating and taking the best round keeps a busy,
-    shared machine from deciding it). Whether bf16 pays depends on the CPU (AMX, AVX512-BF16 or neither),
-    the model and the batch, so one CPU flag cannot decide it. A CPU where bf16 autocast fails falls back
-    to fp32 with a notice."""
-    if setting != "auto":
-        on = setting == "on"
-        return (torch.bfloat16 if on else None), f"cpu_bf16 {setting}: {'bf16' if on else 'fp32'}"
-
-    def run(dtype, n):
-        for _ in range(n):
-            time_step(dtype)
-    try:
-        run(torch.bfloat16, warmup)  # bf16 first: if autocast fails here, nothing else is timed
-    except RuntimeError as e:
-        return None, f"cpu_bf16 auto: bf16 autocast failed on this CPU ({type(e).__name__}); using fp32"
-    run(None, warmup)
-    best = dict(fp32=math.inf, bf16=math.inf)  # seconds per step of the best round
-    for _ in range(rounds):
-        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-            t0 = timer()
-            run(dtype, timed)
-            best[name] = min(best[name], (timer() - t0) / timed)
-    pick = "bf16" if best["bf16"] < best["fp32"] else "fp32"
-    return (torch.bfloat16 if pick == "bf16" else None), (
-        f"cpu_bf16 auto: fp32 {1 / best['fp32']:.1f} steps/s, bf16 {1 / best['bf16']:.1f} steps/s -> {pick}")
-
-
 def step_timer(model, cfg, X, dev):
-    """time_step(dtype) for choose_cpu_dtype: one full training step (augment, forward, backward, clip,
+    """time_step(dtype) for data.choose_cpu_dtype: one full training step (augment, forward, backward, clip,
     AdamW) on a throw-away copy of the model with its own generator, so timing never changes the run."""
     trial = copy.deepcopy(model)
     opt = make_optimizer(trial, cfg, dev)
@@ -474,53 +423,25 @@ def plot_losses(log_path, path):
 # ----------------------------------------------------------------------------------------------
 # training
 
-def trim_log(path, last_epoch):
-    """Keep the header and the rows up to last_epoch, so log.csv never lists an epoch twice."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    epoch = lambda line: int(line.split(",")[0]) if re.match(r"\d+,", line) and line.endswith("\n") else None
-    keep = lines[:1] + [line for line in lines[1:] if epoch(line) is not None and epoch(line) <= last_epoch]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
 def check_config(cfg, world=1):
-    problems = [
-        (cfg["model_size"] not in (*MODEL_SIZES, "custom"),
-         f"--model_size {cfg['model_size']!r}: use tiny, small or custom"),
-        (cfg["device"] not in ("auto", "cpu", "cuda", "mps"),
-         f"--device {cfg['device']!r}: use auto, cpu, cuda or mps"),
-        (not 0 < cfg["mask_ratio"] < 1, f"--mask_ratio {cfg['mask_ratio']}: must be in (0, 1): with none hidden "
-                                        "there is nothing to reconstruct"),
-        (min(cfg["epochs"], cfg["batch_size"], cfg["patience"]) < 1,
-         "--epochs, --batch_size and --patience must be >= 1"),
-        (cfg["batch_size"] < world, f"--batch_size {cfg['batch_size']} is the global batch, split over the {world} "
-                                    f"processes: it must be at least {world}"),
-        (not (math.isfinite(cfg["lr"]) and cfg["lr"] > 0), f"--lr {cfg['lr']}: must be finite and > 0"),
-        (not (math.isfinite(cfg["min_lr"]) and 0 <= cfg["min_lr"] <= cfg["lr"]),
-         f"--min_lr {cfg['min_lr']}: must be in [0, --lr]"),
-        (not (math.isfinite(cfg["weight_decay"]) and cfg["weight_decay"] >= 0),
-         f"--weight_decay {cfg['weight_decay']}: must be finite and >= 0"),
-        (not (0 <= cfg["beta1"] < 1 and 0 <= cfg["beta2"] < 1), "--beta1 and --beta2 must be in [0, 1)"),
-        (not (math.isfinite(cfg["grad_clip"]) and cfg["grad_clip"] >= 0),
-         f"--grad_clip {cfg['grad_clip']}: must be finite and >= 0 (0 = off)"),
-        (cfg["warmup_epochs"] < 0, "--warmup_epochs must be >= 0"),
-        (min(cfg["embed_dim"], cfg["depth"], cfg["num_heads"], cfg["dec_dim"], cfg["dec_depth"], cfg["dec_heads"]) < 1,
-         "--embed_dim, --depth, --num_heads, --dec_dim, --dec_depth and --dec_heads must be >= 1"),
-        (cfg["embed_dim"] % max(1, cfg["num_heads"]) or cfg["dec_dim"] % max(1, cfg["dec_heads"]),
-         "--num_heads must divide --embed_dim, and --dec_heads must divide --dec_dim"),
-        (cfg["val_blocks"] < 2, "--val_blocks must be >= 2"),
-        (min(cfg["patch_size"], cfg["n_plot"]) < 1 or cfg["val_gap"] < 0,
-         "--patch_size and --n_plot must be >= 1, --val_gap >= 0"),
-        (cfg["input"] not in data.INPUT_MODES, f"--input {cfg['input']!r}: use {', '.join(data.INPUT_MODES)}"),
-        (cfg["cpu_bf16"] not in ("auto", "on", "off"), f"--cpu_bf16 {cfg['cpu_bf16']!r}: use auto, on or off"),
-    ]
-    for bad, msg in problems:
-        if bad:
-            raise data.DataError(msg)
+    """The flags, for a run of `world` processes (torchrun), else one line (DataError) naming the flag."""
+    data.check_choice(cfg, "model_size", (*MODEL_SIZES, "custom"))
+    data.check_choice(cfg, "device", ("auto", "cpu", "cuda", "mps"))
+    data.check_choice(cfg, "input", data.INPUT_MODES)
+    data.check_choice(cfg, "cpu_bf16", ("auto", "on", "off"))
+    data.check_range(cfg, "mask_ratio", 0, 1, lo_open=True, hi_open=True)  # none hidden: nothing to reconstruct
+    data.check_range(cfg, "epochs batch_size patience embed_dim depth num_heads dec_dim dec_depth dec_heads "
+                          "patch_size n_plot", 1)
+    data.check_range(cfg, "val_blocks", 2)
+    data.check_range(cfg, "warmup_epochs val_gap weight_decay grad_clip", 0)
+    data.check_range(cfg, "lr", 0, lo_open=True)
+    data.check_range(cfg, "min_lr", 0, cfg["lr"])
+    data.check_range(cfg, "beta1 beta2", 0, 1, hi_open=True)
+    if cfg["embed_dim"] % cfg["num_heads"] or cfg["dec_dim"] % cfg["dec_heads"]:
+        raise data.DataError("--num_heads must divide --embed_dim, and --dec_heads must divide --dec_dim")
+    if cfg["batch_size"] < world:
+        raise data.DataError(f"--batch_size {cfg['batch_size']} is the global batch, split over the {world} "
+                             f"processes: it must be at least {world}")
 
 
 def load_data(cfg, dev):
@@ -585,7 +506,7 @@ def prepare_outputs(cfg, start_epoch):
     os.makedirs(os.path.join(cfg["out_dir"], "checkpoints"), exist_ok=True)
     log_path = os.path.join(cfg["out_dir"], "log.csv")
     if cfg["resume"]:
-        trim_log(log_path, start_epoch)  # resuming an older checkpoint re-runs the later epochs
+        data.trim_log(log_path, start_epoch)  # resuming an older checkpoint re-runs the later epochs
     elif os.path.exists(log_path):
         os.remove(log_path)
     return log_path
@@ -662,12 +583,8 @@ def save_checkpoints(ckpt, model, cfg, improved, norm):
 
 
 def log_epoch(log_path, n, train_loss, val_loss, lr, secs, rate):
-    new_log = not os.path.exists(log_path)
-    with open(log_path, "a", newline="") as f:
-        w = csv.writer(f)
-        if new_log:
-            w.writerow(["epoch", "train_loss", "val_loss", "lr", "seconds", "samples_per_s"])
-        w.writerow([n, f"{train_loss:.9g}", f"{val_loss:.9g}", f"{lr:.6g}", f"{secs:.2f}", f"{rate:.1f}"])
+    data.append_csv(log_path, [dict(epoch=n, train_loss=f"{train_loss:.9g}", val_loss=f"{val_loss:.9g}",
+                                    lr=f"{lr:.6g}", seconds=f"{secs:.2f}", samples_per_s=f"{rate:.1f}")])
 
 
 def setup(cfg, rank, world):
@@ -676,9 +593,10 @@ def setup(cfg, rank, world):
     check_config(cfg, world)
     if rank == 0:
         data.check_out_dir(cfg["out_dir"])  # unwritable, or held by a live run: refused before any work
+        data.check_run_folder(cfg["out_dir"], cfg["resume"])  # one run per folder: never merged, never deleted
     if cfg["num_threads"] > 0:
         torch.set_num_threads(cfg["num_threads"])
-    dev = data.ddp_device(pick_device(cfg["device"]))  # under torchrun: this process's own GPU
+    dev = data.ddp_device(data.pick_device(cfg["device"]))  # under torchrun: this process's own GPU
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     random.seed(cfg["seed"])
@@ -699,7 +617,7 @@ def train(cfg):
     rank, world = data.rank_world()  # (0, 1) without torchrun
     with data.fail_together():  # a bad flag, file or folder on any process stops every process; rank 0 says why
         dev, X_train, X_val, norm, path, mcfg, model = setup(cfg, rank, world)
-        dtype, use_scaler = amp_policy(dev, cfg)
+        dtype, use_scaler = data.cuda_autocast(dev) if cfg["amp"] else (None, False)
         opt = make_optimizer(model, cfg, dev)
         scaler = torch.amp.GradScaler(dev.type if use_scaler else "cpu", enabled=use_scaler)
         # seeded alike on every process, so all of them draw the same global batches, augmentations and masks
@@ -712,7 +630,7 @@ def train(cfg):
         if dev.type == "cpu" and cpu_autocast:  # a resumed run keeps the precision it chose: its losses continue
             dtype = torch.bfloat16 if cpu_autocast == "bf16" else None
         elif dev.type == "cpu":
-            dtype, msg = choose_cpu_dtype(cfg["cpu_bf16"], step_timer(model, cfg, X_train, dev))
+            dtype, msg = data.choose_cpu_dtype(cfg["cpu_bf16"], step_timer(model, cfg, X_train, dev))
     dtype, msg = data.broadcast_object((dtype, msg))  # one precision for all: rank 0's timing decides
     if msg:
         print(msg)

@@ -2,6 +2,7 @@
 import csv
 import dataclasses
 import json
+import errno
 import math
 import os
 import re
@@ -186,6 +187,8 @@ def _good_fire(S=2, T=4, H=8, W=8):
     (dict(wind=np.full((2, 4, 2), 500, np.float32)), ["'wind'", "m/s"]),
     (dict(wind=np.zeros((2, 3, 2), np.float32)), ["'wind'", "shape"]),
     (dict(static=None), ["'static'", "missing"]),
+    (dict(fire=np.zeros((2, 4, 0, 0), np.uint8), static=(np.zeros((2, 2, 0, 0), np.float32),
+          {"channels": np.array(["a", "b"], dtype=h5py.string_dtype())})), ["'fire'", "empty grid"]),
 ])
 def test_bad_fire_files_raise_named_errors(tmp_path, change, words):
     path = str(tmp_path / "bad.h5")
@@ -623,22 +626,22 @@ def test_cpu_precision_choice_times_both_and_obeys_on_off():
     def step(dtype):  # a fake training step: bf16 takes 1 s, fp32 3 s on the fake clock
         ran.append(dtype)
         clock[0] += 1.0 if dtype is torch.bfloat16 else 3.0
-    dtype, msg = mae.choose_cpu_dtype("auto", step, timer=lambda: clock[0], warmup=1, timed=2, rounds=2)
+    dtype, msg = data.choose_cpu_dtype("auto", step, timer=lambda: clock[0], warmup=1, timed=2, rounds=2)
     assert dtype is torch.bfloat16 and "fp32 0.3 steps/s, bf16 1.0 steps/s -> bf16" in msg
     bf16 = torch.bfloat16  # warm-up in each precision, then alternating timed rounds
     assert ran == [bf16, None] + ([None] * 2 + [bf16] * 2) * 2
 
     def slow_bf16(dtype):
         clock[0] += 5.0 if dtype is torch.bfloat16 else 1.0
-    assert mae.choose_cpu_dtype("auto", slow_bf16, timer=lambda: clock[0])[0] is None
+    assert data.choose_cpu_dtype("auto", slow_bf16, timer=lambda: clock[0])[0] is None
 
     def no_bf16(dtype):
         if dtype is torch.bfloat16:
             raise RuntimeError("bf16 not supported")
-    dtype, msg = mae.choose_cpu_dtype("auto", no_bf16)
+    dtype, msg = data.choose_cpu_dtype("auto", no_bf16)
     assert dtype is None and "failed" in msg and "fp32" in msg
     ran.clear()
-    assert mae.choose_cpu_dtype("on", step)[0] is torch.bfloat16 and mae.choose_cpu_dtype("off", step)[0] is None
+    assert data.choose_cpu_dtype("on", step)[0] is torch.bfloat16 and data.choose_cpu_dtype("off", step)[0] is None
     assert ran == []  # on/off never time anything
 
 
@@ -689,7 +692,7 @@ def test_mae_exact_resume(mae_run4, tiny_clouds, tmp_path):
     ck_b = data.load_checkpoint(out / "checkpoints/latest.pth")
     assert all(torch.equal(ck_a["model"][k], ck_b["model"][k]) for k in ck_a["model"])
     # other settings would silently make another run: refused, naming the flag to pass
-    r = run_script("mae.py", *flags, "--epochs", "6", "--resume", os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
+    r = run_script("mae.py", *flags, "--epochs", "6", "--resume", out / "checkpoints/latest.pth")
     assert_one_line_error(r, "different settings", "--epochs 4")
 
 
@@ -787,8 +790,8 @@ def test_mae_flags_out_of_range_are_one_line_and_write_nothing(tmp_path, flags, 
 
 
 def test_resume_refuses_a_data_file_that_changed_under_the_same_name(tmp_path):
-    """mae.py and finetune_cbh.py store a fingerprint of their data: a resumed run on other data (same path) is
-    refused with one line naming the file."""
+    """Every stage stores a fingerprint of its data: a resumed run on other data (same path) is refused with one
+    line naming the file."""
     u, l = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120, seed=0)
     u2, l2 = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120, seed=1)
     data.write_clouds(tmp_path / "unlab.h5", **u)
@@ -804,6 +807,13 @@ def test_resume_refuses_a_data_file_that_changed_under_the_same_name(tmp_path):
     assert_one_line_error(r, "unlab.h5", "fingerprint")
     r = run_script(*ft_args, "--resume", tmp_path / "f/checkpoints/latest.pth")
     assert_one_line_error(r, "lab.h5", "fingerprint")
+    em_args = ["emberformer.py", "--data_path", tmp_path / "fires.h5", "--out_dir", tmp_path / "e", "--patch_size",
+               "4", "--history", "3", "--batch_size", "8", "--num_threads", "1"]
+    data.write_fire(tmp_path / "fires.h5", **data.generate_fires(n_seq=6, size=16, n_frames=5, seed=0))
+    assert run_script(*em_args, "--epochs", "1").returncode == 0
+    data.write_fire(tmp_path / "fires.h5", **data.generate_fires(n_seq=6, size=16, n_frames=5, seed=1))
+    r = run_script(*em_args, "--epochs", "1", "--resume", tmp_path / "e/checkpoints/latest.pth")
+    assert_one_line_error(r, "fires.h5", "fingerprint")
 
 
 def test_mae_writes_best_and_the_encoder_before_latest(monkeypatch, tmp_path):
@@ -821,11 +831,17 @@ def test_mae_writes_best_and_the_encoder_before_latest(monkeypatch, tmp_path):
 def test_mae_resume_survives_a_partial_last_log_line(tmp_path):
     log = tmp_path / "log.csv"
     log.write_text("epoch,train_loss\n1,0.5\n2,0.4\n3,0.3\n4,0.2")  # a kill while appending epoch 4's row
-    mae.trim_log(str(log), 3)
+    data.trim_log(str(log), 3)
     assert log.read_text() == "epoch,train_loss\n1,0.5\n2,0.4\n3,0.3\n"
     log.write_text("epoch,train_loss\n1,0.5\n\n")
-    mae.trim_log(str(log), 3)
+    data.trim_log(str(log), 3)
     assert log.read_text() == "epoch,train_loss\n1,0.5\n"
+    log.write_text("step,epoch,loss\n1,1,0.5\n2,1,0.4\n3,2,0.")  # emberformer's log_steps.csv: epoch not first
+    data.trim_log(str(log), 2)
+    assert log.read_text() == "step,epoch,loss\n1,1,0.5\n2,1,0.4\n"
+    log.write_text("epo")  # a kill while writing the header: nothing to keep
+    data.trim_log(str(log), 2)
+    assert not log.exists()
 
 
 def test_outputs_follow_the_umask_and_stale_temp_files_are_removed(tmp_path):
@@ -1288,9 +1304,9 @@ def test_ft_decorrelation_lag_of_a_known_process():
     for i in range(1, n):
         y[:, i] = 0.9 * y[:, i - 1] + np.sqrt(1 - 0.81) * rng.standard_normal(3)
     flight = np.repeat(np.arange(3), n)
-    lag = ft.decorrelation_lag(y.ravel(), flight, np.tile(frames, 3), 0.2)
+    lag = data.decorrelation_lag(y.ravel(), flight, np.tile(frames, 3), 0.2)
     assert 120 <= lag <= 200, lag
-    assert ft.decorrelation_lag(rng.standard_normal(3 * n), flight, np.tile(frames, 3), 0.2) <= 20
+    assert data.decorrelation_lag(rng.standard_normal(3 * n), flight, np.tile(frames, 3), 0.2) <= 20
 
 
 def test_ft_pretrained_none_skips_finetune_and_probe(ft_tiny, tmp_path):
@@ -1898,10 +1914,10 @@ def test_ember_help_lists_constants():
 def test_ember_resume_trims_logs_and_bad_flags_write_nothing(tmp_path, capsys, restore_globals):
     log = tmp_path / "log.csv"
     data.append_csv(str(log), [dict(epoch=e, loss=1.0 / e) for e in (1, 2, 3, 4)])
-    em.trim_csv(str(log), 2)  # resuming the epoch-2 checkpoint: epochs 3 and 4 are re-run, not repeated
+    data.trim_log(str(log), 2)  # resuming the epoch-2 checkpoint: epochs 3 and 4 are re-run, not repeated
     assert [int(r["epoch"]) for r in read_csv(log)] == [1, 2]
-    em.trim_csv(str(log), 0)
-    assert not log.exists()
+    data.trim_log(str(log), 0)
+    assert read_csv(log) == []
     for flags in (["--val_frac", "1.0"], ["--pred_thresh", "0"], ["--wind_scale", "0"], ["--test_frac", "1.0"],
                   ["--target", "burned"], ["--monitor", "val/ap"], ["--cpu_bf16", "maybe"]):
         with pytest.raises(SystemExit) as e:
@@ -2731,3 +2747,105 @@ def test_bench_gpu_script_skips_cuda_parts_cleanly_on_a_cpu_machine(tmp_path):
     with open(tmp_path / "summary.log") as f:
         summary = f.read()
     assert not claims.search(summary) and summary.strip() == r.stdout.strip(), summary
+
+
+# ==============================================================================================
+# reliability: run folders, output names, full disks, messages (each test failed before its fix)
+
+def test_a_run_folder_holds_one_run(tiny_clouds, tmp_path):
+    """A fresh run refuses a finished run's folder instead of deleting its log; --resume refuses another run's
+    folder (the two logs would merge), but continues its own folder and branches into a folder without a run."""
+    flags = ["--data_path", tiny_clouds[0], "--epochs", "1", *MAE_TINY]
+    assert run_script("mae.py", *flags, "--out_dir", tmp_path / "a").returncode == 0
+    log_a = (tmp_path / "a" / "log.csv").read_text()
+    assert_one_line_error(run_script("mae.py", *flags, "--out_dir", tmp_path / "a"), "holds a previous run", "--resume")
+    assert (tmp_path / "a" / "log.csv").read_text() == log_a
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    ckpt_a = tmp_path / "a" / "checkpoints" / "latest.pth"
+    with pytest.raises(data.DataError, match="holds another run"):
+        data.check_run_folder(str(tmp_path / "b"), str(ckpt_a))
+    data.check_run_folder(str(tmp_path / "a"), str(ckpt_a))  # its own folder
+    data.check_run_folder(str(tmp_path / "new"), str(ckpt_a))  # a branch into a folder without a run
+    for script, extra in (("emberformer.py", []), ("finetune_cbh.py", ["--pretrained", "none"])):
+        r = run_script(script, "--out_dir", tmp_path / "b", "--resume", ckpt_a, *extra)
+        assert_one_line_error(r, "holds another run")
+    assert (tmp_path / "b" / "log.csv").read_text() == log_a
+
+
+def test_outputs_named_after_an_input_belong_to_that_input(ft_tiny, tmp_path):
+    """--predict a/day1.h5 then b/day1.h5 into one out_dir: the second is refused in one line, the first's
+    predictions stay; predicting a/day1.h5 again is fine."""
+    out = tmp_path / "model"
+    assert run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--final", "physics", "--out_dir", out,
+                      "--pretrained", "none").returncode == 0
+    for sub in ("a", "b"):
+        os.makedirs(tmp_path / sub)
+        shutil.copy(ft_tiny["lab"], tmp_path / sub / "day1.h5")
+    predict = lambda sub: run_script("finetune_cbh.py", "--predict", tmp_path / sub / "day1.h5", "--model",
+                                     out / "cbh_model.pth", "--out_dir", out)
+    assert predict("a").returncode == 0
+    first = (out / "cbh_pred_day1.h5").read_bytes()
+    assert_one_line_error(predict("b"), "day1.h5", "same file name", "--out_dir")
+    assert (out / "cbh_pred_day1.h5").read_bytes() == first
+    assert predict("a").returncode == 0
+
+
+def test_eval_only_of_two_files_with_one_name_is_refused(fire_files, tmp_path, capsys, restore_globals):
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pth"
+    write_checkpoint(ckpt, fire_files["train"])
+    for sub in ("a", "b"):
+        os.makedirs(tmp_path / sub)
+        shutil.copy(fire_files["other"], tmp_path / sub / "f.h5")
+    run = lambda sub: main_exit(["--eval_only", "--model", ckpt, "--data_path", tmp_path / sub / "f.h5",
+                                 "--out_dir", tmp_path / "run", "--batch_size", "64"], capsys)
+    assert run("a")[0] == 0
+    before = dir_tree(tmp_path / "run" / "eval_f")
+    code, _, err = run("b")
+    assert_one_line_error(subprocess.CompletedProcess([], code, "", err), "same file name", "--out_dir")
+    assert dir_tree(tmp_path / "run" / "eval_f") == before
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_complete_file(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pth"
+    data.atomic_torch_save(dict(epoch=1), path)
+
+    def full(obj, f):  # what torch's zip writer says when the disk fills mid-write
+        open(f, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/0: unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
+    with pytest.raises(data.DataError, match="no space left") as e:
+        data.atomic_torch_save(dict(epoch=2), path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert data.load_checkpoint(path)["epoch"] == 1 and os.listdir(tmp_path) == ["latest.pth"]  # no temp left
+
+    def enospc(self, rows):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(csv.DictWriter, "writerows", enospc)
+    with pytest.raises(data.DataError, match="no space left"):
+        data.append_csv(str(tmp_path / "log.csv"), [dict(epoch=1)])
+
+
+def test_fire_file_without_static_channels_trains_and_plots(tmp_path):
+    g = data.generate_fires(n_seq=6, size=16, n_frames=5, seed=0)
+    path = tmp_path / "nostatic.h5"
+    data.write_fire(path, g["fire"], g["static"][:, :0], [], g["wind"])
+    r = run_script("emberformer.py", "--data_path", path, "--out_dir", tmp_path / "out", "--epochs", "1",
+                   "--patch_size", "4", "--history", "3", "--batch_size", "8", "--num_threads", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "out" / "checkpoints" / "latest.pth").exists() and list((tmp_path / "out").glob("plots/*.png"))
+
+
+def test_messages_say_what_is_wrong(mae_run4, tmp_path, capsys, restore_globals):
+    g = _good_clouds(5)
+    meta = g["metadata"][0].copy()
+    meta[:, 0], meta[:, 1] = 0, [0, 1, 2, 2, 3]  # frame 2 of flight 0 twice
+    _write_h5(tmp_path / "dup.h5", images=g["images"], metadata=(meta, g["metadata"][1]))
+    with pytest.raises(data.DataError, match="more than once, e.g. flight 0 frame 2"):
+        data.load_clouds(str(tmp_path / "dup.h5"))
+    path = tmp_path / "f.h5"
+    data.write_fire(path, **data.generate_fires(n_seq=3, size=8, n_frames=3, seed=0))
+    code, _, err = main_exit(["--data_path", path, "--resume", os.path.join(mae_run4, "checkpoints/latest.pth"),
+                              "--out_dir", tmp_path / "o"], capsys)
+    assert_one_line_error(subprocess.CompletedProcess([], code, "", err), "a mae.py checkpoint")
