@@ -3,18 +3,15 @@ Benchmark of the emberformer.py model: samples/s and peak memory for a training 
 on batches drawn from the default fire data (data.default_fire_path(): real burned fractions and history
 lengths, so the savings on never-burned patches show), plus parameter counts per part. Writes nothing.
     python bench_emberformer.py --batch_size 16 --steps 10 --num_threads 1
-    python bench_emberformer.py --before /tmp/ember_landed/emberformer.py --num_threads 1   # before/after, one run
     python bench_emberformer.py --data_path fires400.h5 --patch_size 16 --device cuda
---before PATH times another version of emberformer.py (e.g. `git show HEAD:emberformer.py > old.py`) in the
-same process on the same batches, interleaved round by round with the current one (so load from other
-processes hits both alike), and prints the speed-up of the median round. A train step is the stage's own
+To compare two versions, run each checkout's copy on the same machine and batches (a fixed --num_threads,
+rounds interleave phases so other load hits both alike). A train step is the stage's own
 forward_batch (forward, loss, metrics) + backward + clipped AdamW step. Peak memory: RSS of the process on
 CPU (getrusage; it only grows, so it is the max over everything timed so far), torch.cuda.max_memory_allocated
 on CUDA. AMP as in emberformer.py on CUDA (bf16 / fp16); on the CPU the current model is timed in fp32 and,
 with --bf16 (default), also in bf16 autocast, side by side, with the CPU's name.
 """
 import argparse
-import importlib.util
 import resource
 import statistics
 import time
@@ -32,7 +29,6 @@ p.add_argument("--batch_size", type=int, default=16)
 p.add_argument("--history", type=int, default=8, help="K frames (early frames of a fire have fewer, as in training)")
 p.add_argument("--steps", type=int, default=10, help="timed steps per phase and round (after 2 warm-up steps)")
 p.add_argument("--rounds", type=int, default=3, help="rounds; the median round is reported")
-p.add_argument("--before", default="", help="path of another emberformer.py to time beside this one")
 p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
 p.add_argument("--num_threads", type=int, default=0, help="torch CPU threads; 0 = torch default")
 p.add_argument("--bf16", type=int, default=1, help="CPU: also time the current model under bf16 autocast (1) or not (0)")
@@ -54,21 +50,12 @@ gen = torch.Generator().manual_seed(0)
 batches = [torch.randint(len(all_s), (B,), generator=gen) for _ in range(args.steps + 2)]  # same for every model
 
 
-def load_module(path):
-    spec = importlib.util.spec_from_file_location("ember_before", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def setup(mod, precision=None):
-    """The module's model and optimizer with its default constants; K from --history; its autocast dtype."""
+def setup(precision=None):
+    """The model and optimizer with emberformer.py's default constants, K from --history; its autocast dtype."""
     torch.manual_seed(0)
-    mod.history = K
-    model = mod.EmberFormer(len(fires["channels"]), P).to(dev)
-    if hasattr(mod, "target"):  # the current version: the model follows the stage's default target
-        model = mod.EmberFormer(len(fires["channels"]), P, target=mod.target).to(dev)
-    return dict(mod=mod, model=model, opt=mod.make_optimizer(model), amp=precision if dev.type == "cpu" else amp)
+    cfg = em.get_config(["--history", str(K), "--patch_size", str(P)])
+    model = em.EmberFormer(len(fires["channels"]), P, target=cfg["target"]).to(dev)
+    return dict(cfg=cfg, model=model, opt=em.make_optimizer(cfg, model), amp=precision if dev.type == "cpu" else amp)
 
 
 def sync():
@@ -85,8 +72,8 @@ def peak_mb():
 def step(run, idx, train):
     if not train:
         with torch.no_grad():
-            return run["mod"].forward_batch(run["model"], D, all_s[idx], all_t[idx], run["amp"])
-    loss = run["mod"].forward_batch(run["model"], D, all_s[idx], all_t[idx], run["amp"])[0]
+            return em.forward_batch(run["cfg"], run["model"], D, all_s[idx], all_t[idx], run["amp"])
+    loss = em.forward_batch(run["cfg"], run["model"], D, all_s[idx], all_t[idx], run["amp"])[0]
     run["opt"].zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run["model"].parameters(), 1.0)
@@ -105,17 +92,15 @@ def timed(run, train):
     return B * args.steps / (time.time() - t)
 
 
-runs = {"current": setup(em)}
+runs = {"current": setup()}
 if dev.type == "cpu" and args.bf16:
-    runs["cur_bf16"] = setup(em, torch.bfloat16)
-if args.before:
-    runs["before"] = setup(load_module(args.before))
+    runs["cur_bf16"] = setup(torch.bfloat16)
 where = torch.cuda.get_device_name() if dev.type == "cuda" else f"{cpu_name()}, {torch.get_num_threads()} threads"
 print(f"device {dev} ({where})"
       f", amp {amp}, data {H}x{W} ({S} fires), patch {P} -> {-(-H // P)}x{-(-W // P)} tokens, K {K}, batch {B}, "
       f"{args.rounds} rounds of {args.steps} steps")
 for name, run in runs.items():
-    print(f"{name:<8} parameters: " + ", ".join(f"{k} {v:,}" for k, v in run["mod"].part_params(run["model"]).items()))
+    print(f"{name:<8} parameters: " + ", ".join(f"{k} {v:,}" for k, v in em.part_params(run["model"]).items()))
 rates = {(name, phase): [] for name in runs for phase in ("eval", "train")}
 for r in range(args.rounds):
     for phase in ("eval", "train"):
@@ -126,6 +111,4 @@ for phase in ("eval", "train"):
     for name in runs:
         per_round = " ".join(f"{x:.1f}" for x in rates[name, phase])
         print(f"{phase:<5} {name:<8}: {statistics.median(rates[name, phase]):8.1f} samples/s (median; rounds {per_round})")
-    if args.before:
-        print(f"{phase:<5} speed-up: {statistics.median(rates['current', phase]) / statistics.median(rates['before', phase]):.2f}x")
 print(f"peak memory {peak_mb():.0f} MiB ({kind}, whole process)")

@@ -68,10 +68,10 @@ num_threads = 0  # torch CPU threads; 0 = torch default
 history = 8  # K: the model sees up to K frames (1..K; early frames of a fire have fewer)
 patch_size = 4  # P: patch side in pixels; the spatial stage runs on the stride-P grid
 val_frac = 0.2  # fraction of SEQUENCES held out for validation (whole fires, never frames of one fire in both)
-test_frac = 0.1  # fraction of SEQUENCES held out as a test split: never used for stopping or choosing; best.pth is reported on it at the end (0 = none)
-target = 'new'  # new: cells burning at t stay burning (no loss on them), the model predicts ignition of the rest; full: the whole next mask
+test_frac = 0.1  # fraction of SEQUENCES held out for test: never chooses anything; best.pth is scored on it (0 = none)
+target = 'new'  # new: cells burning at t stay burning (no loss), the model predicts the rest; full: the whole mask
 wind_scale = 10.0  # m/s; wind enters the model divided by this
-monitor = 'val/new_f1'  # early stopping and best.pth: val/new_f1, val/new_ap, val/new_iou, val/f1, val/iou (maximised) or val/loss (minimised)
+monitor = 'val/new_f1'  # early stopping and best.pth: val/new_f1|new_ap|new_iou|f1|iou (max) or val/loss (min)
 early_stop = True  # stop when the monitored metric has not improved for `patience` epochs
 patience = 10  # epochs without improvement before early stopping
 min_delta = 0.001  # an improvement must exceed this to reset the patience counter
@@ -126,7 +126,7 @@ EVAL_COLUMNS = ("loss", "f1", "iou", "precision", "recall", "accuracy", "new_pre
                 "new_iou", "new_ap")  # eval.csv's metric columns, after method, pairs and fires
 
 
-def cpu_precision(model, D, stored):
+def cpu_precision(cfg, model, D, stored):
     """bf16 or None on the CPU: what a resumed run chose (`stored`), else data.choose_cpu_dtype(cpu_bf16)
     timing real training steps (one warm-up, two rounds of one) of a throw-away copy of the model on a
     training batch (under torchrun: this process's slice of it, and rank 0's choice is then broadcast). The
@@ -135,14 +135,14 @@ def cpu_precision(model, D, stored):
         return torch.bfloat16 if stored == "bf16" else None
     trial = copy.deepcopy(model)
     opt = torch.optim.AdamW(trial.parameters())
-    s, t = D["train"][0][:batch_size], D["train"][1][:batch_size]
+    s, t = D["train"][0][:cfg["batch_size"]], D["train"][1][:cfg["batch_size"]]
 
     def step(dtype):
         opt.zero_grad(set_to_none=True)
-        forward_batch(trial, D, s, t, dtype)[0].backward()
+        forward_batch(cfg, trial, D, s, t, dtype)[0].backward()
         opt.step()
     rng = torch.get_rng_state()
-    dtype, msg = data.choose_cpu_dtype(cpu_bf16, step, warmup=1, timed=1, rounds=2)
+    dtype, msg = data.choose_cpu_dtype(cfg["cpu_bf16"], step, warmup=1, timed=1, rounds=2)
     torch.set_rng_state(rng)
     print(msg)
     return dtype
@@ -466,17 +466,18 @@ def check_groups(model, groups):
                            f"{len(ids) - len(set(ids))} twice and {len(set(ids) - want)} foreign ones")
 
 
-def make_optimizer(model):
+def make_optimizer(cfg, model):
     """AdamW, four groups: the temporal part (learns from scratch, higher LR) and the spatial part, each split
     into weight matrices / kernels (decayed) and norms and biases (ndim <= 1, not decayed, as SegFormer and
     MAE). Every group carries a 'name': logs read LRs by name (group_lr), never by position."""
-    lt, ls = (lr, lr) if lr > 0 else (lr_temporal, lr_spatial)
-    parts = dict(temporal=(lt, [model.embed, model.temporal]), spatial=(ls, [model.encoder, model.decode, model.refine]))
+    lt, ls = (cfg["lr"], cfg["lr"]) if cfg["lr"] > 0 else (cfg["lr_temporal"], cfg["lr_spatial"])
+    parts = dict(temporal=(lt, [model.embed, model.temporal]),
+                 spatial=(ls, [model.encoder, model.decode, model.refine]))
     groups = []
     for name, (base, modules) in parts.items():
         params = [p for m in modules for p in m.parameters()]
         groups.append(dict(name=name, params=[p for p in params if p.ndim > 1], lr=base, base_lr=base,
-                           weight_decay=weight_decay))
+                           weight_decay=cfg["weight_decay"]))
         groups.append(dict(name=name + "_no_decay", params=[p for p in params if p.ndim <= 1], lr=base,
                            base_lr=base, weight_decay=0.0))
     check_groups(model, groups)
@@ -487,13 +488,13 @@ def group_lr(opt, name):
     return next(g["lr"] for g in opt.param_groups if g["name"] == name)
 
 
-def get_lr(step, total_steps):
-    """LR multiplier at a global step: linear warmup, then cosine down to min_lr_frac."""
-    warm = max(1, int(warmup_frac * total_steps))
-    if step < warm:
-        return (step + 1) / warm
-    progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-    return min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+def get_lr(step, total, warmup, peak, min_lr):
+    """LR multiplier (peak 1) at global step `step` of `total`: linear warmup over `warmup` steps, then half-cosine
+    down to min_lr (--min_lr_frac); each group's LR is its base LR times this."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,14 +525,14 @@ def summarize(sums, counts, pr, n):
 NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]  # (drow, dcol)
 
 
-def wind_dilation(current, wind):
+def wind_dilation(cfg, current, wind):
     """Baseline: the fire front advances one cell per frame step into the neighbours that lie within an
     angle of the downwind direction that narrows with wind speed: cos(angle) >= speed / dil_wind - 1
     (clamped to [-1, 0.7]): calm -> all 8 neighbours, dil_wind m/s -> the downwind half, strong wind ->
     about 45 degrees either side of downwind. current (B,H,W) bool, wind (B,2) m/s (u east, v north)."""
     B, H, W = current.shape
     speed = wind.norm(dim=1)  # (B,)
-    cos_min = (speed / dil_wind - 1).clamp(-1, 0.7)
+    cos_min = (speed / cfg["dil_wind"] - 1).clamp(-1, 0.7)
     padded = F.pad(current.float(), (1, 1, 1, 1)) > 0.5
     out = current.clone()
     for dr, dc in NEIGHBOURS:  # spread from cell (i-dr, j-dc) to (i, j): east by dc, north by -dr
@@ -542,29 +543,30 @@ def wind_dilation(current, wind):
 
 
 @torch.no_grad()
-def baselines(D, s, t):
+def baselines(cfg, D, s, t):
     """Persistence (next = current) and wind dilation on the given samples -> {name: metrics}."""
     counts = {"persistence": 0, "dilation": 0}
     for idx in data.batch_indices(len(s), 64, shuffle=False):
-        hist, wind, lengths, target = data.fire_batch(D["fire"], D["wind"], s[idx], t[idx], history)
+        hist, wind, lengths, target = data.fire_batch(D["fire"], D["wind"], s[idx], t[idx], cfg["history"])
         ar = torch.arange(len(lengths), device=hist.device)
         cur = hist[ar, lengths - 1] > 0.5
         counts["persistence"] = counts["persistence"] + batch_counts(cur, target, cur)
-        counts["dilation"] = counts["dilation"] + batch_counts(wind_dilation(cur, wind[ar, lengths - 1]), target, cur)
+        dilated = wind_dilation(cfg, cur, wind[ar, lengths - 1])
+        counts["dilation"] = counts["dilation"] + batch_counts(dilated, target, cur)
     return {k: scores(c) for k, c in counts.items()}
 
 
 # ----------------------------------------------------------------------------------------------
 # data flow: whole dataset on the device, batches by indexing
 
-def split_fires(n_seq, path):
+def split_fires(cfg, n_seq, path):
     """Whole sequences -> (train, val, test) index arrays. Val comes first in the seeded permutation, so it
     holds the same fires whatever --test_frac is; test fires are never used for stopping or choosing."""
-    perm = np.random.default_rng(seed).permutation(n_seq)
-    n_val, n_test = max(1, int(round(val_frac * n_seq))), int(round(test_frac * n_seq))
+    perm = np.random.default_rng(cfg["seed"]).permutation(n_seq)
+    n_val, n_test = max(1, int(round(cfg["val_frac"] * n_seq))), int(round(cfg["test_frac"] * n_seq))
     if n_val + n_test >= n_seq:
-        raise data.DataError(f"{path}: {n_seq} sequence(s) leave no training fire after --val_frac {val_frac} "
-                             f"({n_val}) and --test_frac {test_frac} ({n_test})")
+        raise data.DataError(f"{path}: {n_seq} sequence(s) leave no training fire after --val_frac "
+                             f"{cfg['val_frac']} ({n_val}) and --test_frac {cfg['test_frac']} ({n_test})")
     return np.sort(perm[n_val + n_test:]), np.sort(perm[:n_val]), np.sort(perm[n_val:n_val + n_test])
 
 
@@ -580,14 +582,14 @@ def fire_hashes(fire):
     return [hashlib.sha1(np.ascontiguousarray(seq).tobytes()).hexdigest() for seq in fire]
 
 
-def load_data(dev):
-    path = data_path or data.default_fire_path()
+def load_data(cfg, dev):
+    path = cfg["data_path"] or data.default_fire_path()
     d = data.load_fire(path)
     S, T = d["fire"].shape[:2]
-    train_seq, val_seq, test_seq = split_fires(S, path)
+    train_seq, val_seq, test_seq = split_fires(cfg, S, path)
     train_s, train_t = data.fire_sample_index(train_seq, T)
-    if max_samples > 0:
-        train_s, train_t = train_s[:max_samples], train_t[:max_samples]
+    if cfg["max_samples"] > 0:
+        train_s, train_t = train_s[:cfg["max_samples"]], train_t[:cfg["max_samples"]]
     st = torch.from_numpy(d["static"][train_seq]).double()  # per-channel statistics from the TRAIN split only
     mean, std = st.mean((0, 2, 3)).float(), st.std((0, 2, 3)).float().clamp(min=1e-6)
     return dict(fire_tensors(d, dev, path), train=(train_s, train_t), val=data.fire_sample_index(val_seq, T),
@@ -602,25 +604,25 @@ def model_logits(model, hist, wind, lengths, static, amp):
         return model(hist, wind, lengths, static).float()
 
 
-def load_eval_data(dev, ckpt):
+def load_eval_data(cfg, dev, ckpt):
     """--eval_only: every t -> t+1 pair of every sequence of --data_path (no split) as split 'eval'. The static
     channels must be the checkpoint's, in its order: the model reads them by position."""
-    path = data_path or data.default_fire_path()
+    path = cfg["data_path"] or data.default_fire_path()
     d = data.load_fire(path)
     if d["channels"] != list(ckpt["channels"]):
-        raise data.DataError(f"{path}: dataset 'static' has channels {d['channels']}, but --model {model} was "
+        raise data.DataError(f"{path}: dataset 'static' has channels {d['channels']}, but --model {cfg['model']} was "
                              f"trained on {list(ckpt['channels'])}")
     S, T = d["fire"].shape[:2]
-    if rollout > T - 1:
-        raise data.DataError(f"{path}: dataset 'fire' has T={T} frames; --rollout {rollout} needs at least "
-                             f"{rollout + 1}")
-    warning = seen_in_training(path, d["fire"], ckpt)
+    if cfg["rollout"] > T - 1:
+        raise data.DataError(f"{path}: dataset 'fire' has T={T} frames; --rollout {cfg['rollout']} needs at least "
+                             f"{cfg['rollout'] + 1}")
+    warning = seen_in_training(cfg, path, d["fire"], ckpt)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     return dict(fire_tensors(d, dev, path), eval=data.fire_sample_index(np.arange(S), T))
 
 
-def seen_in_training(path, fire, ckpt):
+def seen_in_training(cfg, path, fire, ckpt):
     """A warning if --data_path is the checkpoint's training file, or holds fires it trained on (the same masks,
     by hash; checkpoints made before the hashes were stored compare the file only), else ''."""
     trained_on = ckpt.get("data_file") or ckpt["config"]["data_path"] or os.path.join(
@@ -628,45 +630,46 @@ def seen_in_training(path, fire, ckpt):
     seen = set(ckpt.get("train_fire_hashes", ()))
     n_seen = sum(h in seen for h in fire_hashes(fire)) if seen else 0
     if os.path.realpath(path) == os.path.realpath(trained_on):
-        what = (f"is the file --model {model} was trained on: its training fires were seen in training and its "
+        what = (f"is the file --model {cfg['model']} was trained on: its training fires were seen in training and its "
                 "val fires chose the checkpoint")
     elif n_seen:
-        what = f"holds {n_seen} of {len(fire)} fires --model {model} was trained on: those were seen in training"
+        what = f"holds {n_seen} of {len(fire)} fires --model {cfg['model']} was trained on: those were seen in training"
     else:
         return ""
     return f"{path} {what}, so these scores do not measure new fires (that run's test split: its test_metrics.json)"
 
 
-def kept_pixels(current):
+def kept_pixels(cfg, current):
     """Number of pixels the loss is taken over (a 0-d tensor), current (B, H, W) bool = burning at t: the cells
     not burning yet with --target new, all of them with 'full'."""
-    return (~current).sum() if target == "new" else torch.full((), current.numel(), device=current.device)
+    return (~current).sum() if cfg["target"] == "new" else torch.full((), current.numel(), device=current.device)
 
 
-def forward_batch(model, D, s, t, amp):
+def forward_batch(cfg, model, D, s, t, amp):
     """s, t (B,): a global batch, of which this process takes its data.rank_slice (all of it in one process) ->
     loss: this slice's share of the batch's --target objective (the shares of all processes add up to it; in one
     process it is the objective itself), [loss, bce, dice] shares * B, confusion counts (2, 4) and new-burn PR
     histogram (2, bins) of the slice, its logits (b, H, W). No collective: the batch's kept pixels are counted
     from the resident data, so every process gets them alone."""
     mine = data.rank_slice(len(s))
-    hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s[mine], t[mine], history)
+    hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s[mine], t[mine], cfg["history"])
     logits = model_logits(model, hist, wind, lengths, D["static"][s[mine].to(hist.device)], amp)
     current = hist[torch.arange(len(lengths), device=hist.device), lengths - 1] > 0.5  # (b, H, W) burning at t
-    _, bce, dice = losses.bce_dice_loss(logits, nxt, bce_weight, dice_weight, pos_weight if pos_weight > 0 else None,
-                                        mask=~current if target == "new" else None)  # means over this slice
+    _, bce, dice = losses.bce_dice_loss(logits, nxt, cfg["bce_weight"], cfg["dice_weight"],
+                                        cfg["pos_weight"] if cfg["pos_weight"] > 0 else None,
+                                        mask=~current if cfg["target"] == "new" else None)  # means over this slice
     # BCE is a mean over the batch's kept pixels and Dice a mean over its samples: weighting each by this slice's
     # part of that count gives its share of the global batch's loss (x 1.0 in one process: the numbers are unchanged)
     batch_current = D["fire"][s.to(hist.device), t.to(hist.device)] > 0  # (B, H, W) frame t of the global batch
-    bce = bce * (kept_pixels(current) / kept_pixels(batch_current).clamp(min=1))
+    bce = bce * (kept_pixels(cfg, current) / kept_pixels(cfg, batch_current).clamp(min=1))
     dice = dice * (len(nxt) / len(s)) if len(nxt) else torch.zeros_like(bce)  # an empty slice: its mean is 0/0
-    loss = bce_weight * bce + dice_weight * dice
-    counts = batch_counts(torch.sigmoid(logits) > pred_thresh, nxt, current)
+    loss = cfg["bce_weight"] * bce + cfg["dice_weight"] * dice
+    counts = batch_counts(torch.sigmoid(logits) > cfg["pred_thresh"], nxt, current)
     pr = losses.pr_histogram(logits, nxt, ~current)  # new-burn cells only
     return loss, torch.stack([loss, bce, dice]).detach() * len(s), counts, pr, logits
 
 
-def train_epoch(model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch):
+def train_epoch(cfg, model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch):
     """One pass over the training samples. Under torchrun (model wrapped in DDP) every process draws the same
     global batches from its identically seeded `gen` and trains on its slice of each (forward_batch), so the batch
     order does not depend on the number of processes; the metrics are summed over processes at the end.
@@ -679,20 +682,20 @@ def train_epoch(model, opt, scaler, D, gen, step, total_steps, amp, step_rows, e
     sums, counts, prs = 0, 0, 0
     bad = torch.zeros(CHECK_EVERY, dtype=torch.bool, device=D["fire"].device)  # [k]: k-th step since the last check
     checked, seen, seen_mine = step, 0, 0  # seen: samples of the global batches; seen_mine: this process's
-    batches = data.batch_indices(len(s_all), batch_size, shuffle=True, generator=gen)
+    batches = data.batch_indices(len(s_all), cfg["batch_size"], shuffle=True, generator=gen)
     progress = data.Progress(len(batches), f"epoch {epoch}")
     for i, idx in enumerate(batches):
-        mult = get_lr(step, total_steps)
+        mult = get_lr(step, total_steps, max(1, int(cfg["warmup_frac"] * total_steps)), 1.0, cfg["min_lr_frac"])
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        loss, s3, c, pr, logits = forward_batch(model, D, s_all[idx], t_all[idx], amp)  # this process's share
+        loss, s3, c, pr, logits = forward_batch(cfg, model, D, s_all[idx], t_all[idx], amp)  # this process's share
         opt.zero_grad(set_to_none=True)
         # DDP averages the gradients over the processes; the shares add up to the batch's loss, so x world makes
         # the result the global batch's gradient, whatever the slice sizes (an empty slice still joins with 0)
         scaler.scale(loss * world).backward()
         scaler.unscale_(opt)
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
         scaler.step(opt)
         scaler.update()
         step, seen, seen_mine = step + 1, seen + len(idx), seen_mine + len(logits)
@@ -705,7 +708,7 @@ def train_epoch(model, opt, scaler, D, gen, step, total_steps, amp, step_rows, e
             checked = step
         # live: this process's running loss (the shares of its slices), exact in one process; the epoch line is global
         progress.update(i + 1, seen, lambda: (sums[0] / max(seen_mine, 1)).item())
-        if step % log_every == 0:  # the same steps on every process: the batch's loss, summed over the processes
+        if step % cfg["log_every"] == 0:  # the same steps on every process: the batch's loss, summed over the processes
             s3 = (data.all_reduce_sum(s3) / len(idx)).tolist()
             step_rows.append(dict(step=step, epoch=epoch, lr_temporal=group_lr(opt, "temporal"),
                                   lr_spatial=group_lr(opt, "spatial"), loss=s3[0], bce=s3[1], dice=s3[2]))
@@ -726,14 +729,14 @@ def check_finite(bad, scaler_on, epoch, first_step, last_step):
 
 
 @torch.no_grad()
-def evaluate(model, D, amp, split="val"):
+def evaluate(cfg, model, D, amp, split="val"):
     """Every metric over the split. Under torchrun each process scores its slice of every batch and the sums are
     added over the processes, so every sample counts once (call it on every process)."""
     model.eval()
     s_all, t_all = D[split]
     sums, counts, prs = 0, 0, 0
-    for idx in data.batch_indices(len(s_all), batch_size, shuffle=False):
-        _, s3, c, pr, _ = forward_batch(model, D, s_all[idx], t_all[idx], amp)
+    for idx in data.batch_indices(len(s_all), cfg["batch_size"], shuffle=False):
+        _, s3, c, pr, _ = forward_batch(cfg, model, D, s_all[idx], t_all[idx], amp)
         sums, counts, prs = sums + s3, counts + c, prs + pr
     sums, counts, prs = (data.all_reduce_sum(x) for x in (sums, counts, prs))
     return summarize(sums, counts, prs, len(s_all))
@@ -748,7 +751,7 @@ def rollout_starts(n_seq, n_frames, n_steps):
 
 
 @torch.no_grad()
-def model_rollout(model, D, s, t0, n_steps, amp):
+def model_rollout(cfg, model, D, s, t0, n_steps, amp):
     """Forecast frames t0+1 .. t0+n_steps. Step k sees the true frames up to t0, then its own forecasts (the
     last `history` frames in all), the true static channels and the OBSERVED wind of each frame (a perfect
     wind forecast). A forecast is the probability thresholded at pred_thresh OR the previous frame, so no
@@ -760,19 +763,19 @@ def model_rollout(model, D, s, t0, n_steps, amp):
     seq = D["fire"][s]  # (B, T, H, W), a copy: the true fire, its frames after t0 overwritten as forecasts come
     wind, static = D["wind"][s], D["static"][s]  # (B, T, 2), (B, C, H, W)
     for k in range(n_steps):  # fire_batch reads frames <= t0 + k only: the truth to t0, forecasts after
-        hist, w, lengths, _ = data.fire_batch(seq, wind, rows, t0 + k, history)
+        hist, w, lengths, _ = data.fire_batch(seq, wind, rows, t0 + k, cfg["history"])
         prob = torch.sigmoid(model_logits(model, hist, w, lengths, static, amp))  # (B, H, W)
-        seq[rows, t0 + k + 1] = ((prob > pred_thresh) | (seq[rows, t0 + k] > 0)).to(seq.dtype)
+        seq[rows, t0 + k + 1] = ((prob > cfg["pred_thresh"]) | (seq[rows, t0 + k] > 0)).to(seq.dtype)
     return seq[rows[:, None], t0[:, None] + 1 + torch.arange(n_steps, device=dev)] > 0
 
 
-def dilation_rollout(D, s, t0, n_steps):
+def dilation_rollout(cfg, D, s, t0, n_steps):
     """Wind dilation applied n_steps times from the true frame t0, each step with that frame's observed wind
     -> (B, n_steps, H, W) bool."""
     s, t0 = s.to(D["fire"].device), t0.to(D["fire"].device)
     cur, out = D["fire"][s, t0] > 0, []
     for k in range(n_steps):
-        cur = wind_dilation(cur, D["wind"][s, t0 + k])
+        cur = wind_dilation(cfg, cur, D["wind"][s, t0 + k])
         out.append(cur)
     return torch.stack(out, 1)
 
@@ -797,19 +800,19 @@ def lead_scores(counts, area0):
 
 
 @torch.no_grad()
-def rollout_scores(model, D, n_steps, amp):
+def rollout_scores(cfg, model, D, n_steps, amp):
     """Model, wind-dilation and persistence rollouts from every start with n_steps true frames after it; counts
     are summed over all starts, then scored -> {method: [one dict per lead]}, number of starts. The batches are
     those evaluate() makes over the same starts, so lead 1 is the one-step score exactly."""
     s_all, t_all = rollout_starts(*D["fire"].shape[:2], n_steps)
     counts, area0 = {m: 0 for m in ROLLOUT_METHODS}, 0
     dev, leads = D["fire"].device, torch.arange(1, n_steps + 1)
-    for idx in data.batch_indices(len(s_all), batch_size, shuffle=False):
+    for idx in data.batch_indices(len(s_all), cfg["batch_size"], shuffle=False):
         s, t0 = s_all[idx], t_all[idx]
         start = D["fire"][s.to(dev), t0.to(dev)] > 0  # (B, H, W)
         truth = D["fire"][s[:, None].to(dev), (t0[:, None] + leads).to(dev)] > 0  # (B, N, H, W)
-        forecasts = dict(model=model_rollout(model, D, s, t0, n_steps, amp),
-                         dilation=dilation_rollout(D, s, t0, n_steps), persistence=start[:, None].expand_as(truth))
+        forecasts = dict(model=model_rollout(cfg, model, D, s, t0, n_steps, amp),
+                         dilation=dilation_rollout(cfg, D, s, t0, n_steps), persistence=start[:, None].expand_as(truth))
         for m, f in forecasts.items():
             counts[m] = counts[m] + lead_counts(f, truth, start)
         area0 += int(start.sum())
@@ -843,13 +846,13 @@ def preview_samples(D, split="val"):
 
 
 @torch.no_grad()
-def plot_preview(model, D, sample, amp, path):
+def plot_preview(cfg, model, D, sample, amp, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     model.eval()
     s, t = sample
-    hist, wind, lengths, target = data.fire_batch(D["fire"], D["wind"], s, t, history)
+    hist, wind, lengths, target = data.fire_batch(D["fire"], D["wind"], s, t, cfg["history"])
     logits = model_logits(model, hist, wind, lengths, D["static"][s.to(hist.device)], amp)  # rank 0 alone: no slice
     prob = torch.sigmoid(logits.float()).cpu()
     fig, axes = plt.subplots(2, 5, figsize=(16, 6.6), gridspec_kw=dict(left=0.01, right=0.99, bottom=0.01, top=0.95,
@@ -859,7 +862,7 @@ def plot_preview(model, D, sample, amp, path):
         L = lengths[r].item()
         h = hist[r, :L].cpu()
         age = torch.where(h.sum(0) > 0, h.sum(0) - 1, torch.tensor(float("nan")))  # frames since first burn
-        cur, tgt, pred = h[-1] > 0.5, target[r].cpu() > 0.5, prob[r] > pred_thresh
+        cur, tgt, pred = h[-1] > 0.5, target[r].cpu() > 0.5, prob[r] > cfg["pred_thresh"]
         err = error_image(pred, tgt, cur)
         u, v = wind[r, L - 1].tolist()
         panels = [(age, f"burn age over {L} frames (yellow = new), wind {math.hypot(u, v):.1f} m/s", "viridis_r"),
@@ -969,7 +972,7 @@ def strip_start(D, n_steps):
 
 
 @torch.no_grad()
-def plot_rollout_strip(model, D, n_steps, amp, path):
+def plot_rollout_strip(cfg, model, D, n_steps, amp, path):
     """One rollout, lead by lead: the truth (grey = burning at t0, orange = burned since), then the model's and
     the wind dilation's forecasts as error maps (white hit, red false alarm, blue miss, grey burning at t0)."""
     import matplotlib
@@ -978,8 +981,8 @@ def plot_rollout_strip(model, D, n_steps, amp, path):
     s, t0 = strip_start(D, n_steps)
     fire = D["fire"][s[0]].cpu() > 0  # (T, H, W)
     start, truth = fire[t0[0]], fire[t0[0] + 1:t0[0] + 1 + n_steps]  # (H, W), (N, H, W)
-    forecasts = dict(model=model_rollout(model, D, s, t0, n_steps, amp)[0].cpu(),
-                     dilation=dilation_rollout(D, s, t0, n_steps)[0].cpu())  # (N, H, W) each
+    forecasts = dict(model=model_rollout(cfg, model, D, s, t0, n_steps, amp)[0].cpu(),
+                     dilation=dilation_rollout(cfg, D, s, t0, n_steps)[0].cpu())  # (N, H, W) each
     grey, orange = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 0.6, 0.1])
     fig, axes = plt.subplots(3, n_steps, figsize=(2.4 * n_steps, 7.4), squeeze=False)
     for k in range(n_steps):
@@ -1090,8 +1093,8 @@ def check_mode(cfg):
         raise data.DataError("--resume continues a training run; --eval_only scores --model PATH (drop --resume)")
 
 
-def build_model(D, dev):
-    model = EmberFormer(len(D["channels"]), patch_size, wind_scale, target).to(dev)
+def build_model(cfg, D, dev):
+    model = EmberFormer(len(D["channels"]), cfg["patch_size"], cfg["wind_scale"], cfg["target"]).to(dev)
     model.static_mean.copy_(D["mean"])
     model.static_std.copy_(D["std"])
     return model
@@ -1100,27 +1103,27 @@ def build_model(D, dev):
 def maybe_resume(cfg, model, opt, scaler, gen, data_hash):
     """Load --resume into model, optimizer, scaler and RNGs -> (epoch, best, best_epoch, bad_epochs, the CPU
     precision the run chose); a fresh run starts at (0, worst, 0, 0, None)."""
-    if not resume:
-        return 0, -math.inf if monitor != "val/loss" else math.inf, 0, 0, None
-    ckpt = data.load_checkpoint(resume)  # on CPU: RNG states must stay CPU tensors
+    if not cfg["resume"]:
+        return 0, -math.inf if cfg["monitor"] != "val/loss" else math.inf, 0, 0, None
+    ckpt = data.load_checkpoint(cfg["resume"])  # on CPU: RNG states must stay CPU tensors
     if not {"model", "optimizer", "epoch", "config", "rng"} <= set(ckpt):
-        raise data.DataError(f"{resume}: not an emberformer checkpoint (keys {sorted(ckpt)[:6]})")
+        raise data.DataError(f"{cfg['resume']}: not an emberformer checkpoint (keys {sorted(ckpt)[:6]})")
     if "model_config" in ckpt:  # mae.py's checkpoints have the same top-level keys
-        raise data.DataError(f"{resume}: a mae.py checkpoint, not an emberformer.py one")
+        raise data.DataError(f"{cfg['resume']}: a mae.py checkpoint, not an emberformer.py one")
     if "target" not in ckpt["config"]:  # its model re-predicted burning cells and its optimizer had 2 groups
-        raise data.DataError(f"{resume}: checkpoint predates --target (new-burn target, test split); "
+        raise data.DataError(f"{cfg['resume']}: checkpoint predates --target (new-burn target, test split); "
                              "it cannot be resumed, start a new run")
     diff = [k for k in cfg if k not in FREE_ON_RESUME and ckpt["config"].get(k) != cfg[k]]
     if diff:
-        raise data.DataError(f"{resume}: checkpoint was made with different " + ", ".join(
+        raise data.DataError(f"{cfg['resume']}: checkpoint was made with different " + ", ".join(
             f"--{k} ({ckpt['config'].get(k)!r}, now {cfg[k]!r})" for k in diff))
     if ckpt.get("data_hash", data_hash) != data_hash:  # checkpoints from before the hash: not checked
-        raise data.DataError(f"{resume}: {data_path or 'the embedded fire file'} does not hold the fires this "
-                             "checkpoint trained on (their fingerprint differs); resume with its data")
+        raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded fire file'} does not hold the "
+                             "fires this checkpoint trained on (their fingerprint differs); resume with its data")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise data.DataError(f"{resume}: model weights do not fit ({str(e).splitlines()[0]})") from None
+        raise data.DataError(f"{cfg['resume']}: model weights do not fit ({str(e).splitlines()[0]})") from None
     opt.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
         scaler.load_state_dict(ckpt["scaler"])
@@ -1128,26 +1131,27 @@ def maybe_resume(cfg, model, opt, scaler, gen, data_hash):
     return ckpt["epoch"], ckpt["best"], ckpt["best_epoch"], ckpt["bad_epochs"], ckpt.get("cpu_autocast")
 
 
-def report_test(D, dev, amp):
+def report_test(cfg, D, dev, amp):
     """best.pth on the test fires beside the baselines on the identical samples -> test_metrics.json + one line.
     The test split chose nothing: not the epoch, not the stopping point. Under torchrun rank 0 reads best.pth (the
     outputs are on its machine) and sends the weights; every process scores its slices."""
     with data.fail_together():
-        ckpt = data.load_checkpoint(os.path.join(out_dir, "checkpoints", "best.pth")) if data.is_rank0() else None
+        best = os.path.join(cfg["out_dir"], "checkpoints", "best.pth")
+        ckpt = data.load_checkpoint(best) if data.is_rank0() else None
     weights, best_epoch = data.broadcast_object((ckpt["model"], ckpt["epoch"]) if ckpt else None)
-    model = build_model(D, dev)
+    model = build_model(cfg, D, dev)
     model.load_state_dict(weights)
-    scores_ = evaluate(model, D, amp, "test")  # over all processes
+    scores_ = evaluate(cfg, model, D, amp, "test")  # over all processes
     with data.fail_together():
         if data.is_rank0():
-            write_test_report(scores_, D, best_epoch)
+            write_test_report(cfg, scores_, D, best_epoch)
 
 
-def write_test_report(scores_, D, best_epoch):
-    result = dict(model=scores_, **baselines(D, *D["test"]), best_epoch=best_epoch,
-                  test_samples=len(D["test"][0]), target=target, note="new_ap of the baselines = precision x "
+def write_test_report(cfg, scores_, D, best_epoch):
+    result = dict(model=scores_, **baselines(cfg, D, *D["test"]), best_epoch=best_epoch,
+                  test_samples=len(D["test"][0]), target=cfg["target"], note="new_ap of the baselines = precision x "
                   "recall at their single operating point; the model's = average precision over new-burn cells")
-    with open(os.path.join(out_dir, "test_metrics.json"), "w") as f:
+    with open(os.path.join(cfg["out_dir"], "test_metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     m, dil, per = result["model"], result["dilation"], result["persistence"]
     print(f"test ({result['test_samples']} samples, best.pth epoch {best_epoch}): new_f1 {m['new_f1']:.3f} "
@@ -1156,31 +1160,46 @@ def write_test_report(scores_, D, best_epoch):
           f"(* precision x recall)")
 
 
-def prepare_logs(start):
+def prepare_logs(cfg, start):
     """Create and lock out_dir. A fresh run starts fresh logs; a resumed one continues them, trimmed back to
     its checkpoint's epoch."""
-    data.claim_out_dir(out_dir)
-    os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
+    data.claim_out_dir(cfg["out_dir"])
+    os.makedirs(os.path.join(cfg["out_dir"], "plots"), exist_ok=True)
     for name in ("log.csv", "log_steps.csv"):
-        path = os.path.join(out_dir, name)
-        if resume:
+        path = os.path.join(cfg["out_dir"], name)
+        if cfg["resume"]:
             data.trim_log(path, start)  # resuming an older checkpoint re-runs the later epochs
         elif os.path.isfile(path):
             os.remove(path)
 
 
-def print_epoch(epoch, tr, va, base):
-    print(f"[Epoch {epoch}/{epochs}] BCE+Dice | train: loss={tr['loss']:.4f} new_f1={tr['new_f1']:.3f} "
+def print_epoch(cfg, epoch, tr, va, base):
+    print(f"[Epoch {epoch}/{cfg['epochs']}] BCE+Dice | train: loss={tr['loss']:.4f} new_f1={tr['new_f1']:.3f} "
           f"| val: loss={va['loss']:.4f} f1={va['f1']:.3f} prec={va['precision']:.3f} iou={va['iou']:.3f} "
           f"new_f1={va['new_f1']:.3f} new_ap={va['new_ap']:.3f} (dilation new_f1 {base['dilation']['new_f1']:.3f})")
 
 
-def write_epoch_outputs(row, step_rows, model, D, sample, amp, base):
+def write_epoch_outputs(cfg, row, step_rows, model, D, sample, amp, base):
     """The epoch's rows in log.csv and log_steps.csv, its preview plot and the updated curves."""
-    data.append_csv(os.path.join(out_dir, "log.csv"), [row])
-    data.append_csv(os.path.join(out_dir, "log_steps.csv"), step_rows)
-    plot_preview(model, D, sample, amp, os.path.join(out_dir, "plots", f"preview_epoch_{row['epoch']:03d}.png"))
-    plot_curves(os.path.join(out_dir, "log.csv"), base, os.path.join(out_dir, "curves.png"))
+    data.append_csv(os.path.join(cfg["out_dir"], "log.csv"), [row])
+    data.append_csv(os.path.join(cfg["out_dir"], "log_steps.csv"), step_rows)
+    path = os.path.join(cfg["out_dir"], "plots", f"preview_epoch_{row['epoch']:03d}.png")
+    plot_preview(cfg, model, D, sample, amp, path)
+    plot_curves(os.path.join(cfg["out_dir"], "log.csv"), base, os.path.join(cfg["out_dir"], "curves.png"))
+
+
+def save_checkpoints(cfg, improved, model, opt, scaler, gen, D, amp, dev, base, va, progress):
+    """best.pth (on improvement) BEFORE latest.pth: a kill between the two re-runs the epoch on --resume.
+    progress: epoch, best, best_epoch, bad_epochs."""
+    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_state(gen),
+                config=cfg, channels=D["channels"], baselines=base, val_metrics=va, **progress,
+                cpu_autocast=("bf16" if amp else "fp32") if dev.type == "cpu" else None,
+                arch=dataclasses.asdict(model.arch), data_file=os.path.abspath(D["path"]),
+                train_fire_hashes=D["train_fire_hashes"], data_hash=D["data_hash"])
+    ckpt_dir = os.path.join(cfg["out_dir"], "checkpoints")
+    if improved:
+        data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
+    data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
 
 
 def setup(cfg, rank, world):
@@ -1188,37 +1207,37 @@ def setup(cfg, rank, world):
     (dev, amp, D, model, opt, scaler, gen, what maybe_resume returns)."""
     check_config(cfg, world)
     if rank == 0:
-        data.check_out_dir(out_dir)  # unwritable, or held by a live run: refused before any work
-        data.check_run_folder(out_dir, resume)  # one run per folder: never merged, never deleted
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    gen = torch.Generator().manual_seed(seed)  # owns the shuffling order, alike on every process; saved in checkpoints
-    dev = data.ddp_device(data.pick_device(device))  # under torchrun: this process's own GPU
+        data.check_out_dir(cfg["out_dir"])  # unwritable, or held by a live run: refused before any work
+        data.check_run_folder(cfg["out_dir"], cfg["resume"])  # one run per folder: never merged, never deleted
+    if cfg["num_threads"] > 0:
+        torch.set_num_threads(cfg["num_threads"])
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
+    random.seed(cfg["seed"])
+    gen = torch.Generator().manual_seed(cfg["seed"])  # the shuffling order, alike on every process; checkpointed
+    dev = data.ddp_device(data.pick_device(cfg["device"]))  # under torchrun: this process's own GPU
     amp = data.cuda_autocast(dev)[0]
-    D = load_data(dev)  # every process holds the whole data set
-    model = build_model(D, dev)
+    D = load_data(cfg, dev)  # every process holds the whole data set
+    model = build_model(cfg, D, dev)
     # BatchNorm over the global batch where it can be: SyncBatchNorm runs on GPUs only, so on the CPU each process
     # normalises by its own slice's statistics (and evaluates with rank 0's running statistics: broadcast_buffers)
     if dev.type == "cuda" and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    opt = make_optimizer(model)
+    opt = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp is torch.float16)
     resumed = maybe_resume(cfg, model, opt, scaler, gen, D["data_hash"])
     if world > 1:  # dropout and drop-path masks per process (DDP has given every process rank 0's weights)
-        torch.manual_seed(seed + 1_000_003 * rank + 7919 * resumed[0])
+        torch.manual_seed(cfg["seed"] + 1_000_003 * rank + 7919 * resumed[0])
     return dev, amp, D, model, opt, scaler, gen, resumed
 
 
-def announce_run(D, dev, amp, world, model):
+def announce_run(cfg, D, dev, amp, world, model):
     """Print the data, precision, sizes and the val baselines; returns the baselines (they go in every log row)."""
     print(f"data: {D['path']}  fire {tuple(D['fire'].shape)}  static {D['channels']}  train {len(D['train'][0])} / "
-          f"val {len(D['val'][0])} / test {len(D['test'][0])} samples  device {dev}  amp {amp}  target {target}" +
-          (f"; {world} processes share each batch of {batch_size}" if world > 1 else ""))
+          f"val {len(D['val'][0])} / test {len(D['test'][0])} samples  device {dev}  amp {amp}  target {cfg['target']}" +
+          (f"; {world} processes share each batch of {cfg['batch_size']}" if world > 1 else ""))
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in part_params(model).items()))
-    base = baselines(D, *D["val"])
+    base = baselines(cfg, D, *D["val"])
     for k, m in base.items():
         print(f"baseline {k:<11} val: f1={m['f1']:.3f} prec={m['precision']:.3f} iou={m['iou']:.3f} "
               f"new_f1={m['new_f1']:.3f} new_ap(precision x recall)={m['new_ap']:.3f}")
@@ -1226,39 +1245,38 @@ def announce_run(D, dev, amp, world, model):
 
 
 def train(cfg):
-    globals().update(cfg)  # the constants above now hold this run's values
     rank, world = data.rank_world()  # (0, 1) without torchrun
     with data.fail_together():  # a bad flag, file or checkpoint on any process stops every process; rank 0 says why
         dev, amp, D, model, opt, scaler, gen, (start, best, best_epoch, bad, stored) = setup(cfg, rank, world)
         if dev.type == "cpu":  # a resumed run keeps the precision it chose, so its losses continue exactly
-            amp = cpu_precision(model, D, stored)
+            amp = cpu_precision(cfg, model, D, stored)
     amp = data.broadcast_object(amp)  # one precision for all: rank 0's timing decides
     with data.fail_together():  # only from here on is anything written, by rank 0 alone
         if rank == 0:
-            prepare_logs(start)
+            prepare_logs(cfg, start)
     # the depthwise convs' weight gradients (C, 1, 3, 3) differ from their weights' strides only along the size-1
     # dimension (the same memory order); DDP copies them into its buckets and would say so once per process
     warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
     ddp_model = data.ddp_wrap(model, dev)  # trains; `model` (the same weights) is saved, evaluated and plotted
-    steps_per_epoch = math.ceil(len(D["train"][0]) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    steps_per_epoch = math.ceil(len(D["train"][0]) / cfg["batch_size"])
+    total_steps = cfg["epochs"] * steps_per_epoch
     n_train, n_val, n_test = len(D["train"][0]), len(D["val"][0]), len(D["test"][0])
-    base = announce_run(D, dev, amp, world, model)
+    base = announce_run(cfg, D, dev, amp, world, model)
     sample = preview_samples(D)
     step, stopped_early = start * steps_per_epoch, False
-    for epoch in range(start + 1, epochs + 1):
+    for epoch in range(start + 1, cfg["epochs"] + 1):
         t0, step_rows = time.time(), []
-        tr, step = train_epoch(ddp_model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch)
+        tr, step = train_epoch(cfg, ddp_model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch)
         t1 = time.time()
         print(f"  train: {n_train} samples in {t1 - t0:.1f}s ({n_train / (t1 - t0):.1f} samples/s)")
         data.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, the ones it saves, on every process
-        va = evaluate(model, D, amp)  # over all processes, like tr
+        va = evaluate(cfg, model, D, amp)  # over all processes, like tr
         t2 = time.time()
         print(f"  val:   {n_val} samples in {t2 - t1:.1f}s ({n_val / (t2 - t1):.1f} samples/s)")
-        print_epoch(epoch, tr, va, base)
-        value = va[monitor.split("/")[1]]  # the same on every process, and so is every decision taken from it
-        improved = value > best + min_delta if monitor != "val/loss" else value < best - min_delta
+        print_epoch(cfg, epoch, tr, va, base)
+        value = va[cfg["monitor"].split("/")[1]]  # the same on every process, and so is every decision taken from it
+        delta = cfg["min_delta"]
+        improved = value > best + delta if cfg["monitor"] != "val/loss" else value < best - delta
         if improved:
             best, best_epoch, bad = value, epoch, 0
         else:
@@ -1267,28 +1285,22 @@ def train(cfg):
                    **{f"train_{k}": tr[k] for k in METRICS}, **{f"val_{k}": va[k] for k in METRICS}, time_s=round(t2 - t0, 2))
         with data.fail_together():  # rank 0 writes; if that fails, every process stops, not rank 0 alone
             if rank == 0:
-                write_epoch_outputs(row, step_rows, model, D, sample, amp, base)
+                write_epoch_outputs(cfg, row, step_rows, model, D, sample, amp, base)
                 # checkpoints last: latest.pth then marks an epoch whose logs and plots are complete
-                ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                            epoch=epoch, best=best, best_epoch=best_epoch, bad_epochs=bad, rng=rng_state(gen),
-                            config=cfg, channels=D["channels"], baselines=base, val_metrics=va,
-                            cpu_autocast=("bf16" if amp else "fp32") if dev.type == "cpu" else None,
-                            arch=dataclasses.asdict(model.arch), data_file=os.path.abspath(D["path"]),
-                            train_fire_hashes=D["train_fire_hashes"], data_hash=D["data_hash"])
-                if improved:
-                    data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
-                data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
-        if data.any_rank(early_stop and bad >= patience):  # decided alike by every process
-            print(f"early stopping at epoch {epoch}: best {monitor}={best:.4f} at epoch {best_epoch}")
+                save_checkpoints(cfg, improved, model, opt, scaler, gen, D, amp, dev, base, va,
+                                 dict(epoch=epoch, best=best, best_epoch=best_epoch, bad_epochs=bad))
+        if data.any_rank(cfg["early_stop"] and bad >= cfg["patience"]):  # decided alike by every process
+            print(f"early stopping at epoch {epoch}: best {cfg['monitor']}={best:.4f} at epoch {best_epoch}")
             break
-        if stop_after and epoch - start >= stop_after:
-            print(f"stopping after {stop_after} epoch(s) as asked; continue with --resume {ckpt_dir}/latest.pth")
+        if cfg["stop_after"] and epoch - start >= cfg["stop_after"]:
+            print(f"stopping after {cfg['stop_after']} epoch(s) as asked; continue with --resume "
+                  f"{os.path.join(cfg['out_dir'], 'checkpoints', 'latest.pth')}")
             stopped_early = True
             break
-    print(f"best {monitor}={best:.4f} at epoch {best_epoch} | val baselines new_f1: persistence "
+    print(f"best {cfg['monitor']}={best:.4f} at epoch {best_epoch} | val baselines new_f1: persistence "
           f"{base['persistence']['new_f1']:.3f}, wind dilation {base['dilation']['new_f1']:.3f}")
     if n_test and not stopped_early:  # a paused run is reported when it finishes
-        report_test(D, dev, amp)
+        report_test(cfg, D, dev, amp)
 
 
 def load_trained(path, dev):
@@ -1331,42 +1343,42 @@ def evaluate_file(cfg, given):
     dev = data.pick_device(cfg["device"])
     net, ckpt = load_trained(cfg["model"], dev)
     cfg = eval_config(cfg, ckpt, given)
-    globals().update(cfg)  # as train(): the steps read history, target, pred_thresh... from module scope
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-    D = load_eval_data(dev, ckpt)
-    eval_dir = os.path.join(out_dir, "eval_" + os.path.splitext(os.path.basename(D["path"]))[0])
+    if cfg["num_threads"] > 0:
+        torch.set_num_threads(cfg["num_threads"])
+    D = load_eval_data(cfg, dev, ckpt)
+    eval_dir = os.path.join(cfg["out_dir"], "eval_" + os.path.splitext(os.path.basename(D["path"]))[0])
     data.claim_output_of(eval_dir, os.path.join(eval_dir, "input.txt"), D["path"])  # refuses another file's
-    amp = data.cuda_autocast(dev)[0]  # CUDA's policy; on the CPU the precision the model trained in (its val_metrics match)
+    amp = data.cuda_autocast(dev)[0]  # CUDA's policy; on the CPU the precision the model trained in
     if dev.type == "cpu" and ckpt.get("cpu_autocast") == "bf16":
         amp = torch.bfloat16
-    print(f"model {model} (epoch {ckpt.get('epoch')}, target {target}, history {history}, patch {patch_size}, "
-          f"pred_thresh {pred_thresh}) -> {eval_dir}")
-    report_one_step(net, D, amp, eval_dir)
-    if rollout:
-        report_rollout(net, D, amp, eval_dir)
+    print(f"model {cfg['model']} (epoch {ckpt.get('epoch')}, target {cfg['target']}, history {cfg['history']}, "
+          f"patch {cfg['patch_size']}, "
+          f"pred_thresh {cfg['pred_thresh']}) -> {eval_dir}")
+    report_one_step(cfg, net, D, amp, eval_dir)
+    if cfg["rollout"]:
+        report_rollout(cfg, net, D, amp, eval_dir)
 
 
-def report_one_step(net, D, amp, eval_dir):
+def report_one_step(cfg, net, D, amp, eval_dir):
     """Model, wind dilation and persistence on the identical t -> t+1 pairs -> eval.csv, preview.png, one line."""
     t0 = time.time()
-    one_step = dict(model=evaluate(net, D, amp, "eval"), **baselines(D, *D["eval"]))
+    one_step = dict(model=evaluate(cfg, net, D, amp, "eval"), **baselines(cfg, D, *D["eval"]))
     n_pairs, n_fires = len(D["eval"][0]), D["fire"].shape[0]
     write_eval_csv(os.path.join(eval_dir, "eval.csv"), one_step, n_pairs, n_fires)
-    plot_preview(net, D, preview_samples(D, "eval"), amp, os.path.join(eval_dir, "preview.png"))
+    plot_preview(cfg, net, D, preview_samples(D, "eval"), amp, os.path.join(eval_dir, "preview.png"))
     print_one_step(D["path"], one_step, n_pairs, n_fires)
     print(f"  {n_pairs} pairs in {time.time() - t0:.1f}s")
 
 
-def report_rollout(net, D, amp, eval_dir):
+def report_rollout(cfg, net, D, amp, eval_dir):
     """--rollout N from every start with N true frames after it -> rollout.csv, rollout.png, rollout_strip.png."""
     t0 = time.time()
-    by_method, n_starts = rollout_scores(net, D, rollout, amp)
+    by_method, n_starts = rollout_scores(cfg, net, D, cfg["rollout"], amp)
     write_rollout_csv(os.path.join(eval_dir, "rollout.csv"), by_method, n_starts)
     plot_rollout(by_method, n_starts, os.path.basename(D["path"]), os.path.join(eval_dir, "rollout.png"))
-    plot_rollout_strip(net, D, rollout, amp, os.path.join(eval_dir, "rollout_strip.png"))
+    plot_rollout_strip(cfg, net, D, cfg["rollout"], amp, os.path.join(eval_dir, "rollout_strip.png"))
     print_rollout(by_method, n_starts)
-    print(f"  {n_starts} starts x {rollout} steps in {time.time() - t0:.1f}s")
+    print(f"  {n_starts} starts x {cfg['rollout']} steps in {time.time() - t0:.1f}s")
 
 
 def main(argv=None):

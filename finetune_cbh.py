@@ -138,12 +138,13 @@ def param_groups(model, wd, decay):
     return list(groups.values())
 
 
-def get_lr(step, total, warmup, peak, min_frac):
-    """Linear warmup then half-cosine to min_frac * peak; a pure function of the step within a stage."""
+def get_lr(step, total, warmup, peak, min_lr):
+    """Learning rate at step `step` of a stage's `total`: linear warmup to peak over `warmup` steps, then
+    half-cosine to min_lr; a pure function of the step within a stage."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def build_network(method, enc, cfg):
@@ -425,7 +426,8 @@ def train_network(method, fit, val, t, enc, cfg, amp, unit_seed, log):
             if bad >= cfg["patience"]:
                 break
             t0, where = time.time(), f"{method} seed {unit_seed} stage {si + 1} epoch {epoch + 1}"
-            lr_at = lambda i: get_lr(epoch * n_steps + i, n_epochs * n_steps, WARMUP_EPOCHS * n_steps, peak, MIN_LR_FRAC)
+            lr_at = lambda i: get_lr(epoch * n_steps + i, n_epochs * n_steps, WARMUP_EPOCHS * n_steps, peak,
+                                      MIN_LR_FRAC * peak)
             net.train()
             net.encoder.train(train_enc)  # a frozen encoder stays in eval mode (no dropout, no drop path)
             train_loss = train_epoch(net, opt, scaler, batch, fit, cfg, gen, amp[0], lr_at, where)

@@ -272,15 +272,13 @@ def make_optimizer(model, cfg, device):
                              fused=device.type == "cuda")
 
 
-def get_lr(step, cfg, steps_per_epoch):
-    """Linear warmup, then cosine decay to min_lr. A pure function of the global step, so a resumed
-    run lands on exactly the same schedule."""
-    warmup = cfg["warmup_epochs"] * steps_per_epoch
-    total = cfg["epochs"] * steps_per_epoch
+def get_lr(step, total, warmup, peak, min_lr):
+    """Learning rate at global step `step` of `total`: linear warmup to peak over `warmup` steps, then half-cosine
+    to min_lr. A pure function of the step, so a resumed run lands on exactly the same schedule."""
     if step < warmup:
-        return cfg["lr"] * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return cfg["min_lr"] + 0.5 * (cfg["lr"] - cfg["min_lr"]) * (1 + math.cos(math.pi * progress))
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def step_timer(model, cfg, X, dev):
@@ -525,7 +523,8 @@ def run_epoch(model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step, s
     checked, seen, seen_mine = step, 0, 0  # seen: profiles of the global batches; seen_mine: this process's
     progress = data.Progress(steps_per_epoch, f"epoch {epoch}")
     for i, idx in enumerate(data.batch_indices(len(X_train), cfg["batch_size"], shuffle=True, generator=shuffle_gen)):
-        lr = get_lr(step, cfg, steps_per_epoch)
+        lr = get_lr(step, cfg["epochs"] * steps_per_epoch, cfg["warmup_epochs"] * steps_per_epoch, cfg["lr"],
+                    cfg["min_lr"])
         for g in opt.param_groups:
             g["lr"] = lr
         x = X_train[idx.to(X_train.device)]  # (B, C, W) the global batch

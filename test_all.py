@@ -593,17 +593,15 @@ def test_mae_optimizer_groups_exclude_norms_biases_embeddings():
     assert len(decayed) + len(plain) == len(names)
 
 
-def test_mae_lr_schedule():
-    cfg = dict(lr=1e-3, min_lr=1e-5, warmup_epochs=2, epochs=10)
-    lrs = [mae.get_lr(s, cfg, 5) for s in range(50)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] > 1e-5
-    # exact cosine values: warmup ends at step 10; half-way through the 40 decay steps the LR is the mean of
-    # lr and min_lr, and one step before the end it is within a hair of min_lr (a flat or linear schedule fails)
-    assert mae.get_lr(30, cfg, 5) == pytest.approx((1e-3 + 1e-5) / 2)
-    assert mae.get_lr(20, cfg, 5) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)))
-    assert mae.get_lr(50, cfg, 5) == pytest.approx(1e-5)
-
+@pytest.mark.parametrize("stage", [mae, ft, em])
+def test_lr_schedule_is_one_pure_function_in_every_stage(stage):
+    """get_lr(step, total, warmup, peak, min_lr) in all three stages: linear warmup over 10 steps, then half-cosine
+    from the peak to min_lr at step 50 (exact values: a flat or linear schedule fails them)."""
+    lrs = [stage.get_lr(s, 50, 10, 1e-3, 1e-5) for s in range(51)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
+    assert lrs[30] == pytest.approx((1e-3 + 1e-5) / 2)
+    assert lrs[20] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)))
+    assert lrs[50] == pytest.approx(1e-5) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 def test_mae_training_loss_is_the_masked_mse_on_the_same_mask():
     """mae.loss_fn (what the loop minimises) = masked_mse over the hidden patches of the same mask; a loss
@@ -1127,14 +1125,6 @@ def test_ft_layer_decay_groups():
     assert len(scale) == sum(1 for _ in model.parameters())
 
 
-def test_ft_lr_schedule_exact_values():
-    """Per stage: linear warmup over 10 steps, then half-cosine from the peak to min_frac * peak."""
-    lrs = [ft.get_lr(s, 110, 10, 1e-3, 0.01) for s in range(111)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
-    assert lrs[60] == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))  # half-way through the decay
-    assert lrs[110] == pytest.approx(1e-5) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-
-
 def test_ft_test_labels_never_reach_training(ft_tiny):
     """Junk labels on the test flight leave every method's test predictions bit-identical."""
     cfg, d, prep, folds, names, budgets, enc, t = ft_setup(ft_tiny)
@@ -1527,7 +1517,7 @@ def test_ember_gradient_reaches_every_parameter_and_optimizer_holds_all(ember_fi
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert p.grad.abs().sum() > 0, name
-    opt = em.make_optimizer(model)
+    opt = em.make_optimizer(em.get_config([]), model)
     in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(in_opt) == len(set(in_opt))
     assert set(in_opt) == {id(p) for p in model.parameters()}
@@ -1559,24 +1549,7 @@ def test_ember_bf16_patch_merging_on_a_one_cell_wide_map_gives_the_same_gradient
         torch.testing.assert_close(weight_grad(torch.bfloat16), want, rtol=0, atol=0)
 
 
-def test_ember_lr_schedule_warmup_then_cosine():
-    total = 1000
-    lrs = [em.get_lr(s, total) for s in range(total)]
-    warm = int(em.warmup_frac * total)
-    assert lrs[0] < lrs[warm - 1] <= 1.0
-    assert abs(max(lrs) - 1.0) < 1e-9
-    assert all(a >= b for a, b in zip(lrs[warm:], lrs[warm + 1:]))
-    assert abs(lrs[-1] - em.min_lr_frac) < 0.01
-    # exact values: warmup ends at step 50; half-way through the 950 decay steps the multiplier is the mean
-    # of 1 and min_lr_frac, and the last step is at min_lr_frac (a flat or linear schedule fails these)
-    assert lrs[0] == pytest.approx(1 / warm) and em.get_lr(warm - 1, total) == pytest.approx(1.0)
-    assert em.get_lr(warm + (total - warm) // 2, total) == pytest.approx((1 + em.min_lr_frac) / 2, abs=2e-3)
-    assert em.get_lr(warm + (total - warm) // 4, total) == pytest.approx(
-        em.min_lr_frac + (1 - em.min_lr_frac) * 0.5 * (1 + math.cos(math.pi / 4)), abs=2e-3)
-    assert em.get_lr(total, total) == pytest.approx(em.min_lr_frac)
-
-
-def test_ember_cpu_precision_is_timed_once_and_kept_on_resume(ember_fires, restore_globals, capsys):
+def test_ember_cpu_precision_is_timed_once_and_kept_on_resume(ember_fires, capsys):
     """auto times real steps on a copy (the model and the global RNG are left as they were); a stored choice
     is used without timing; on/off are obeyed."""
     model = em.EmberFormer(4, 4)
@@ -1585,35 +1558,32 @@ def test_ember_cpu_precision_is_timed_once_and_kept_on_resume(ember_fires, resto
              train=(torch.tensor([0, 1, 2]), torch.tensor([3, 5, 7])))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    em.cpu_bf16 = "auto"
-    assert em.cpu_precision(model, D, None) in (None, torch.bfloat16)
+    cfg = em.get_config(["--cpu_bf16", "auto"])
+    assert em.cpu_precision(cfg, model, D, None) in (None, torch.bfloat16)
     assert "cpu_bf16 auto: fp32" in capsys.readouterr().out
     assert torch.equal(torch.get_rng_state(), rng) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert em.cpu_precision(model, D, "bf16") is torch.bfloat16 and em.cpu_precision(model, D, "fp32") is None
+    assert em.cpu_precision(cfg, model, D, "bf16") is torch.bfloat16 and em.cpu_precision(cfg, model, D, "fp32") is None
     assert capsys.readouterr().out == ""  # a stored choice is not timed again
-    em.cpu_bf16 = "off"
-    assert em.cpu_precision(model, D, None) is None
-    em.cpu_bf16 = "on"
-    assert em.cpu_precision(model, D, None) is torch.bfloat16
+    assert em.cpu_precision(dict(cfg, cpu_bf16="off"), model, D, None) is None
+    assert em.cpu_precision(dict(cfg, cpu_bf16="on"), model, D, None) is torch.bfloat16
 
 
-def test_ember_one_training_step_sets_and_steps_both_lr_groups(tmp_path, restore_globals):
+def test_ember_one_training_step_sets_and_steps_both_lr_groups(tmp_path):
     """After one real train_epoch step both groups carry base_lr x get_lr(0), and parameters of both the
     temporal and the spatial part moved (a group whose LR is never set, or never stepped, fails)."""
     path = tmp_path / "f.h5"
     data.write_fire(path, **data.generate_fires(n_seq=6, size=16, n_frames=3, seed=3))
-    for k, v in em.get_config(["--data_path", str(path), "--batch_size", "64", "--num_threads", "1"]).items():
-        setattr(em, k, v)
-    D = em.load_data(torch.device("cpu"))
-    model = em.build_model(D, torch.device("cpu"))
-    opt = em.make_optimizer(model)
+    cfg = em.get_config(["--data_path", str(path), "--batch_size", "64", "--num_threads", "1"])
+    D = em.load_data(cfg, torch.device("cpu"))
+    model = em.build_model(cfg, D, torch.device("cpu"))
+    opt = em.make_optimizer(cfg, model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    _, step = em.train_epoch(model, opt, scaler, D, torch.Generator().manual_seed(0), 0, 100, None, [], 1)
+    _, step = em.train_epoch(cfg, model, opt, scaler, D, torch.Generator().manual_seed(0), 0, 100, None, [], 1)
     assert step == 1  # 4 training fires x 2 samples fit one batch
-    mult = em.get_lr(0, 100)
-    assert em.group_lr(opt, "temporal") == pytest.approx(em.lr_temporal * mult)
-    assert em.group_lr(opt, "spatial") == pytest.approx(em.lr_spatial * mult)
+    mult = em.get_lr(0, 100, 5, 1.0, cfg["min_lr_frac"])  # warmup: --warmup_frac 0.05 of 100 steps
+    assert em.group_lr(opt, "temporal") == pytest.approx(cfg["lr_temporal"] * mult)
+    assert em.group_lr(opt, "spatial") == pytest.approx(cfg["lr_spatial"] * mult)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("temporal.") for n in moved) and any(n.startswith("decode.") for n in moved)
     assert any(n.startswith("encoder.") for n in moved) and any(n.startswith("refine.") for n in moved)
@@ -1622,10 +1592,11 @@ def test_ember_one_training_step_sets_and_steps_both_lr_groups(tmp_path, restore
 def test_ember_wind_dilation_goes_downwind():
     cur = torch.zeros(2, 5, 5, dtype=torch.bool)
     cur[:, 2, 2] = True
-    out = em.wind_dilation(cur, torch.tensor([[12.0, 0.0], [0.0, 0.0]]))  # strong east wind; calm
+    cfg = em.get_config([])  # --dil_wind 6
+    out = em.wind_dilation(cfg, cur, torch.tensor([[12.0, 0.0], [0.0, 0.0]]))  # strong east wind; calm
     assert out[0, 2, 3] and not out[0, 2, 1] and not out[0, 1, 2]  # east neighbour only (col grows east)
     assert out[1, 1:4, 1:4].all() and out[1].sum() == 9  # calm: all 8 neighbours
-    north = em.wind_dilation(cur[:1], torch.tensor([[0.0, 12.0]]))
+    north = em.wind_dilation(cfg, cur[:1], torch.tensor([[0.0, 12.0]]))
     assert north[0, 1, 2] and not north[0, 3, 2]  # v north -> row 0 side
 
 
@@ -1691,16 +1662,15 @@ def test_ember_exact_resume(tmp_path):
     assert test_a["test_samples"] == 4  # round(0.1 * 8) = 1 test fire x 4 samples
 
 
-def test_ember_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
-                                                                                     restore_globals):
+def test_ember_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     """A NaN loss in the 2nd epoch (5 fires x 4 samples / batch 8 = 3 steps an epoch; NaN at training step 4)
     stops with one line and exit 3; latest.pth stays epoch 1's, finite, and the log holds epoch 1 only."""
     path = tmp_path / "f.h5"
     data.write_fire(path, **data.generate_fires(n_seq=8, size=16, n_frames=5, seed=2))
     real, calls = em.forward_batch, [0]
 
-    def nan_at_step_4(model, D, s, t, amp):
-        out = real(model, D, s, t, amp)
+    def nan_at_step_4(cfg, model, D, s, t, amp):
+        out = real(cfg, model, D, s, t, amp)
         if model.training:
             calls[0] += 1
             if calls[0] == 4:
@@ -1763,17 +1733,15 @@ def test_ember_average_precision_hand_values():
     assert abs(em.scores(counts)["new_ap"] - 0.5 * 0.25) < 1e-9
 
 
-def test_ember_splits_whole_fires_and_keep_val_fixed(restore_globals):
-    em.seed, em.val_frac, em.test_frac = 0, 0.2, 0.1
-    train, val, test = em.split_fires(50, "f.h5")
+def test_ember_splits_whole_fires_and_keep_val_fixed():
+    cfg = dict(seed=0, val_frac=0.2, test_frac=0.1)
+    train, val, test = em.split_fires(cfg, 50, "f.h5")
     assert (len(train), len(val), len(test)) == (35, 10, 5)
     assert set(train) | set(val) | set(test) == set(range(50)) and not set(train) & set(test)
-    em.test_frac = 0.0
-    assert list(em.split_fires(50, "f.h5")[1]) == list(val)  # val does not move with --test_frac
+    assert list(em.split_fires(dict(cfg, test_frac=0.0), 50, "f.h5")[1]) == list(val)  # val ignores --test_frac
     assert list(data.split_sequences(50, 0.2, 0)[1]) == list(val)  # ...and is the pre-test-split val
-    em.val_frac, em.test_frac = 0.5, 0.5
     with pytest.raises(data.DataError, match="no training fire"):
-        em.split_fires(4, "f.h5")
+        em.split_fires(dict(cfg, val_frac=0.5, test_frac=0.5), 4, "f.h5")
 
 
 def test_ember_eval_is_deterministic_with_stochastic_depth(ember_fires):
@@ -1792,9 +1760,10 @@ def test_ember_eval_is_deterministic_with_stochastic_depth(ember_fires):
     assert set(y[:, 0].tolist()) == {0.0, 2.0} and (y == y[:, :1]).all()  # whole samples dropped, rest rescaled
 
 
-def test_ember_no_weight_decay_on_norms_and_biases_and_lrs_logged_by_name(restore_globals):
+def test_ember_no_weight_decay_on_norms_and_biases_and_lrs_logged_by_name():
     model = em.EmberFormer(4, 4)
-    opt = em.make_optimizer(model)
+    cfg = em.get_config([])
+    opt = em.make_optimizer(cfg, model)
     names = {id(p): n for n, p in model.named_parameters()}
     for g in opt.param_groups:
         for p in g["params"]:
@@ -1803,13 +1772,14 @@ def test_ember_no_weight_decay_on_norms_and_biases_and_lrs_logged_by_name(restor
     assert any("norm" in names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"])
     for g in opt.param_groups:  # as train_epoch sets them
         g["lr"] = g["base_lr"] * 0.5
-    assert em.group_lr(opt, "temporal") == em.lr_temporal * 0.5 and em.group_lr(opt, "spatial") == em.lr_spatial * 0.5
+    assert em.group_lr(opt, "temporal") == cfg["lr_temporal"] * 0.5
+    assert em.group_lr(opt, "spatial") == cfg["lr_spatial"] * 0.5
     conv = model.encoder.embeds[0].conv
     fan_out_std = math.sqrt(2 / (9 * conv.out_channels))
     assert 0.8 < conv.weight.std().item() / fan_out_std < 1.2  # SegFormer's conv init
 
 
-def test_ember_refuses_checkpoints_from_before_the_target_flag(tmp_path, capsys, restore_globals):
+def test_ember_refuses_checkpoints_from_before_the_target_flag(tmp_path, capsys):
     path = tmp_path / "f.h5"
     data.write_fire(path, **data.generate_fires(n_seq=6, size=8, n_frames=3, seed=0))
     old = tmp_path / "old.pth"
@@ -1860,17 +1830,8 @@ EMBER_BAD = {"dtype": lambda: dict(fire=np.zeros((3, 5, 8, 8), np.float32)),
        "nan_wind": bad_nan_wind, "unburns": lambda: dict(fire=unburning_fire())}
 
 
-@pytest.fixture
-def restore_globals():
-    """main() writes the parsed config into the module globals; put the defaults back afterwards."""
-    saved = {k: getattr(em, k) for k in em.get_config([])}
-    yield
-    for k, v in saved.items():
-        setattr(em, k, v)
-
-
 @pytest.mark.parametrize("kind", sorted(EMBER_BAD))
-def test_ember_bad_fire_file_one_line_error(kind, tmp_path, capsys, restore_globals):
+def test_ember_bad_fire_file_one_line_error(kind, tmp_path, capsys):
     path = tmp_path / f"{kind}.h5"
     write_bad_fire(path, **EMBER_BAD[kind]())
     with pytest.raises(SystemExit) as e:
@@ -1879,7 +1840,7 @@ def test_ember_bad_fire_file_one_line_error(kind, tmp_path, capsys, restore_glob
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-def test_ember_bad_flag_and_checkpoint(tmp_path, capsys, restore_globals):
+def test_ember_bad_flag_and_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         em.main(["--monitor", "val/acc", "--out_dir", str(tmp_path / "o")])
     assert_one_line_error(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err), "--monitor")
@@ -1911,7 +1872,7 @@ def test_ember_help_lists_constants():
     assert "(default: 10)" in r.stdout and "patience" in r.stdout
 
 
-def test_ember_resume_trims_logs_and_bad_flags_write_nothing(tmp_path, capsys, restore_globals):
+def test_ember_resume_trims_logs_and_bad_flags_write_nothing(tmp_path, capsys):
     log = tmp_path / "log.csv"
     data.append_csv(str(log), [dict(epoch=e, loss=1.0 / e) for e in (1, 2, 3, 4)])
     data.trim_log(str(log), 2)  # resuming the epoch-2 checkpoint: epochs 3 and 4 are re-run, not repeated
@@ -2314,7 +2275,7 @@ def one_step_direct(net, path, K):
 # --eval_only
 
 @pytest.mark.parametrize("trained_in", ["fp32", "bf16"])
-def test_eval_only_scores_in_the_precision_the_model_trained_in(fire_files, tmp_path, capsys, restore_globals,
+def test_eval_only_scores_in_the_precision_the_model_trained_in(fire_files, tmp_path, capsys,
                                                                 monkeypatch, trained_in):
     ckpt = tmp_path / "best.pth"
     write_checkpoint(ckpt, fire_files["train"])
@@ -2327,7 +2288,7 @@ def test_eval_only_scores_in_the_precision_the_model_trained_in(fire_files, tmp_
     assert seen == {torch.bfloat16 if trained_in == "bf16" else None}
 
 
-def test_eval_only_scores_every_pair_of_another_file(fire_files, tmp_path, capsys, restore_globals):
+def test_eval_only_scores_every_pair_of_another_file(fire_files, tmp_path, capsys):
     run = tmp_path / "run"
     net = write_checkpoint(run / "checkpoints" / "best.pth", fire_files["train"])
     (run / "log.csv").write_text("epoch\n1\n")
@@ -2339,7 +2300,7 @@ def test_eval_only_scores_every_pair_of_another_file(fire_files, tmp_path, capsy
     after = dir_tree(run)
     assert {k: v for k, v in after.items() if not k.startswith("eval_other" + os.sep)} == before  # run untouched
     written = sorted(k for k in after if k not in before and not k.endswith(".lock"))  # the lock goes at exit
-    assert written == [os.path.join("eval_other", f) for f in ("eval.csv", "preview.png", "rollout.csv",
+    assert written == [os.path.join("eval_other", f) for f in ("eval.csv", "input.txt", "preview.png", "rollout.csv",
                                                                "rollout.png", "rollout_strip.png")]
     rows = {r["method"]: r for r in read_csv(run / "eval_other" / "eval.csv")}
     assert set(rows) == {"model", "dilation", "persistence"}
@@ -2355,7 +2316,7 @@ def test_eval_only_scores_every_pair_of_another_file(fire_files, tmp_path, capsy
     assert "new_iou" in out and "lead 2:" in out
 
 
-def test_eval_only_refuses_mismatched_static_channels_in_one_line(fire_files, tmp_path, capsys, restore_globals):
+def test_eval_only_refuses_mismatched_static_channels_in_one_line(fire_files, tmp_path, capsys):
     ckpt = tmp_path / "run" / "checkpoints" / "best.pth"
     write_checkpoint(ckpt, fire_files["train"])
     before = dir_tree(tmp_path)
@@ -2372,7 +2333,7 @@ def test_eval_only_refuses_mismatched_static_channels_in_one_line(fire_files, tm
     (["--rollout", "-1"], ["--rollout -1"]),
     (["--resume", "x.pth"], ["--resume"]),
 ])
-def test_eval_only_bad_flags_one_line(fire_files, tmp_path, capsys, restore_globals, flags, words):
+def test_eval_only_bad_flags_one_line(fire_files, tmp_path, capsys, flags, words):
     ckpt = tmp_path / "best.pth"
     write_checkpoint(ckpt, fire_files["train"])
     code, _, err = main_exit(["--eval_only", "--model", ckpt, "--data_path", fire_files["other"],
@@ -2381,7 +2342,7 @@ def test_eval_only_bad_flags_one_line(fire_files, tmp_path, capsys, restore_glob
     assert not (tmp_path / "out").exists()
 
 
-def test_model_and_rollout_need_eval_only_and_old_checkpoints_are_refused(fire_files, tmp_path, capsys, restore_globals):
+def test_model_and_rollout_need_eval_only_and_old_checkpoints_are_refused(fire_files, tmp_path, capsys):
     for flags, word in ((["--model", "m.pth"], "--model"), (["--rollout", "3"], "--rollout"),
                         (["--eval_only"], "--eval_only needs --model")):
         code, _, err = main_exit([*flags, "--data_path", fire_files["other"], "--out_dir", tmp_path / "out"], capsys)
@@ -2396,8 +2357,7 @@ def test_model_and_rollout_need_eval_only_and_old_checkpoints_are_refused(fire_f
     assert not (tmp_path / "out").exists()
 
 
-def test_a_trained_checkpoint_evaluates_warns_on_training_fires_and_leaves_the_run_alone(fire_files, tmp_path, capsys,
-                                                                                         restore_globals):
+def test_a_trained_checkpoint_evaluates_warns_on_training_fires_and_leaves_the_run_alone(fire_files, tmp_path, capsys):
     """The real path: train() writes the checkpoint (default Arch, 1 epoch), --eval_only --rollout reads it."""
     run = tmp_path / "run"
     code, _, err = main_exit(["--data_path", fire_files["train"], "--out_dir", run, "--epochs", "1", "--history", "3",
@@ -2423,32 +2383,30 @@ def fire_dict(path):
     return em.fire_tensors(data.load_fire(str(path)), CPU, str(path))
 
 
-def median_new_prob(net, D, s, t):
+def median_new_prob(net, D, s, t, history):
     """The median probability the model gives the cells not burning at t, over these samples."""
-    hist, w, lengths, _ = data.fire_batch(D["fire"], D["wind"], s, t, em.history)
+    hist, w, lengths, _ = data.fire_batch(D["fire"], D["wind"], s, t, history)
     with torch.no_grad():
         prob = torch.sigmoid(net(hist, w, lengths, D["static"][s]))
     return prob[hist[torch.arange(len(s)), lengths - 1] < 0.5].median().item()
 
 
 @pytest.mark.parametrize("target", ["new", "full"])
-def test_rollout_shapes_and_lead_one_is_the_one_step_score(fire_files, monkeypatch, target):
-    monkeypatch.setattr(em, "history", 3)
-    monkeypatch.setattr(em, "batch_size", 4)  # several batches
-    monkeypatch.setattr(em, "target", target)
+def test_rollout_shapes_and_lead_one_is_the_one_step_score(fire_files, target):
+    cfg = em.get_config(["--history", "3", "--batch_size", "4", "--target", target])  # several batches
     D, net, N = fire_dict(fire_files["other"]), tiny_model(target), 3
     S, T, H, W = D["fire"].shape
     s, t0 = em.rollout_starts(S, T, N)
-    monkeypatch.setattr(em, "pred_thresh", median_new_prob(net, D, s, t0))  # an untrained model: ~half new burn
+    cfg["pred_thresh"] = median_new_prob(net, D, s, t0, 3)  # an untrained model: ~half new burn
     assert len(s) == S * (T - N) and int(t0.max()) == T - 1 - N  # every start with N true frames after it
-    assert em.model_rollout(net, D, s[:5], t0[:5], N, None).shape == (5, N, H, W)
-    assert em.dilation_rollout(D, s[:5], t0[:5], N).shape == (5, N, H, W)
-    by_method, n_starts = em.rollout_scores(net, D, N, None)
+    assert em.model_rollout(cfg, net, D, s[:5], t0[:5], N, None).shape == (5, N, H, W)
+    assert em.dilation_rollout(cfg, D, s[:5], t0[:5], N).shape == (5, N, H, W)
+    by_method, n_starts = em.rollout_scores(cfg, net, D, N, None)
     assert n_starts == len(s) and list(by_method) == list(em.ROLLOUT_METHODS)
     assert all([r["lead"] for r in rows] == [1, 2, 3] for rows in by_method.values())
     D["starts"] = (s, t0)
-    one = em.evaluate(net, D, None, "starts")  # the one-step scores over the same start frames
-    base = em.baselines(D, s, t0)
+    one = em.evaluate(cfg, net, D, None, "starts")  # the one-step scores over the same start frames
+    base = em.baselines(cfg, D, s, t0)
     for k in ("new_f1", "new_iou", "new_precision", "new_recall"):
         assert by_method["model"][0][k] == one[k], k
         assert by_method["dilation"][0][k] == base["dilation"][k], k
@@ -2456,32 +2414,32 @@ def test_rollout_shapes_and_lead_one_is_the_one_step_score(fire_files, monkeypat
     assert 0 < one["new_f1"] < 1  # not a degenerate equality (all or nothing predicted)
 
 
-def test_rollout_feeds_the_model_its_own_forecasts_not_the_truth(fire_files, monkeypatch):
+def test_rollout_feeds_the_model_its_own_forecasts_not_the_truth(fire_files):
     """Changing the true frames after t0 changes nothing in a rollout from t0; changing frame t0 does."""
-    monkeypatch.setattr(em, "history", 3)
+    cfg = em.get_config(["--history", "3"])
     D, net = fire_dict(fire_files["other"]), tiny_model()
     s, t0 = torch.tensor([1]), torch.tensor([2])
-    base = em.model_rollout(net, D, s, t0, 3, None)
+    base = em.model_rollout(cfg, net, D, s, t0, 3, None)
     later = D["fire"].clone()
     later[1, 3:] = 1  # everything burns after t0
-    assert torch.equal(em.model_rollout(net, dict(D, fire=later), s, t0, 3, None), base)
+    assert torch.equal(em.model_rollout(cfg, net, dict(D, fire=later), s, t0, 3, None), base)
     earlier = D["fire"].clone()
     earlier[1, 2:, :, :8] = 1  # frame t0 itself changes
-    assert not torch.equal(em.model_rollout(net, dict(D, fire=earlier), s, t0, 3, None), base)
+    assert not torch.equal(em.model_rollout(cfg, net, dict(D, fire=earlier), s, t0, 3, None), base)
 
 
 @pytest.mark.parametrize("target", ["new", "full"])
-def test_a_rollout_never_unburns_a_cell(fire_files, monkeypatch, target):
-    monkeypatch.setattr(em, "history", 3)
+def test_a_rollout_never_unburns_a_cell(fire_files, target):
+    cfg = em.get_config(["--history", "3", "--target", target])
     D, net = fire_dict(fire_files["other"]), tiny_model(target, seed=1)
     s, t0 = em.rollout_starts(*D["fire"].shape[:2], 4)
     start = D["fire"][s, t0] > 0
-    for forecast in (em.model_rollout(net, D, s, t0, 4, None), em.dilation_rollout(D, s, t0, 4)):
+    for forecast in (em.model_rollout(cfg, net, D, s, t0, 4, None), em.dilation_rollout(cfg, D, s, t0, 4)):
         assert (forecast[:, 0] >= start).all() and (forecast[:, 1:] >= forecast[:, :-1]).all()
     if target == "full":  # the guard has teeth: this untrained model's own mask drops burning cells
         hist, w, lengths, _ = data.fire_batch(D["fire"], D["wind"], s, t0, 3)
         with torch.no_grad():
-            raw = torch.sigmoid(net(hist, w, lengths, D["static"][s])) > em.pred_thresh
+            raw = torch.sigmoid(net(hist, w, lengths, D["static"][s])) > cfg["pred_thresh"]
         assert (start & ~raw).any()
 
 
@@ -2514,15 +2472,15 @@ def ember_one_process(*args, timeout=DDP_TIMEOUT):
     return one_process(*args, timeout=timeout, script="emberformer.py")
 
 
-def evaluate_checkpoint(path, split, monkeypatch):
+def evaluate_checkpoint(path, split):
     """A saved checkpoint scored on a split in this one process (no process group) -> metrics dict."""
     ckpt = data.load_checkpoint(path)
-    for k, v in ckpt["config"].items():
-        monkeypatch.setattr(em, k, v)
-    D = em.load_data(torch.device("cpu"))
-    model = em.EmberFormer(len(D["channels"]), em.patch_size, em.wind_scale, em.target, em.Arch(**ckpt["arch"]))
+    cfg = ckpt["config"]
+    D = em.load_data(cfg, torch.device("cpu"))
+    model = em.EmberFormer(len(D["channels"]), cfg["patch_size"], cfg["wind_scale"], cfg["target"],
+                           em.Arch(**ckpt["arch"]))
     model.load_state_dict(ckpt["model"])
-    return em.evaluate(model, D, None, split)
+    return em.evaluate(cfg, model, D, None, split)
 
 
 def assert_same_metrics(logged, scores, prefix=""):
@@ -2542,7 +2500,7 @@ def first_epochs(fire_file, tmp_path_factory):
     return dict(one=base / "one", two=base / "two", stdout1=out1, stdout2=out2, flags=flags)
 
 
-def test_two_processes_train_write_once_and_count_every_sample_once(first_epochs, monkeypatch):
+def test_two_processes_train_write_once_and_count_every_sample_once(first_epochs):
     one, two = first_epochs["one"], first_epochs["two"]
     assert ddp_listing(one) == ddp_listing(two)  # the same files, written once: no lock left, nothing per rank
     out = first_epochs["stdout2"]
@@ -2560,13 +2518,13 @@ def test_two_processes_train_write_once_and_count_every_sample_once(first_epochs
     # the val metrics of the 2-process run (each process scored its slices, the sums were added) are the saved
     # model's, scored here by one process: every val sample counted once, with rank 0's BatchNorm statistics
     for run, row in ((two, row2), (one, row1)):
-        assert_same_metrics(row, evaluate_checkpoint(run / "checkpoints/latest.pth", "val", monkeypatch), "val_")
+        assert_same_metrics(row, evaluate_checkpoint(run / "checkpoints/latest.pth", "val"), "val_")
     ck1, ck2 = (data.load_checkpoint(run / "checkpoints/latest.pth") for run in (one, two))
     assert ck1["model"].keys() == ck2["model"].keys()  # a plain checkpoint: no DDP "module." prefix
     assert torch.equal(ck1["rng"]["gen"], ck2["rng"]["gen"])  # the shuffling generator drew the same batches
 
 
-def test_ember_resume_across_process_counts(first_epochs, tmp_path, monkeypatch):
+def test_ember_resume_across_process_counts(first_epochs, tmp_path):
     """Epoch 1 of 1 process resumed with 2, and epoch 1 of 2 processes resumed with 1: each finishes the run (the
     optimizer, schedule and shuffling continue) and reports the test split once, over every test sample."""
     for src, dst in (("one", "one_then_two"), ("two", "two_then_one")):
@@ -2588,8 +2546,7 @@ def test_ember_resume_across_process_counts(first_epochs, tmp_path, monkeypatch)
         report = json.loads((tmp_path / dst / "test_metrics.json").read_text())
         assert report["test_samples"] == 5 and report["best_epoch"] == data.load_checkpoint(
             tmp_path / dst / "checkpoints/best.pth")["epoch"]
-        assert_same_metrics(report["model"], evaluate_checkpoint(tmp_path / dst / "checkpoints/best.pth", "test",
-                                                                 monkeypatch))
+        assert_same_metrics(report["model"], evaluate_checkpoint(tmp_path / dst / "checkpoints/best.pth", "test"))
         assert not (tmp_path / dst / ".lock").exists()
     a, b = ckpts.values()
     assert torch.equal(a["rng"]["gen"], b["rng"]["gen"])
@@ -2607,7 +2564,7 @@ EMBER_GRADIENT_WORKER = textwrap.dedent("""
     import sys, torch, data, losses, emberformer as em
     torch.set_num_threads(1)
     data.ddp_setup()
-    em.history, em.target = 4, "new"
+    cfg = em.get_config(["--history", "4", "--target", "new"])
     fires = data.generate_fires(n_seq=3, size=16, n_frames=6, seed=1)
     D = {k: torch.from_numpy(fires[k]) for k in ("fire", "wind", "static")}
     S, T = torch.tensor([0, 1, 2, 0, 2]), torch.tensor([4, 1, 3, 0, 2])
@@ -2620,7 +2577,7 @@ EMBER_GRADIENT_WORKER = textwrap.dedent("""
 
     def slice_mean_loss(s, t):  # this process's slice alone, as one process would score it
         mine = data.rank_slice(len(s))
-        hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s[mine], t[mine], em.history)
+        hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s[mine], t[mine], cfg["history"])
         logits = ddp_model(hist, wind, lengths, D["static"][s[mine]])
         current = hist[torch.arange(len(lengths)), lengths - 1] > 0.5
         return losses.bce_dice_loss(logits, nxt, mask=~current)[0]
@@ -2628,7 +2585,7 @@ EMBER_GRADIENT_WORKER = textwrap.dedent("""
     for n, weighting in ((5, "share"), (1, "share"), (5, "samples"), (5, "none")):
         s, t = S[:n], T[:n]
         if weighting == "share":
-            loss = em.forward_batch(ddp_model, D, s, t, None)[0] * world
+            loss = em.forward_batch(cfg, ddp_model, D, s, t, None)[0] * world
         else:
             loss = slice_mean_loss(s, t) * (data.rank_loss_weight(n) if weighting == "samples" else 1.0)
         model.zero_grad()
@@ -2668,15 +2625,13 @@ def test_ember_two_process_gradient_of_uneven_slices_equals_the_full_batch_gradi
                            for name, p in model.named_parameters()), wrong
 
 
-def test_one_process_loss_is_bce_dice_loss_exactly(monkeypatch):
+def test_one_process_loss_is_bce_dice_loss_exactly():
     """Without a process group forward_batch's loss is losses.bce_dice_loss itself, bit for bit (the shares are 1.0)."""
-    monkeypatch.setattr(em, "history", 4)
     model, D, S, T = tiny_model_and_batch()
     for target, pos_weight in (("new", 0.0), ("full", 3.0)):
-        monkeypatch.setattr(em, "target", target)
-        monkeypatch.setattr(em, "pos_weight", pos_weight)
+        cfg = em.get_config(["--history", "4", "--target", target, "--pos_weight", str(pos_weight)])
         model.target = target
-        loss, s3, *_ = em.forward_batch(model, D, S, T, None)
+        loss, s3, *_ = em.forward_batch(cfg, model, D, S, T, None)
         hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], S, T, 4)
         current = hist[torch.arange(5), lengths - 1] > 0.5
         want = losses.bce_dice_loss(model(hist, wind, lengths, D["static"][S]), nxt, 0.5, 0.5, pos_weight or None,
@@ -2700,12 +2655,12 @@ def test_flags_refused_under_torchrun():
 EMBER_NAN_ON_RANK1 = textwrap.dedent("""
     import os, shutil, sys, data, emberformer as em
     real, calls = em.forward_batch, [0]
-    def nan_on_rank1_last_step(model, D, s, t, amp):
-        out = real(model, D, s, t, amp)
+    def nan_on_rank1_last_step(cfg, model, D, s, t, amp):
+        out = real(cfg, model, D, s, t, amp)
         if model.training:
             calls[0] += 1
             if calls[0] == 1 and data.is_rank0():
-                shutil.copy(os.path.join(em.out_dir, ".lock"), os.path.join(em.out_dir, "..", "lock_seen"))
+                shutil.copy(os.path.join(cfg["out_dir"], ".lock"), os.path.join(cfg["out_dir"], "..", "lock_seen"))
             if calls[0] == %d and not data.is_rank0():
                 return (out[0] * float("nan"), out[1] * float("nan"), *out[2:])
         return out
@@ -2790,7 +2745,7 @@ def test_outputs_named_after_an_input_belong_to_that_input(ft_tiny, tmp_path):
     assert predict("a").returncode == 0
 
 
-def test_eval_only_of_two_files_with_one_name_is_refused(fire_files, tmp_path, capsys, restore_globals):
+def test_eval_only_of_two_files_with_one_name_is_refused(fire_files, tmp_path, capsys):
     ckpt = tmp_path / "run" / "checkpoints" / "best.pth"
     write_checkpoint(ckpt, fire_files["train"])
     for sub in ("a", "b"):
@@ -2837,7 +2792,7 @@ def test_fire_file_without_static_channels_trains_and_plots(tmp_path):
     assert (tmp_path / "out" / "checkpoints" / "latest.pth").exists() and list((tmp_path / "out").glob("plots/*.png"))
 
 
-def test_messages_say_what_is_wrong(mae_run4, tmp_path, capsys, restore_globals):
+def test_messages_say_what_is_wrong(mae_run4, tmp_path, capsys):
     g = _good_clouds(5)
     meta = g["metadata"][0].copy()
     meta[:, 0], meta[:, 1] = 0, [0, 1, 2, 2, 3]  # frame 2 of flight 0 twice
