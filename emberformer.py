@@ -75,7 +75,7 @@ monitor = 'val/new_f1'  # early stopping and best.pth: val/new_f1|new_ap|new_iou
 early_stop = True  # stop when the monitored metric has not improved for `patience` epochs
 patience = 10  # epochs without improvement before early stopping
 min_delta = 0.001  # an improvement must exceed this to reset the patience counter
-pred_thresh = 0.5  # probability threshold that turns the prediction into a mask for the metrics
+pred_thresh = 0.5  # mask threshold while training; best.pth then keeps the one chosen on val (--eval_only: overrides)
 bce_weight = 0.5  # loss = bce_weight * BCE + dice_weight * Dice
 dice_weight = 0.5  # weight of the soft-Dice term
 pos_weight = 0.0  # BCE weight of burning pixels (0 = unweighted)
@@ -111,6 +111,7 @@ METRICS = ("loss", "bce", "dice", "precision", "recall", "f1", "iou", "accuracy"
            "new_f1", "new_iou", "new_ap")
 MONITORS = ("val/new_f1", "val/new_ap", "val/new_iou", "val/f1", "val/iou", "val/loss")
 BURNING_LOGIT = 30.0  # --target new: logit of cells burning at t (sigmoid = 1.0 in float32)
+NEAR_CELLS = 2  # calibration is scored on the cells not burning at t within this many cells of the fire (the rest ~0)
 CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite losses (a sync each time)
 # flags that may change on --resume (they only change where and how the run reports, or when it ends);
 # every other flag must match the checkpoint's, else the resumed run would not continue the same run
@@ -742,6 +743,49 @@ def evaluate(cfg, model, D, amp, split="val"):
     return summarize(sums, counts, prs, len(s_all))
 
 
+@torch.no_grad()
+def calibration_data(cfg, model, D, amp, split):
+    """One process over every sample of the split -> (logits, outcomes) of the cells that can newly burn near the
+    fire (not burning at t, within NEAR_CELLS cells of it: farther cells are ~0 and would flatter any score) and
+    wind dilation's 0/1 forecast of those cells, and the new-burn PR histogram over all cells not burning at t
+    (what the decision threshold is chosen on)."""
+    model.eval()
+    s_all, t_all = D[split]
+    logits_near, y_near, dilated_near, hist = [], [], [], 0
+    for idx in data.batch_indices(len(s_all), cfg["batch_size"], shuffle=False):
+        s, t = s_all[idx], t_all[idx]
+        past, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s, t, cfg["history"])
+        logits = model_logits(model, past, wind, lengths, D["static"][s.to(past.device)], amp)  # (B, H, W)
+        current = past[torch.arange(len(lengths), device=past.device), lengths - 1] > 0.5
+        near = F.max_pool2d(current[:, None].float(), 2 * NEAR_CELLS + 1, 1, NEAR_CELLS)[:, 0] > 0.5
+        keep = near & ~current
+        dilated = wind_dilation(cfg, current, wind[torch.arange(len(lengths)), lengths - 1])
+        logits_near.append(logits[keep].float().cpu())
+        y_near.append(nxt[keep].float().cpu())
+        dilated_near.append(dilated[keep].float().cpu())
+        hist = hist + losses.pr_histogram(logits, nxt, ~current)
+    return torch.cat(logits_near), torch.cat(y_near), torch.cat(dilated_near), hist
+
+
+def fit_calibration(cfg, model, D, amp):
+    """After training, on the VALIDATION fires only: one temperature for the probabilities and the decision threshold
+    with the highest new-burn F1 (as a raw-model probability, what --pred_thresh means) -> dict for best.pth."""
+    logits, y, _, hist = calibration_data(cfg, model, D, amp, "val")
+    temperature = losses.fit_temperature(logits, y) if len(y) else 1.0
+    cut, f1 = losses.best_f1_threshold(hist)
+    return dict(temperature=temperature, pred_thresh=float(torch.sigmoid(torch.tensor(cut))), val_new_f1=f1,
+                val_cells=len(y))
+
+
+def calibration_report(cfg, model, D, amp, split, temperature):
+    """Brier score (with its climatological skill) and ECE on the split's cells near the fire, of the raw and the
+    temperature-scaled probabilities, and of wind dilation's 0/1 forecast on the same cells."""
+    logits, y, dilated, _ = calibration_data(cfg, model, D, amp, split)
+    return dict(raw=losses.calibration(torch.sigmoid(logits), y),
+                calibrated=losses.calibration(torch.sigmoid(logits / temperature), y),
+                dilation=losses.calibration(dilated, y), temperature=temperature, near_cells=NEAR_CELLS)
+
+
 # ----------------------------------------------------------------------------------------------
 # rollout: the model fed its own forecasts, as an operational forecast would be
 
@@ -822,14 +866,18 @@ def rollout_scores(cfg, model, D, n_steps, amp):
 # ----------------------------------------------------------------------------------------------
 # outputs: csv logs, plots, checkpoints
 
+ERROR_COLOURS = {"hit": (1.0, 1.0, 1.0), "false alarm": (1.0, 0.2, 0.2), "miss": (0.2, 0.5, 1.0),
+                 "burning at t0": (0.5, 0.5, 0.5)}  # error maps (black: neither); the strip's legend names them
+
+
 def error_image(pred, truth, start):
-    """pred, truth, start (H, W) bool CPU -> (H, W, 3) RGB: white hit, red false alarm, blue miss, grey burning
-    at the start frame (and kept), black neither."""
+    """pred, truth, start (H, W) bool CPU -> (H, W, 3) RGB in ERROR_COLOURS: hit, false alarm, miss, burning at the
+    start frame (and kept); black neither."""
     err = torch.zeros(*truth.shape, 3)
-    err[pred & truth] = torch.tensor([1.0, 1.0, 1.0])
-    err[pred & ~truth] = torch.tensor([1.0, 0.2, 0.2])
-    err[~pred & truth] = torch.tensor([0.2, 0.5, 1.0])
-    err[start & truth & pred] = torch.tensor([0.5, 0.5, 0.5])
+    err[pred & truth] = torch.tensor(ERROR_COLOURS["hit"])
+    err[pred & ~truth] = torch.tensor(ERROR_COLOURS["false alarm"])
+    err[~pred & truth] = torch.tensor(ERROR_COLOURS["miss"])
+    err[start & truth & pred] = torch.tensor(ERROR_COLOURS["burning at t0"])
     return err
 
 
@@ -906,6 +954,42 @@ def plot_curves(log_path, base, path):
     plt.close(fig)
 
 
+def print_calibration(report, where):
+    raw, cal, dil = report["raw"], report["calibrated"], report["dilation"]
+    print(f"calibration ({where}; {raw['n_cells']} cells within {report['near_cells']} of the fire, base rate "
+          f"{raw['base_rate']:.3f}): Brier {raw['brier']:.4f} -> {cal['brier']:.4f} with temperature "
+          f"{report['temperature']:.2f} (skill vs climatology {raw['brier_skill']:.3f} -> {cal['brier_skill']:.3f}; "
+          f"dilation's 0/1 forecast {dil['brier']:.4f}), ECE {raw['ece']:.4f} -> {cal['ece']:.4f}")
+
+
+def plot_reliability(report, path, title):
+    """Predicted probability against observed frequency per bin, raw and temperature-scaled, with each bin's cell
+    count: a calibrated forecast lies on the diagonal."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 4.2))
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    n_bins = len(report["raw"]["bins"])
+    for name, style in (("raw", "o-"), ("calibrated", "s-")):
+        r = report[name]
+        pts = [(p, o, c) for c, p, o in r["bins"] if c]
+        label = (f"{name}{' (T = %.2f)' % report['temperature'] if name == 'calibrated' else ''}: "
+                 f"ECE {r['ece']:.3f}, Brier {r['brier']:.4f}")
+        ax.plot([p for p, _, _ in pts], [o for _, o, _ in pts], style, ms=4, label=label)
+        ax2.bar(np.arange(n_bins) + (0.2 if name == "calibrated" else -0.2), [c for c, _, _ in r["bins"]], 0.4,
+                label=name)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability", ylabel="observed frequency",
+           title=f"reliability, {title}: cells within {report['near_cells']} of the fire")
+    ax.legend(fontsize=7, loc="upper left")
+    ax2.set(yscale="log", xticks=np.arange(n_bins), xticklabels=[f"{k / n_bins:.1f}" for k in range(n_bins)],
+            xlabel="bin (lower edge)", ylabel="cells", title="cells per bin")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    data.atomic_savefig(fig, path, dpi=90)
+    plt.close(fig)
+
+
 def write_eval_csv(path, one_step, n_pairs, n_fires):
     """One row per method (model, dilation, persistence) on the identical pairs. Baselines have no loss, and their
     new_ap is precision x recall at their single operating point (a hard mask has no ranking): said in `note`."""
@@ -974,10 +1058,12 @@ def strip_start(D, n_steps):
 @torch.no_grad()
 def plot_rollout_strip(cfg, model, D, n_steps, amp, path):
     """One rollout, lead by lead: the truth (grey = burning at t0, orange = burned since), then the model's and
-    the wind dilation's forecasts as error maps (white hit, red false alarm, blue miss, grey burning at t0)."""
+    the wind dilation's forecasts as error maps (white hit, red false alarm, blue miss, grey burning at t0), with a
+    legend of the colours."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
     s, t0 = strip_start(D, n_steps)
     fire = D["fire"][s[0]].cpu() > 0  # (T, H, W)
     start, truth = fire[t0[0]], fire[t0[0] + 1:t0[0] + 1 + n_steps]  # (H, W), (N, H, W)
@@ -996,7 +1082,10 @@ def plot_rollout_strip(cfg, model, D, n_steps, amp, path):
             axes[r, k].set_title(title, fontsize=8)
             axes[r, k].axis("off")
     fig.suptitle(f"rollout of sequence {s[0].item()} from t0={t0[0].item()} (observed wind)", fontsize=9)
-    fig.tight_layout()
+    swatches = {"truth: burned since t0": tuple(orange.tolist()), **ERROR_COLOURS}
+    fig.legend(handles=[Patch(facecolor=c, edgecolor="k", label=name) for name, c in swatches.items()],
+               loc="lower center", ncol=len(swatches), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # room for the legend
     data.atomic_savefig(fig, path, dpi=80)
     plt.close(fig)
 
@@ -1141,16 +1230,24 @@ def report_test(cfg, D, dev, amp):
     weights, best_epoch = data.broadcast_object((ckpt["model"], ckpt["epoch"]) if ckpt else None)
     model = build_model(cfg, D, dev)
     model.load_state_dict(weights)
-    scores_ = evaluate(cfg, model, D, amp, "test")  # over all processes
+    with data.fail_together():  # temperature and threshold from the val fires, stored in best.pth for --eval_only
+        if data.is_rank0():
+            ckpt["calibration"] = fit_calibration(cfg, model, D, amp)
+            data.atomic_torch_save(ckpt, best)
+    cal = data.broadcast_object(ckpt["calibration"] if ckpt else None)
+    scores_ = evaluate(dict(cfg, pred_thresh=cal["pred_thresh"]), model, D, amp, "test")  # over all processes
     with data.fail_together():
         if data.is_rank0():
-            write_test_report(cfg, scores_, D, best_epoch)
+            report = calibration_report(cfg, model, D, amp, "test", cal["temperature"])
+            plot_reliability(report, os.path.join(cfg["out_dir"], "plots", "reliability.png"), "test fires")
+            write_test_report(cfg, scores_, D, best_epoch, dict(cal, test=report))
 
 
-def write_test_report(cfg, scores_, D, best_epoch):
+def write_test_report(cfg, scores_, D, best_epoch, cal):
     result = dict(model=scores_, **baselines(cfg, D, *D["test"]), best_epoch=best_epoch,
-                  test_samples=len(D["test"][0]), target=cfg["target"], note="new_ap of the baselines = precision x "
-                  "recall at their single operating point; the model's = average precision over new-burn cells")
+                  test_samples=len(D["test"][0]), target=cfg["target"], calibration=cal, note="new_ap of the "
+                  "baselines = precision x recall at their single operating point; the model's = average precision "
+                  "over new-burn cells; the model's hard-mask metrics use the threshold chosen on val")
     with open(os.path.join(cfg["out_dir"], "test_metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     m, dil, per = result["model"], result["dilation"], result["persistence"]
@@ -1158,6 +1255,8 @@ def write_test_report(cfg, scores_, D, best_epoch):
           f"new_ap {m['new_ap']:.3f} f1 {m['f1']:.3f} | wind dilation new_f1 {dil['new_f1']:.3f} new_ap* "
           f"{dil['new_ap']:.3f} | persistence new_f1 {per['new_f1']:.3f} new_ap* {per['new_ap']:.3f} "
           f"(* precision x recall)")
+    print_calibration(cal["test"], f"test, threshold {cal['pred_thresh']:.3f} chosen on val (new_f1 "
+                                   f"{cal['val_new_f1']:.3f})")
 
 
 def prepare_logs(cfg, start):
@@ -1332,7 +1431,10 @@ def eval_config(cfg, ckpt, given):
         raise data.DataError(f"{cfg['model']}: was trained with " + ", ".join(
             f"--{k} {trained[k]!r} (asked {cfg[k]!r})" for k in clash) + "; --model takes these from the checkpoint")
     taken = MODEL_SETTINGS + tuple(k for k in EVAL_SETTINGS if k not in given)
-    return dict(cfg, **{k: trained[k] for k in taken})
+    cfg = dict(cfg, **{k: trained[k] for k in taken})
+    if "calibration" in ckpt and "pred_thresh" not in given:  # the threshold chosen on the run's val fires
+        cfg["pred_thresh"] = ckpt["calibration"]["pred_thresh"]
+    return cfg
 
 
 def evaluate_file(cfg, given):
@@ -1355,6 +1457,7 @@ def evaluate_file(cfg, given):
           f"patch {cfg['patch_size']}, "
           f"pred_thresh {cfg['pred_thresh']}) -> {eval_dir}")
     report_one_step(cfg, net, D, amp, eval_dir)
+    report_calibration(cfg, net, D, amp, eval_dir, ckpt.get("calibration", {}).get("temperature", 1.0))
     if cfg["rollout"]:
         report_rollout(cfg, net, D, amp, eval_dir)
 
@@ -1368,6 +1471,16 @@ def report_one_step(cfg, net, D, amp, eval_dir):
     plot_preview(cfg, net, D, preview_samples(D, "eval"), amp, os.path.join(eval_dir, "preview.png"))
     print_one_step(D["path"], one_step, n_pairs, n_fires)
     print(f"  {n_pairs} pairs in {time.time() - t0:.1f}s")
+
+
+def report_calibration(cfg, net, D, amp, eval_dir, temperature):
+    """Brier, ECE and reliability of the probabilities near the fire, raw and with the run's temperature (1.0 for a
+    checkpoint without one) -> calibration.json, reliability.png, one line."""
+    report = calibration_report(cfg, net, D, amp, "eval", temperature)
+    with open(os.path.join(eval_dir, "calibration.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    plot_reliability(report, os.path.join(eval_dir, "reliability.png"), os.path.basename(D["path"]))
+    print_calibration(report, os.path.basename(D["path"]))
 
 
 def report_rollout(cfg, net, D, amp, eval_dir):

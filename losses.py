@@ -1,6 +1,8 @@
 """
 Losses and metrics shared by the stages. Torch in, torch out for losses; metrics return floats.
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,48 @@ def average_precision(hist):
     tp, fp = pos.cumsum(0), neg.cumsum(0)
     precision = tp / (tp + fp).clamp(min=1)
     return float((precision * pos).sum() / n_pos)
+
+
+def best_f1_threshold(hist, lim=16.0):
+    """(logit threshold, F1): the cut with the highest F1 on a pr_histogram (predict every cell whose logit lies at or
+    above the threshold); the threshold sits at the lower edge of the chosen bin, so the cells of that bin count."""
+    bins = hist.shape[1]
+    neg, pos = hist.double().flip(1)  # highest logits first
+    tp, fp = pos.cumsum(0), neg.cumsum(0)
+    f1 = 2 * tp / (2 * tp + fp + (pos.sum() - tp)).clamp(min=1)
+    k = int(f1.argmax())  # the k-th bin from the top, i.e. bin bins - 1 - k, centred at its index x step - lim
+    step = 2 * lim / (bins - 1)
+    return (bins - 1 - k) * step - lim - step / 2, float(f1[k])
+
+
+def calibration(prob, target, n_bins=10):
+    """How far probabilities prob (N,) can be taken at their word for 0/1 outcomes target (N,): the Brier score, the
+    climatological Brier score (always forecasting these cells' base rate) and the skill 1 - Brier / climatological,
+    the expected calibration error over n_bins equal-width bins (sum over bins of |mean prob - observed frequency|
+    weighted by the bin's share of cells), and per bin [count, mean prob, observed frequency]."""
+    p, y = prob.detach().double().flatten(), target.detach().double().flatten()
+    n, rate = len(p), float(y.mean()) if len(y) else float("nan")
+    b = (p * n_bins).long().clamp(0, n_bins - 1)
+    count = torch.bincount(b, minlength=n_bins).double()
+    sum_p, sum_y = torch.bincount(b, p, n_bins), torch.bincount(b, y, n_bins)
+    brier, clim = float(((p - y) ** 2).mean()) if n else float("nan"), rate * (1 - rate)
+    return dict(n_cells=n, base_rate=rate, brier=brier, brier_clim=clim,
+                brier_skill=1 - brier / clim if clim > 0 else float("nan"),
+                ece=float((sum_p - sum_y).abs().sum() / max(n, 1)),
+                bins=[[int(c), float(sp / c) if c else None, float(sy / c) if c else None]
+                      for c, sp, sy in zip(count, sum_p, sum_y)])
+
+
+def fit_temperature(logits, target):
+    """The one temperature T > 0 that minimises the mean BCE of sigmoid(logits / T) against target (Guo et al.
+    2017): a log-spaced grid over 0.05..20, then a finer one around its best point. T > 1 softens probabilities
+    that overstate, T < 1 sharpens timid ones; the ranking, and so any threshold's set of cells, is unchanged."""
+    z, y = logits.detach().double().flatten(), target.detach().double().flatten()
+    nll = lambda ts: torch.stack([F.binary_cross_entropy_with_logits(z / t, y) for t in ts])
+    grid = torch.logspace(math.log10(0.05), math.log10(20), 61, dtype=torch.float64)
+    best = grid[int(nll(grid).argmin())]
+    fine = best * torch.logspace(-0.05, 0.05, 41, dtype=torch.float64)
+    return float(fine[int(nll(fine).argmin())])
 
 
 def regression_metrics(pred, true):

@@ -2300,7 +2300,8 @@ def test_eval_only_scores_every_pair_of_another_file(fire_files, tmp_path, capsy
     after = dir_tree(run)
     assert {k: v for k, v in after.items() if not k.startswith("eval_other" + os.sep)} == before  # run untouched
     written = sorted(k for k in after if k not in before and not k.endswith(".lock"))  # the lock goes at exit
-    assert written == [os.path.join("eval_other", f) for f in ("eval.csv", "input.txt", "preview.png", "rollout.csv",
+    assert written == [os.path.join("eval_other", f) for f in ("calibration.json", "eval.csv", "input.txt",
+                                                               "preview.png", "reliability.png", "rollout.csv",
                                                                "rollout.png", "rollout_strip.png")]
     rows = {r["method"]: r for r in read_csv(run / "eval_other" / "eval.csv")}
     assert set(rows) == {"model", "dilation", "persistence"}
@@ -2804,3 +2805,74 @@ def test_messages_say_what_is_wrong(mae_run4, tmp_path, capsys):
     code, _, err = main_exit(["--data_path", path, "--resume", os.path.join(mae_run4, "checkpoints/latest.pth"),
                               "--out_dir", tmp_path / "o"], capsys)
     assert_one_line_error(subprocess.CompletedProcess([], code, "", err), "a mae.py checkpoint")
+
+
+# ==============================================================================================
+# emberformer.py forecasts: calibrated probabilities, a val-chosen threshold, the strip's legend, a non-64 grid
+
+def test_calibration_scores_by_hand():
+    prob = torch.tensor([0.05, 0.05, 0.95, 0.95, 0.55, 0.55, 0.55, 0.55])
+    y = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    c = losses.calibration(prob, y, n_bins=10)
+    assert sum(b[0] for b in c["bins"]) == c["n_cells"] == 8  # every cell in exactly one bin
+    assert [b[0] for b in c["bins"]] == [2, 0, 0, 0, 0, 4, 0, 0, 0, 2]
+    assert c["brier"] == pytest.approx((4 * 0.05 ** 2 + 2 * 0.45 ** 2 + 2 * 0.55 ** 2) / 8)
+    assert c["brier_clim"] == pytest.approx(0.25) and c["brier_skill"] == pytest.approx(1 - c["brier"] / 0.25)
+    assert c["ece"] == pytest.approx((2 * 0.05 + 4 * 0.05 + 2 * 0.05) / 8)  # |0.05-0|, |0.55-0.5|, |0.95-1|
+    assert losses.calibration(torch.tensor([1.0]), torch.tensor([1.0]))["bins"][-1][0] == 1  # p = 1 in the top bin
+
+
+def test_temperature_and_threshold_are_recovered():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(200_000, generator=gen) * 4
+    y = (torch.rand(200_000, generator=gen) < torch.sigmoid(z / 2.5)).float()  # true temperature 2.5
+    assert losses.fit_temperature(z, y) == pytest.approx(2.5, rel=0.03)
+    assert losses.fit_temperature(z / 2.5, y) == pytest.approx(1.0, rel=0.03)
+    # positives above logit 1, negatives below: the best cut lies between them, F1 1
+    logits = torch.tensor([-3.0, -2.0, 0.5, 1.5, 2.0, 3.0])
+    hist = losses.pr_histogram(logits, (logits > 1).float(), torch.ones(6, dtype=torch.bool))
+    cut, f1 = losses.best_f1_threshold(hist)
+    assert f1 == 1.0 and 0.5 < cut < 1.5
+
+
+def test_eval_only_takes_the_threshold_chosen_on_val_unless_given(fire_files):
+    ckpt = dict(config=em.get_config(["--pred_thresh", "0.5"]), calibration=dict(pred_thresh=0.3, temperature=1.7))
+    assert em.eval_config(em.get_config([]), ckpt, set())["pred_thresh"] == 0.3
+    given = em.eval_config(em.get_config(["--pred_thresh", "0.6"]), ckpt, {"pred_thresh"})
+    assert given["pred_thresh"] == 0.6
+    del ckpt["calibration"]  # a checkpoint from before calibration: its training threshold
+    assert em.eval_config(em.get_config([]), ckpt, set())["pred_thresh"] == 0.5
+
+
+def test_rollout_strip_has_a_legend_of_its_colours(fire_files, monkeypatch):
+    figs = []
+    monkeypatch.setattr(data, "atomic_savefig", lambda fig, path, **kw: figs.append(fig))
+    cfg = em.get_config(["--history", "3"])
+    em.plot_rollout_strip(cfg, tiny_model(), fire_dict(fire_files["other"]), 2, None, "strip.png")
+    labels = [t.get_text() for leg in figs[0].legends for t in leg.get_texts()]
+    assert labels == ["truth: burned since t0", "hit", "false alarm", "miss", "burning at t0"]
+
+
+def test_a_non_square_non_64_grid_trains_and_evaluates_end_to_end(tmp_path):
+    """48 x 80 cells, patch 8 (the seed's grids are 400 x 400 with 16-px patches): training, the test report with
+    its calibration (temperature and threshold from val, stored in best.pth) and --eval_only --rollout."""
+    g = data.generate_fires(n_seq=8, size=80, n_frames=6, seed=0)
+    path = tmp_path / "f.h5"
+    data.write_fire(path, g["fire"][:, :, 16:64], g["static"][:, :, 16:64], g["channels"], g["wind"])
+    out = tmp_path / "run"
+    flags = ["--patch_size", "8", "--history", "3", "--batch_size", "8", "--num_threads", "1"]
+    r = run_script("emberformer.py", "--data_path", path, "--out_dir", out, "--epochs", "1", *flags)
+    assert r.returncode == 0, r.stderr[-2000:]
+    cal = data.load_checkpoint(out / "checkpoints" / "best.pth")["calibration"]
+    assert cal["temperature"] > 0 and 0 < cal["pred_thresh"] < 1
+    report = json.loads((out / "test_metrics.json").read_text())["calibration"]
+    assert report["pred_thresh"] == cal["pred_thresh"]
+    test = report["test"]["raw"]
+    assert sum(b[0] for b in test["bins"]) == test["n_cells"] > 0 and (out / "plots" / "reliability.png").exists()
+    r = run_script("emberformer.py", "--eval_only", "--model", out / "checkpoints" / "best.pth", "--data_path", path,
+                   "--out_dir", out, "--rollout", "2", "--num_threads", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"pred_thresh {cal['pred_thresh']}" in r.stdout and "calibration (f.h5" in r.stdout
+    ev = json.loads((out / "eval_f" / "calibration.json").read_text())
+    assert ev["temperature"] == cal["temperature"] and ev["raw"]["n_cells"] > 0
+    assert {"reliability.png", "rollout_strip.png", "eval.csv"} <= set(os.listdir(out / "eval_f"))
