@@ -86,6 +86,8 @@ stop_after = 0  # stop after this many epochs of this run (0 = never), schedule 
 model = ''  # a trained checkpoint (best.pth) for --eval_only; its model and data settings are used, not these flags
 eval_only = False  # score --model on every t -> t+1 pair of --data_path (no split, no training) -> out_dir/eval_<stem>/
 rollout = 0  # with --eval_only: also feed the model its own forecasts for this many steps, scored per lead (0 = off)
+members = 0  # with --rollout: also an ensemble of this many rollouts that sample each cell from its probability
+wind_sigma = 0.0  # m/s; with --members: each member's wind gets N(0, wind_sigma^2) noise per frame and component
 # --- end config ---
 
 @dataclass(frozen=True)  # frozen: the default instance is shared by every model
@@ -117,7 +119,7 @@ CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite los
 # every other flag must match the checkpoint's, else the resumed run would not continue the same run
 FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "stop_after", "patience", "early_stop", "log_every",
                   "cpu_bf16",  # a resumed run keeps the precision its checkpoint stored, whatever this says
-                  "model", "eval_only", "rollout")  # the last three: --eval_only flags, off in every training run
+                  "model", "eval_only", "rollout", "members", "wind_sigma")  # --eval_only flags, off in training
 # --model takes these from its checkpoint: the model was built and trained with them, so a different explicit flag is
 # refused. EVAL_SETTINGS also come from the checkpoint, but an explicit flag may change how the forecast is scored
 MODEL_SETTINGS = ("history", "patch_size", "target", "wind_scale", "bce_weight", "dice_weight", "pos_weight")
@@ -795,22 +797,39 @@ def rollout_starts(n_seq, n_frames, n_steps):
 
 
 @torch.no_grad()
-def model_rollout(cfg, model, D, s, t0, n_steps, amp):
+def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
     """Forecast frames t0+1 .. t0+n_steps. Step k sees the true frames up to t0, then its own forecasts (the
     last `history` frames in all), the true static channels and the OBSERVED wind of each frame (a perfect
     wind forecast). A forecast is the probability thresholded at pred_thresh OR the previous frame, so no
-    cell un-burns (a 'full' target model could). s, t0 (B,) -> (B, n_steps, H, W) bool."""
+    cell un-burns (a 'full' target model could). An ensemble member (gen, a seeded CPU generator) instead draws
+    each cell from its temperature-scaled probability and sees the wind plus N(0, wind_sigma^2) m/s noise per frame and component.
+    s, t0 (B,) -> (B, n_steps, H, W) bool."""
     model.eval()
     dev = D["fire"].device
     s, t0 = s.to(dev), t0.to(dev)
     rows = torch.arange(len(s), device=dev)
     seq = D["fire"][s]  # (B, T, H, W), a copy: the true fire, its frames after t0 overwritten as forecasts come
     wind, static = D["wind"][s], D["static"][s]  # (B, T, 2), (B, C, H, W)
+    if wind_sigma > 0:
+        wind = wind + (wind_sigma * torch.randn(wind.shape, generator=gen)).to(dev)
     for k in range(n_steps):  # fire_batch reads frames <= t0 + k only: the truth to t0, forecasts after
         hist, w, lengths, _ = data.fire_batch(seq, wind, rows, t0 + k, cfg["history"])
         prob = torch.sigmoid(model_logits(model, hist, w, lengths, static, amp))  # (B, H, W)
-        seq[rows, t0 + k + 1] = ((prob > cfg["pred_thresh"]) | (seq[rows, t0 + k] > 0)).to(seq.dtype)
+        if gen is not None:  # a member draws from the calibrated probability (the run's temperature, if any)
+            prob = torch.sigmoid(torch.logit(prob, eps=1e-7) / cfg.get("temperature", 1.0))
+        draw = cfg["pred_thresh"] if gen is None else torch.rand(prob.shape, generator=gen).to(dev)
+        seq[rows, t0 + k + 1] = ((prob > draw) | (seq[rows, t0 + k] > 0)).to(seq.dtype)
     return seq[rows[:, None], t0[:, None] + 1 + torch.arange(n_steps, device=dev)] > 0
+
+
+def ensemble_rollout(cfg, model, D, s, t0, n_steps, amp):
+    """--members M rollouts, member m seeded from (seed, m, the batch's first start) so every batch and member is
+    reproducible -> (B, n_steps, H, W) float: the fraction of members in which each cell burns."""
+    runs = [model_rollout(cfg, model, D, s, t0, n_steps, amp, wind_sigma=cfg["wind_sigma"],
+                          gen=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + 7919 * m + int(s[0]) * 31
+                                                            + int(t0[0])))
+            for m in range(cfg["members"])]
+    return torch.stack(runs).float().mean(0)
 
 
 def dilation_rollout(cfg, D, s, t0, n_steps):
@@ -830,17 +849,37 @@ def lead_counts(forecast, truth, start):
     return torch.stack([losses.confusion_counts(forecast[:, k], truth[:, k], ~start) for k in range(truth.shape[1])])
 
 
-def lead_scores(counts, area0):
+def lead_scores(counts, area0, brier=None):
     """counts (N, 4) summed over all starts, area0 = cells burning at the starts -> one dict per lead: new-burn
-    F1/IoU/precision/recall and the burned-area bias (forecast / true area; every forecast and truth holds the
-    start's area, so both are area0 + the new burn) and the same ratio for the new burn alone."""
+    F1/IoU/precision/recall, the Jaccard index of the WHOLE burned area (the fire-emulator literature's score:
+    forecast and truth both hold the start's area, so it is (area0 + tp) / (area0 + tp + fp + fn)), the
+    burned-area bias (forecast / true area) and the same ratio for the new burn alone; brier (N, 3) [cells, sum of
+    squared error, sum of member variance] adds the Brier score and the ensemble spread."""
     rows = []
     for k, (tp, fp, fn, tn) in enumerate(counts.tolist()):
         m = losses.seg_metrics([tp, fp, fn, tn])
         rows.append(dict(lead=k + 1, new_f1=m["f1"], new_iou=m["iou"], new_precision=m["precision"],
-                         new_recall=m["recall"], area_bias=(area0 + tp + fp) / max(area0 + tp + fn, 1),
+                         new_recall=m["recall"], area_jaccard=(area0 + tp) / max(area0 + tp + fp + fn, 1),
+                         area_bias=(area0 + tp + fp) / max(area0 + tp + fn, 1),
                          new_area_bias=(tp + fp) / (tp + fn) if tp + fn else float("nan"), tp=tp, fp=fp, fn=fn))
+        if brier is not None:
+            n, sq, var = brier[k].tolist()
+            rows[-1].update(brier=sq / max(n, 1), spread=var / max(n, 1))
     return rows
+
+
+def lead_brier(prob, truth, start):
+    """prob, truth (B, N, H, W), start (B, H, W) burning at t0 -> (N, 3) [cells, sum of squared error, sum of
+    p(1-p)] over the cells not burning at t0 within NEAR_CELLS + lead cells of it (the cells a fire can reach by
+    then; the rest are ~0 and would flatter every method alike). p(1-p) is a member mean's variance across members."""
+    out = []
+    for k in range(truth.shape[1]):
+        r = NEAR_CELLS + k + 1
+        near = F.max_pool2d(start[:, None].float(), 2 * r + 1, 1, r)[:, 0] > 0.5
+        cells = near & ~start
+        p, y = prob[:, k].float()[cells], truth[:, k].float()[cells]
+        out.append(torch.stack([cells.sum().double(), ((p - y) ** 2).sum().double(), (p * (1 - p)).sum().double()]))
+    return torch.stack(out).cpu()
 
 
 @torch.no_grad()
@@ -849,18 +888,23 @@ def rollout_scores(cfg, model, D, n_steps, amp):
     are summed over all starts, then scored -> {method: [one dict per lead]}, number of starts. The batches are
     those evaluate() makes over the same starts, so lead 1 is the one-step score exactly."""
     s_all, t_all = rollout_starts(*D["fire"].shape[:2], n_steps)
-    counts, area0 = {m: 0 for m in ROLLOUT_METHODS}, 0
+    methods = ROLLOUT_METHODS + (("ensemble",) if cfg["members"] else ())
+    counts, briers, area0 = {m: 0 for m in methods}, {m: 0 for m in methods}, 0
     dev, leads = D["fire"].device, torch.arange(1, n_steps + 1)
     for idx in data.batch_indices(len(s_all), cfg["batch_size"], shuffle=False):
         s, t0 = s_all[idx], t_all[idx]
         start = D["fire"][s.to(dev), t0.to(dev)] > 0  # (B, H, W)
         truth = D["fire"][s[:, None].to(dev), (t0[:, None] + leads).to(dev)] > 0  # (B, N, H, W)
-        forecasts = dict(model=model_rollout(cfg, model, D, s, t0, n_steps, amp),
-                         dilation=dilation_rollout(cfg, D, s, t0, n_steps), persistence=start[:, None].expand_as(truth))
-        for m, f in forecasts.items():
-            counts[m] = counts[m] + lead_counts(f, truth, start)
+        probs = dict(model=model_rollout(cfg, model, D, s, t0, n_steps, amp).float(),
+                     dilation=dilation_rollout(cfg, D, s, t0, n_steps).float(),
+                     persistence=start[:, None].expand_as(truth).float())
+        if cfg["members"]:
+            probs["ensemble"] = ensemble_rollout(cfg, model, D, s, t0, n_steps, amp)  # member mean (B, N, H, W)
+        for m, p in probs.items():  # the ensemble's hard forecast: cells burning in at least half the members
+            counts[m] = counts[m] + lead_counts(p >= 0.5, truth, start)
+            briers[m] = briers[m] + lead_brier(p, truth, start)
         area0 += int(start.sum())
-    return {m: lead_scores(c, area0) for m, c in counts.items()}, len(s_all)
+    return {m: lead_scores(counts[m], area0, briers[m]) for m in methods}, len(s_all)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1008,39 +1052,46 @@ def print_one_step(path, one_step, n_pairs, n_fires):
 
 
 def write_rollout_csv(path, by_method, n_starts):
-    """One row per (method, lead), methods in ROLLOUT_METHODS order; counts pooled over n_starts starts."""
-    rows = [dict(method=m, starts=n_starts, **row) for m in ROLLOUT_METHODS for row in by_method[m]]
+    """One row per (method, lead), methods in ROLLOUT_METHODS order (then the ensemble); counts pooled over starts."""
+    rows = [dict(method=m, starts=n_starts, **row) for m in by_method for row in by_method[m]]
     data.atomic_write_csv(path, rows)
 
 
 def print_rollout(by_method, n_starts):
-    print(f"rollout from {n_starts} starts (observed wind), new burn since t0 | lead: model F1 / IoU / area bias"
-          " | wind dilation F1 / IoU / area bias | persistence area bias")
-    for m, d, p in zip(*(by_method[k] for k in ROLLOUT_METHODS)):
-        ahead = "model ahead" if m["new_f1"] > d["new_f1"] else "dilation ahead"
-        print(f"  lead {m['lead']}: {m['new_f1']:.3f} / {m['new_iou']:.3f} / {m['area_bias']:.3f} | "
-              f"{d['new_f1']:.3f} / {d['new_iou']:.3f} / {d['area_bias']:.3f} | {p['area_bias']:.3f}  ({ahead})")
+    names = [m for m in ("model", "dilation", "ensemble") if m in by_method]
+    print(f"rollout from {n_starts} starts (observed wind) | lead: per method new-burn F1 since t0 / whole-area "
+          f"Jaccard / area bias / Brier near the fire, for {', '.join(names)}; persistence Jaccard")
+    for k, p in enumerate(by_method["persistence"]):
+        cells = [f"{r['new_f1']:.3f} / {r['area_jaccard']:.3f} / {r['area_bias']:.2f} / {r['brier']:.4f}"
+                 for r in (by_method[m][k] for m in names)]
+        if "ensemble" in by_method:
+            cells[-1] += f" (spread {by_method['ensemble'][k]['spread']:.4f})"
+        print(f"  lead {p['lead']}: " + " | ".join(cells) + f" | {p['area_jaccard']:.3f}")
 
 
 def plot_rollout(by_method, n_starts, name, path):
-    """New-burn F1 (solid) and IoU (dashed) against lead time, and the burned-area bias, for every method."""
+    """Per lead and method: new-burn F1 (solid) and whole-area Jaccard (dashed), burned-area bias, Brier score
+    (with the ensemble's spread: as large as its Brier score for a well-spread ensemble)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for m, color in zip(ROLLOUT_METHODS, ("C0", "C1", "C2")):
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4))
+    for m, color in zip(by_method, ("C0", "C1", "C2", "C3")):
         lead = [r["lead"] for r in by_method[m]]
-        a.plot(lead, [r["new_f1"] for r in by_method[m]], "o-", c=color, label=f"{m} F1")
-        a.plot(lead, [r["new_iou"] for r in by_method[m]], "s--", c=color, label=f"{m} IoU")
-        b.plot(lead, [r["area_bias"] for r in by_method[m]], "o-", c=color, label=m)
-    a.set(xlabel="lead time (frames)", ylabel="new-burn score (burn since t0)", ylim=(-0.02, 1.0),
+        a.plot(lead, [r["new_f1"] for r in by_method[m]], "o-", c=color, ms=3, label=f"{m} new-burn F1")
+        a.plot(lead, [r["area_jaccard"] for r in by_method[m]], "s--", c=color, ms=3, label=f"{m} whole-area Jaccard")
+        b.plot(lead, [r["area_bias"] for r in by_method[m]], "o-", c=color, ms=3, label=m)
+        c.plot(lead, [r["brier"] for r in by_method[m]], "o-", c=color, ms=3, label=m)
+    if "ensemble" in by_method:
+        c.plot(lead, [r["spread"] for r in by_method["ensemble"]], ":", c="C3", label="ensemble spread")
+    a.set(xlabel="lead time (frames)", ylabel="score", ylim=(-0.02, 1.0),
           title=f"{name}: rollout from {n_starts} starts, observed wind")
-    for ax in (a, b):
-        ax.set_xticks(lead)
     b.axhline(1.0, ls=":", c="gray")
     b.set(xlabel="lead time (frames)", ylabel="burned-area bias (forecast / true area)")
-    a.legend(fontsize=7, ncol=3, loc="lower center", bbox_to_anchor=(0.5, 0.06))  # in the gap above persistence's 0
-    b.legend(fontsize=7)
+    c.set(xlabel="lead time (frames)", ylabel="Brier score", title="cells within 2 + lead of the start fire")
+    a.legend(fontsize=6, ncol=2, loc="lower left")
+    for ax in (b, c):
+        ax.legend(fontsize=7)
     fig.tight_layout()
     data.atomic_savefig(fig, path, dpi=80)
     plt.close(fig)
@@ -1053,6 +1104,36 @@ def strip_start(D, n_steps):
     grown = (D["fire"][s.to(dev), (t0 + n_steps).to(dev)] > D["fire"][s.to(dev), t0.to(dev)]).flatten(1).sum(1)
     i = int(grown.argmax())
     return s[i:i + 1], t0[i:i + 1]
+
+
+def shown_leads(n_steps, most=8):
+    """The lead indices (0-based) a strip shows: all of them, or `most` spread evenly, always the last."""
+    return sorted({round(i * (n_steps - 1) / (most - 1)) for i in range(most)}) if n_steps > most else list(range(n_steps))
+
+
+@torch.no_grad()
+def plot_rollout_prob(cfg, model, D, n_steps, amp, path):
+    """The strip's rollout as the ensemble sees it: per lead, the fraction of --members in which each cell burns,
+    with the true burned area's outline (white) and the start's (cyan)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s, t0 = strip_start(D, n_steps)
+    prob = ensemble_rollout(cfg, model, D, s, t0, n_steps, amp)[0].cpu()  # (N, H, W)
+    fire = D["fire"][s[0]].cpu().float()  # (T, H, W)
+    leads = shown_leads(n_steps)
+    fig, axes = plt.subplots(1, len(leads), figsize=(2.6 * len(leads), 3.0), squeeze=False)
+    for ax, k in zip(axes[0], leads):
+        im = ax.imshow(prob[k].numpy(), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        ax.contour(fire[t0[0] + 1 + k].numpy(), levels=[0.5], colors="white", linewidths=0.8)
+        ax.contour(fire[t0[0]].numpy(), levels=[0.5], colors="cyan", linewidths=0.6)
+        ax.set_title(f"t0+{k + 1}", fontsize=8)
+        ax.axis("off")
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.02, label="burn probability (members)")
+    fig.suptitle(f"{cfg['members']}-member ensemble, sequence {s[0].item()} from t0={t0[0].item()}, wind noise "
+                 f"{cfg['wind_sigma']} m/s: white = true burned area, cyan = start", fontsize=9)
+    data.atomic_savefig(fig, path, dpi=80)
+    plt.close(fig)
 
 
 @torch.no_grad()
@@ -1070,17 +1151,18 @@ def plot_rollout_strip(cfg, model, D, n_steps, amp, path):
     forecasts = dict(model=model_rollout(cfg, model, D, s, t0, n_steps, amp)[0].cpu(),
                      dilation=dilation_rollout(cfg, D, s, t0, n_steps)[0].cpu())  # (N, H, W) each
     grey, orange = torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 0.6, 0.1])
-    fig, axes = plt.subplots(3, n_steps, figsize=(2.4 * n_steps, 7.4), squeeze=False)
-    for k in range(n_steps):
+    leads = shown_leads(n_steps)
+    fig, axes = plt.subplots(3, len(leads), figsize=(2.4 * len(leads), 7.4), squeeze=False)
+    for col, k in enumerate(leads):
         truth_img = start[..., None] * grey + (truth[k] & ~start)[..., None] * orange  # (H, W, 3)
         panels = [(truth_img, f"truth t0+{k + 1}")]
         for m, f in forecasts.items():
             f1 = losses.seg_metrics(losses.confusion_counts(f[k], truth[k], ~start))["f1"]
             panels.append((error_image(f[k], truth[k], start), f"{m}: new-burn F1 {f1:.2f}"))
         for r, (img, title) in enumerate(panels):
-            axes[r, k].imshow(img.numpy(), interpolation="nearest")
-            axes[r, k].set_title(title, fontsize=8)
-            axes[r, k].axis("off")
+            axes[r, col].imshow(img.numpy(), interpolation="nearest")
+            axes[r, col].set_title(title, fontsize=8)
+            axes[r, col].axis("off")
     fig.suptitle(f"rollout of sequence {s[0].item()} from t0={t0[0].item()} (observed wind)", fontsize=9)
     swatches = {"truth: burned since t0": tuple(orange.tolist()), **ERROR_COLOURS}
     fig.legend(handles=[Patch(facecolor=c, edgecolor="k", label=name) for name, c in swatches.items()],
@@ -1168,8 +1250,11 @@ def check_config(cfg, world=1):
 
 def check_mode(cfg):
     """Training, or --eval_only of a trained --model: the flags of one mode are refused in the other."""
-    if cfg["rollout"] < 0:
-        raise data.DataError(f"--rollout {cfg['rollout']}: must be >= 0")
+    data.check_range(cfg, "rollout members wind_sigma", 0)
+    if (cfg["members"] or cfg["wind_sigma"]) and not cfg["rollout"]:
+        raise data.DataError("--members and --wind_sigma make an ensemble of rollouts: give --rollout N too")
+    if cfg["wind_sigma"] and not cfg["members"]:
+        raise data.DataError("--wind_sigma perturbs the members of an ensemble: give --members M too")
     if not cfg["eval_only"]:
         if cfg["model"] or cfg["rollout"]:
             raise data.DataError(f"--{'model' if cfg['model'] else 'rollout'} is for --eval_only (scoring a trained "
@@ -1434,6 +1519,7 @@ def eval_config(cfg, ckpt, given):
     cfg = dict(cfg, **{k: trained[k] for k in taken})
     if "calibration" in ckpt and "pred_thresh" not in given:  # the threshold chosen on the run's val fires
         cfg["pred_thresh"] = ckpt["calibration"]["pred_thresh"]
+    cfg["temperature"] = ckpt.get("calibration", {}).get("temperature", 1.0)  # not a flag: the run's, for members
     return cfg
 
 
@@ -1457,7 +1543,7 @@ def evaluate_file(cfg, given):
           f"patch {cfg['patch_size']}, "
           f"pred_thresh {cfg['pred_thresh']}) -> {eval_dir}")
     report_one_step(cfg, net, D, amp, eval_dir)
-    report_calibration(cfg, net, D, amp, eval_dir, ckpt.get("calibration", {}).get("temperature", 1.0))
+    report_calibration(cfg, net, D, amp, eval_dir, cfg["temperature"])
     if cfg["rollout"]:
         report_rollout(cfg, net, D, amp, eval_dir)
 
@@ -1484,12 +1570,15 @@ def report_calibration(cfg, net, D, amp, eval_dir, temperature):
 
 
 def report_rollout(cfg, net, D, amp, eval_dir):
-    """--rollout N from every start with N true frames after it -> rollout.csv, rollout.png, rollout_strip.png."""
+    """--rollout N from every start with N true frames after it -> rollout.csv, rollout.png, rollout_strip.png
+    (and with --members, rollout_prob.png)."""
     t0 = time.time()
     by_method, n_starts = rollout_scores(cfg, net, D, cfg["rollout"], amp)
     write_rollout_csv(os.path.join(eval_dir, "rollout.csv"), by_method, n_starts)
     plot_rollout(by_method, n_starts, os.path.basename(D["path"]), os.path.join(eval_dir, "rollout.png"))
     plot_rollout_strip(cfg, net, D, cfg["rollout"], amp, os.path.join(eval_dir, "rollout_strip.png"))
+    if cfg["members"]:
+        plot_rollout_prob(cfg, net, D, cfg["rollout"], amp, os.path.join(eval_dir, "rollout_prob.png"))
     print_rollout(by_method, n_starts)
     print(f"  {n_starts} starts x {cfg['rollout']} steps in {time.time() - t0:.1f}s")
 

@@ -2876,3 +2876,40 @@ def test_a_non_square_non_64_grid_trains_and_evaluates_end_to_end(tmp_path):
     ev = json.loads((out / "eval_f" / "calibration.json").read_text())
     assert ev["temperature"] == cal["temperature"] and ev["raw"]["n_cells"] > 0
     assert {"reliability.png", "rollout_strip.png", "eval.csv"} <= set(os.listdir(out / "eval_f"))
+
+
+def test_ensemble_members_are_seeded_and_reduce_to_the_deterministic_rollout(fire_files, monkeypatch):
+    """Every member is reproducible; members differ where probabilities are in between; with probabilities of
+    exactly 0 or 1 (the model's own mask, as logits +-30) sampling is thresholding, so any number of members gives
+    the deterministic rollout, and sigma 0 leaves the wind alone."""
+    cfg = em.get_config(["--history", "3", "--members", "3", "--rollout", "3", "--eval_only", "--model", "m"])
+    D, net = fire_dict(fire_files["other"]), tiny_model(seed=2)
+    s, t0 = em.rollout_starts(*D["fire"].shape[:2], 3)
+    s, t0 = s[:4], t0[:4]
+    cfg["pred_thresh"] = median_new_prob(net, D, s, t0, 3)  # an untrained model: ~half new burn
+    a, b = (em.ensemble_rollout(cfg, net, D, s, t0, 3, None) for _ in range(2))
+    assert torch.equal(a, b) and ((a > 0) & (a < 1)).any()  # seeded, and the members disagree somewhere
+    noisy = em.ensemble_rollout(dict(cfg, wind_sigma=2.0), net, D, s, t0, 3, None)
+    assert not torch.equal(noisy, a)  # the wind noise reaches the members
+    real = em.model_logits
+    hard = lambda model, *args: (real(model, *args) > math.log(cfg["pred_thresh"] / (1 - cfg["pred_thresh"]))) * 60.0 - 30
+    monkeypatch.setattr(em, "model_logits", hard)
+    want = em.model_rollout(cfg, net, D, s, t0, 3, None).float()
+    for m in (1, 3):
+        assert torch.equal(em.ensemble_rollout(dict(cfg, members=m), net, D, s, t0, 3, None), want)
+
+
+def test_rollout_reports_whole_area_jaccard_and_brier_per_lead(fire_files):
+    cfg = em.get_config(["--history", "3", "--members", "2", "--rollout", "2", "--eval_only", "--model", "m"])
+    D, net = fire_dict(fire_files["other"]), tiny_model()
+    by_method, n = em.rollout_scores(cfg, net, D, 2, None)
+    assert list(by_method) == [*em.ROLLOUT_METHODS, "ensemble"]
+    for m, rows in by_method.items():
+        for r in rows:  # forecast and truth both hold the start's area: Jaccard from the new-burn counts
+            assert 0 <= r["area_jaccard"] <= 1 and 0 <= r["brier"] <= 1 and r["spread"] >= 0
+    per = by_method["persistence"]
+    assert all(r["spread"] == 0 for r in by_method["model"])  # a hard forecast has no spread
+    assert per[0]["area_jaccard"] > per[1]["area_jaccard"]  # the fire grows away from persistence
+    for flags in (["--members", "2"], ["--rollout", "2", "--wind_sigma", "1"]):
+        with pytest.raises(data.DataError, match="--members|--wind_sigma"):
+            em.check_mode(em.get_config(["--eval_only", "--model", "m", *flags]))
