@@ -1214,31 +1214,18 @@ def given_flags(argv=None):
 
 
 def check_config(cfg, world=1):
-    """The flags, for a run of `world` processes (torchrun), else one line (DataError)."""
-    if cfg["monitor"] not in MONITORS:
-        raise data.DataError(f"--monitor {cfg['monitor']}: choose " + ", ".join(MONITORS))
-    if cfg["target"] not in ("new", "full"):
-        raise data.DataError(f"--target {cfg['target']}: choose new or full")
-    if cfg["cpu_bf16"] not in ("auto", "on", "off"):
-        raise data.DataError(f"--cpu_bf16 {cfg['cpu_bf16']!r}: choose auto, on or off")
-    for k in ("epochs", "batch_size", "history", "patch_size", "log_every"):
-        if cfg[k] < 1:
-            raise data.DataError(f"--{k} {cfg[k]}: must be >= 1")
-    for k in ("val_frac", "pred_thresh"):
-        if not 0 < cfg[k] < 1:
-            raise data.DataError(f"--{k} {cfg[k]}: must be between 0 and 1")
-    if not 0 <= cfg["test_frac"] < 1:
-        raise data.DataError(f"--test_frac {cfg['test_frac']}: must be in [0, 1)")
-    if cfg["wind_scale"] <= 0 or cfg["grad_clip"] < 0:
-        raise data.DataError("--wind_scale must be > 0 and --grad_clip >= 0")
-    ranges = dict(lr=(0, False), lr_temporal=(0, True), lr_spatial=(0, True), weight_decay=(0, False),
-                  pos_weight=(0, False), dil_wind=(0, True), bce_weight=(0, False), dice_weight=(0, False),
-                  grad_clip=(0, False), warmup_frac=(0, False), min_lr_frac=(0, False))  # (bound, strictly above)
-    for k, (lo, strict) in ranges.items():  # NaN fails every comparison: finite first
-        if not math.isfinite(cfg[k]) or cfg[k] < lo or (strict and cfg[k] == lo):
-            raise data.DataError(f"--{k} {cfg[k]}: must be finite and {'>' if strict else '>='} {lo}")
-    if cfg["warmup_frac"] >= 1 or cfg["min_lr_frac"] > 1 or cfg["bce_weight"] + cfg["dice_weight"] == 0:
-        raise data.DataError("--warmup_frac must be < 1, --min_lr_frac <= 1, and --bce_weight + --dice_weight > 0")
+    """The flags, for a run of `world` processes (torchrun), else one line (DataError) naming the flag."""
+    data.check_choice(cfg, "monitor", MONITORS)
+    data.check_choice(cfg, "target", ("new", "full"))
+    data.check_choice(cfg, "cpu_bf16", ("auto", "on", "off"))
+    data.check_range(cfg, "epochs batch_size history patch_size log_every", 1)
+    data.check_range(cfg, "val_frac pred_thresh", 0, 1, lo_open=True, hi_open=True)
+    data.check_range(cfg, "test_frac warmup_frac", 0, 1, hi_open=True)
+    data.check_range(cfg, "min_lr_frac", 0, 1)
+    data.check_range(cfg, "lr weight_decay pos_weight bce_weight dice_weight grad_clip", 0)
+    data.check_range(cfg, "lr_temporal lr_spatial dil_wind wind_scale", 0, lo_open=True)
+    if cfg["bce_weight"] + cfg["dice_weight"] == 0:
+        raise data.DataError("--bce_weight + --dice_weight must be > 0")
     check_mode(cfg)
     if cfg["eval_only"] and world > 1:
         raise data.DataError(f"--eval_only runs in one process: start it with python, not torchrun with {world} "
