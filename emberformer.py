@@ -86,7 +86,7 @@ stop_after = 0  # stop after this many epochs of this run (0 = never), schedule 
 model = ''  # a trained checkpoint (best.pth) for --eval_only; its model and data settings are used, not these flags
 eval_only = False  # score --model on every t -> t+1 pair of --data_path (no split, no training) -> out_dir/eval_<stem>/
 rollout = 0  # with --eval_only: also feed the model its own forecasts for this many steps, scored per lead (0 = off)
-members = 0  # with --rollout: also an ensemble of this many rollouts that sample each cell from its probability
+members = 0  # with --rollout: also an ensemble of this many rollouts, each burning the cells above one random draw
 wind_sigma = 0.0  # m/s; with --members: each member's wind gets N(0, wind_sigma^2) noise per frame and component
 # --- end config ---
 
@@ -801,8 +801,8 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
     """Forecast frames t0+1 .. t0+n_steps. Step k sees the true frames up to t0, then its own forecasts (the
     last `history` frames in all), the true static channels and the OBSERVED wind of each frame (a perfect
     wind forecast). A forecast is the probability thresholded at pred_thresh OR the previous frame, so no
-    cell un-burns (a 'full' target model could). An ensemble member (gen, a seeded CPU generator) instead draws
-    each cell from its temperature-scaled probability and sees the wind plus N(0, wind_sigma^2) m/s noise per frame and component.
+    cell un-burns (a 'full' target model could). An ensemble member (gen, a seeded CPU generator) instead burns
+    the cells whose temperature-scaled probability exceeds one uniform draw per fire and step, and sees the wind plus N(0, wind_sigma^2) m/s noise per frame and component.
     s, t0 (B,) -> (B, n_steps, H, W) bool."""
     model.eval()
     dev = D["fire"].device
@@ -817,7 +817,10 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
         prob = torch.sigmoid(model_logits(model, hist, w, lengths, static, amp))  # (B, H, W)
         if gen is not None:  # a member draws from the calibrated probability (the run's temperature, if any)
             prob = torch.sigmoid(torch.logit(prob, eps=1e-7) / cfg.get("temperature", 1.0))
-        draw = cfg["pred_thresh"] if gen is None else torch.rand(prob.shape, generator=gen).to(dev)
+        # a member draws ONE uniform per fire and step and burns the cells whose probability exceeds it: each cell
+        # still burns with its probability, but a member stays one coherent front (independent draws per cell
+        # would light every far cell with p ~ 0.01 somewhere on a large grid)
+        draw = cfg["pred_thresh"] if gen is None else torch.rand(len(s), 1, 1, generator=gen).to(dev)
         seq[rows, t0 + k + 1] = ((prob > draw) | (seq[rows, t0 + k] > 0)).to(seq.dtype)
     return seq[rows[:, None], t0[:, None] + 1 + torch.arange(n_steps, device=dev)] > 0
 
