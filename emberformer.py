@@ -1200,7 +1200,7 @@ def build_parser(only_given=False):
     fmt = type("Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
     p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     for name, value, comment in re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M):
-        default = ast.literal_eval(value)  # the file's value, not the global: train() overwrites those
+        default = ast.literal_eval(value)  # the constant as written in this file
         kind = dict(type=data.str2bool, nargs="?", const=True) if isinstance(default, bool) else dict(
             type=str if default is None else type(default))
         p.add_argument(f"--{name}", default=argparse.SUPPRESS if only_given else default, help=comment, **kind)
