@@ -127,7 +127,7 @@ class Block(nn.Module):
         qkv = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, L, D/H)
         # explicit attention, not F.scaled_dot_product_attention: with 7-28 tokens it is as fast, and
-        # SDPA's CPU bf16 backward was ~8x slower than its fp32 one in our profile (see cpu_bf16)
+        # SDPA's CPU bf16 backward was several times slower than its fp32 one in a profile (see cpu_bf16)
         att = (q @ k.transpose(-2, -1)) * (D // self.heads) ** -0.5  # (B, H, L, L)
         a = att.softmax(dim=-1) @ v  # (B, H, L, D/H)
         x = x + drop_path(self.proj(a.transpose(1, 2).reshape(B, L, D)), self.drop_path, self.training)
