@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import csv
 import errno
+import gc
 import hashlib
 import math
 import os
@@ -440,6 +441,8 @@ def ddp_cleanup(together):
     one rank only there is nobody to wait for: torchrun stops the rest. So an error that can happen on one rank
     alone must be raised inside a fail_together block, or this barrier would wait for it forever."""
     if _distributed():
+        gc.collect()  # free DDP wrappers (reference cycles) while the group lives, not at interpreter exit; a
+        # mitigation of that abort whose effect was not measured
         if together:
             dist.barrier()
         dist.destroy_process_group()
