@@ -761,7 +761,7 @@ def calibration_data(cfg, model, D, amp, split):
         current = past[torch.arange(len(lengths), device=past.device), lengths - 1] > 0.5
         near = F.max_pool2d(current[:, None].float(), 2 * NEAR_CELLS + 1, 1, NEAR_CELLS)[:, 0] > 0.5
         keep = near & ~current
-        dilated = wind_dilation(cfg, current, wind[torch.arange(len(lengths)), lengths - 1])
+        dilated = wind_dilation(cfg, current, wind[torch.arange(len(lengths), device=past.device), lengths - 1])
         logits_near.append(logits[keep].float().cpu())
         y_near.append(nxt[keep].float().cpu())
         dilated_near.append(dilated[keep].float().cpu())
@@ -819,7 +819,7 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
             prob = torch.sigmoid(torch.logit(prob, eps=1e-7) / cfg.get("temperature", 1.0))
         # a member draws ONE uniform per fire and step and burns the cells whose probability exceeds it: each cell
         # still burns with its probability, but a member stays one coherent front (independent draws per cell
-        # would light every far cell with p ~ 0.01 somewhere on a large grid)
+        # would light far cells of small probability all over a large grid)
         draw = cfg["pred_thresh"] if gen is None else torch.rand(len(s), 1, 1, generator=gen).to(dev)
         seq[rows, t0 + k + 1] = ((prob > draw) | (seq[rows, t0 + k] > 0)).to(seq.dtype)
     return seq[rows[:, None], t0[:, None] + 1 + torch.arange(n_steps, device=dev)] > 0
@@ -1335,16 +1335,12 @@ def write_test_report(cfg, scores_, D, best_epoch, cal):
 
 
 def prepare_logs(cfg, start):
-    """Create and lock out_dir. A fresh run starts fresh logs; a resumed one continues them, trimmed back to
-    its checkpoint's epoch."""
+    """Create and lock out_dir (a fresh run's holds no log: data.check_run_folder); a resumed run's logs are
+    continued, trimmed back to its checkpoint's epoch (resuming an older checkpoint re-runs the later epochs)."""
     data.claim_out_dir(cfg["out_dir"])
     os.makedirs(os.path.join(cfg["out_dir"], "plots"), exist_ok=True)
-    for name in ("log.csv", "log_steps.csv"):
-        path = os.path.join(cfg["out_dir"], name)
-        if cfg["resume"]:
-            data.trim_log(path, start)  # resuming an older checkpoint re-runs the later epochs
-        elif os.path.isfile(path):
-            os.remove(path)
+    for name in ("log.csv", "log_steps.csv") if cfg["resume"] else ():
+        data.trim_log(os.path.join(cfg["out_dir"], name), start)
 
 
 def print_epoch(cfg, epoch, tr, va, base):

@@ -576,11 +576,9 @@ def run_unit(unit, folds, budgets, d, prep, t, enc, cfg, amp, log):
 
 def load_resume(cfg, log_path, data_hash):
     """The checkpoint of an interrupted comparison with these settings and data (data_hash: data.fingerprint of the
-    labelled file's arrays); None for a fresh run, whose log starts anew. The log is trimmed back to the rows the
-    checkpoint accounts for, so no epoch is logged twice."""
+    labelled file's arrays); None for a fresh run (its folder holds no log: data.check_run_folder). The log is
+    trimmed back to the rows the checkpoint accounts for, so no epoch is logged twice."""
     if not cfg["resume"]:
-        if os.path.isfile(log_path):
-            os.remove(log_path)
         return None
     ck = data.load_checkpoint(cfg["resume"])
     same = lambda c: {k: v for k, v in c.items() if k not in FREE_ON_RESUME}

@@ -499,14 +499,13 @@ def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen, data_hash):
 
 
 def prepare_outputs(cfg, start_epoch):
-    """Create and lock out_dir; a fresh run starts a fresh log, a resumed one trims it back to its checkpoint."""
+    """Create and lock out_dir (a fresh run's holds no log: data.check_run_folder); a resumed run's log is trimmed
+    back to its checkpoint."""
     data.claim_out_dir(cfg["out_dir"])
     os.makedirs(os.path.join(cfg["out_dir"], "checkpoints"), exist_ok=True)
     log_path = os.path.join(cfg["out_dir"], "log.csv")
     if cfg["resume"]:
         data.trim_log(log_path, start_epoch)  # resuming an older checkpoint re-runs the later epochs
-    elif os.path.exists(log_path):
-        os.remove(log_path)
     return log_path
 
 

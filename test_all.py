@@ -2911,6 +2911,16 @@ def test_rollout_reports_whole_area_jaccard_and_brier_per_lead(fire_files):
     per = by_method["persistence"]
     assert all(r["spread"] == 0 for r in by_method["model"])  # a hard forecast has no spread
     assert per[0]["area_jaccard"] > per[1]["area_jaccard"]  # the fire grows away from persistence
+    # by hand for persistence (forecast = the start, inside the truth): whole-area Jaccard = start area / true
+    # area; Brier = the burned fraction of the unburned cells within 2 + lead cells of the start
+    s, t0 = em.rollout_starts(*D["fire"].shape[:2], 2)
+    start = D["fire"][s, t0] > 0
+    for k in (1, 2):
+        truth = D["fire"][s, t0 + k] > 0
+        assert per[k - 1]["area_jaccard"] == pytest.approx(start.sum().item() / truth.sum().item())
+        near = torch.nn.functional.max_pool2d(start[:, None].float(), 2 * (2 + k) + 1, 1, 2 + k)[:, 0] > 0.5
+        cells = near & ~start
+        assert per[k - 1]["brier"] == pytest.approx(truth[cells].float().mean().item())
     for flags in (["--members", "2"], ["--rollout", "2", "--wind_sigma", "1"]):
         with pytest.raises(data.DataError, match="--members|--wind_sigma"):
             em.check_mode(em.get_config(["--eval_only", "--model", "m", *flags]))
