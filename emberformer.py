@@ -802,7 +802,8 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
     last `history` frames in all), the true static channels and the OBSERVED wind of each frame (a perfect
     wind forecast). A forecast is the probability thresholded at pred_thresh OR the previous frame, so no
     cell un-burns (a 'full' target model could). An ensemble member (gen, a seeded CPU generator) instead burns
-    the cells whose temperature-scaled probability exceeds one uniform draw per fire and step, and sees the wind plus N(0, wind_sigma^2) m/s noise per frame and component.
+    the cells whose temperature-scaled probability exceeds one uniform draw per fire and step, and sees the wind
+    plus N(0, wind_sigma^2) m/s noise per frame and component.
     s, t0 (B,) -> (B, n_steps, H, W) bool."""
     model.eval()
     dev = D["fire"].device
@@ -1111,7 +1112,9 @@ def strip_start(D, n_steps):
 
 def shown_leads(n_steps, most=8):
     """The lead indices (0-based) a strip shows: all of them, or `most` spread evenly, always the last."""
-    return sorted({round(i * (n_steps - 1) / (most - 1)) for i in range(most)}) if n_steps > most else list(range(n_steps))
+    if n_steps <= most:
+        return list(range(n_steps))
+    return sorted({round(i * (n_steps - 1) / (most - 1)) for i in range(most)})
 
 
 @torch.no_grad()
@@ -1404,7 +1407,8 @@ def setup(cfg, rank, world):
 def announce_run(cfg, D, dev, amp, world, model):
     """Print the data, precision, sizes and the val baselines; returns the baselines (they go in every log row)."""
     print(f"data: {D['path']}  fire {tuple(D['fire'].shape)}  static {D['channels']}  train {len(D['train'][0])} / "
-          f"val {len(D['val'][0])} / test {len(D['test'][0])} samples  device {dev}  amp {amp}  target {cfg['target']}" +
+          f"val {len(D['val'][0])} / test {len(D['test'][0])} samples  device {dev}  amp {amp}  "
+          f"target {cfg['target']}" +
           (f"; {world} processes share each batch of {cfg['batch_size']}" if world > 1 else ""))
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in part_params(model).items()))
     base = baselines(cfg, D, *D["val"])
@@ -1452,7 +1456,8 @@ def train(cfg):
         else:
             bad += 1
         row = dict(epoch=epoch, step=step, lr_temporal=group_lr(opt, "temporal"), lr_spatial=group_lr(opt, "spatial"),
-                   **{f"train_{k}": tr[k] for k in METRICS}, **{f"val_{k}": va[k] for k in METRICS}, time_s=round(t2 - t0, 2))
+                   **{f"train_{k}": tr[k] for k in METRICS}, **{f"val_{k}": va[k] for k in METRICS},
+                   time_s=round(t2 - t0, 2))
         with data.fail_together():  # rank 0 writes; if that fails, every process stops, not rank 0 alone
             if rank == 0:
                 write_epoch_outputs(cfg, row, step_rows, model, D, sample, amp, base)

@@ -600,7 +600,8 @@ def pooled(done, folds, m, b, seed=None):
     (seed=None) the mean over its seeds."""
     tests, preds = [], []
     for k, f in enumerate(folds):
-        p = [u["pred"] for u in done if (u["method"], u["budget"], u["fold"]) == (m, b, k) and seed in (None, u["seed"])]
+        p = [u["pred"] for u in done
+             if (u["method"], u["budget"], u["fold"]) == (m, b, k) and seed in (None, u["seed"])]
         if p:
             tests.append(f["test"])
             preds.append(np.mean(p, axis=0))
@@ -709,9 +710,9 @@ def plot_efficiency(rows, names, path):
                 axes[pair].fill_between(n, lo, hi, alpha=0.2)
     axes[1].axhline(0, color="k", lw=0.8)
     ticks = sorted({x["labelled_frames"] for x in rows})  # the budgets themselves: log-axis minor labels collide
-    for ax, what in zip(axes, ("pooled R2 on unseen flights: label efficiency (band: +- 1 std over seeds)",
-                               "R2 difference: pre-trained minus scratch (band: 95%, flights resampled)")):
-        ylabel, title = what.split(": ", 1)
+    for ax, ylabel, title in zip(axes, ("pooled R2 on unseen flights", "R2 difference"),
+                                 ("label efficiency (band: +- 1 std over seeds)",
+                                  "pre-trained minus scratch (band: 95%, flights resampled)")):
         ax.set(xscale="log", xlabel="labelled training frames per fold", ylabel=ylabel, title=title)
         ax.set_xticks(ticks, [str(v) for v in ticks])
         ax.minorticks_off()
