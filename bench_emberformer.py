@@ -53,7 +53,7 @@ batches = [torch.randint(len(all_s), (B,), generator=gen) for _ in range(args.st
 def setup(precision=None):
     """The model and optimizer with emberformer.py's default constants, K from --history; its autocast dtype."""
     torch.manual_seed(0)
-    cfg = em.get_config(["--history", str(K), "--patch_size", str(P)])
+    cfg = em.parse_config(["--history", str(K), "--patch_size", str(P)])
     model = em.EmberFormer(len(fires["channels"]), P, target=cfg["target"]).to(dev)
     return dict(cfg=cfg, model=model, opt=em.make_optimizer(cfg, model), amp=precision if dev.type == "cpu" else amp)
 

@@ -17,6 +17,7 @@ import gc
 import hashlib
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -43,13 +44,14 @@ class DataError(Exception):
 
 
 class NonFiniteLoss(Exception):
-    """Training produced a NaN/Inf loss; the message names the epoch, steps and likely causes (exit code 3)."""
+    """Training produced a NaN/Inf loss; the message names the epoch, steps and likely
+    causes (exit code 3)."""
 
 
 def nonfinite_message(where, first_step, last_step):
     return (f"{where}: non-finite loss at steps {first_step}-{last_step}; likely causes: a learning "
-            "rate too high (--lr), mixed precision (--amp / --cpu_bf16 off to test), or extreme values in the "
-            "data. Checkpoints on disk are those of the last good epoch")
+            "rate too high (--lr), mixed precision (--amp / --cpu_bf16 off to test), or extreme values in "
+            "the data. Checkpoints on disk are those of the last good epoch")
 
 
 class Progress:
@@ -73,8 +75,8 @@ class Progress:
         self.last = now
         rate = samples / max(now - self.start, 1e-9)
         eta = (now - self.start) / step * (self.total - step)
-        line = (f"  {self.label}: step {step}/{self.total} | loss {running_loss():.5f} | {rate:.0f} samples/s | "
-                f"ETA {eta:.0f}s")
+        line = (f"  {self.label}: step {step}/{self.total} | loss {running_loss():.5f} | "
+                f"{rate:.0f} samples/s | ETA {eta:.0f}s")
         self.stream.write(f"\r{line}" if self.tty else f"{line}\n")
         self.stream.flush()
         self.shown = True
@@ -100,41 +102,46 @@ def check_out_dir(out_dir):
     except OSError:
         raise DataError(f"--out_dir {out_dir}: {probe} is not a writable folder") from None
     holder, host = _lock_owner(os.path.join(path, ".lock"))
-    if holder is not None and host not in (None, socket.gethostname()):  # its liveness cannot be seen from here
-        raise DataError(f"--out_dir {out_dir}: in use by process {holder} on host {host} (its lock {path}/.lock); "
-                        "wait for it, choose another --out_dir, or delete the lock if that run has ended")
+    # its liveness cannot be seen from here
+    if holder is not None and host not in (None, socket.gethostname()):
+        raise DataError(f"--out_dir {out_dir}: in use by process {holder} on host {host} "
+                        f"(its lock {path}/.lock); wait for it, choose another --out_dir, or delete the "
+                        "lock if that run has ended")
     if holder is not None and holder != os.getpid() and _alive(holder):
-        raise DataError(f"--out_dir {out_dir}: in use by process {holder} (its lock {path}/.lock); wait for it "
-                        "or choose another --out_dir")
+        raise DataError(f"--out_dir {out_dir}: in use by process {holder} (its lock {path}/.lock); "
+                        "wait for it or choose another --out_dir")
 
 
 def check_run_folder(out_dir, resume):
-    """A training run's folder holds one run, never two merged and never a deleted one. A fresh run refuses a folder
-    holding a previous run's log or checkpoint; --resume continues its own folder's run, or branches a checkpoint
-    into a folder without a run, but refuses another run's folder (that run's log and checkpoints would mix)."""
+    """A training run's folder holds one run, never two merged and never a deleted one. A fresh run
+    refuses a folder holding a previous run's log or checkpoint; --resume continues its own folder's
+    run, or branches a checkpoint into a folder without a run, but refuses another run's folder (that
+    run's log and checkpoints would mix)."""
     found = [n for n in ("log.csv", os.path.join("checkpoints", "latest.pth"))
              if os.path.exists(os.path.join(out_dir, n))]
     home = os.path.dirname(os.path.dirname(os.path.realpath(resume))) if resume else None
     if not found or home == os.path.realpath(out_dir):
         return
     if resume:
-        raise DataError(f"--resume {resume}: --out_dir {out_dir} holds another run ({', '.join(found)}); resume "
-                        f"into the checkpoint's own folder or a new --out_dir")
-    raise DataError(f"--out_dir {out_dir} holds a previous run ({', '.join(found)}): continue it with --resume "
-                    f"{os.path.join(out_dir, 'checkpoints', 'latest.pth')}, or choose another --out_dir (or delete "
-                    "that folder to start over)")
+        raise DataError(f"--resume {resume}: --out_dir {out_dir} holds another run ({', '.join(found)}); "
+                        f"resume into the checkpoint's own folder or a new --out_dir")
+    raise DataError(f"--out_dir {out_dir} holds a previous run ({', '.join(found)}): continue it with "
+                    f"--resume {os.path.join(out_dir, 'checkpoints', 'latest.pth')}, or choose another "
+                    "--out_dir (or delete that folder to start over)")
 
 
 def claim_out_dir(out_dir):
     """Create out_dir and take its lock (.lock holding this process id, removed at exit). A lock left by a
-    process that is no longer running is taken over with a notice. The lock names the host too ("pid host"): on a
-    shared filesystem a live run on another node must not look stale; under torchrun call it on rank 0 only."""
+    process that is no longer running is taken over with a notice. The lock names the host too
+    ("pid host"): on a shared filesystem a live run on another node must not look stale; under torchrun
+    call it on rank 0 only."""
     check_out_dir(out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise DataError(f"--out_dir {out_dir}: cannot create it ({e.strerror})") from None
-    for folder, _, names in os.walk(out_dir):  # temp files of a write a kill interrupted: no live run owns them
+    # temp files of a write a kill interrupted: no live run owns them
+    for folder, _, names in os.walk(out_dir):
         for name in names:
             if name.startswith(".tmp_"):
                 os.remove(os.path.join(folder, name))
@@ -143,28 +150,31 @@ def claim_out_dir(out_dir):
     if holder is not None and holder != os.getpid():
         print(f"note: taking over the stale lock {lock} of process {holder}, which is no longer running")
     with open(lock, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}")  # the host too: on a shared filesystem a pid alone misleads
+        # the host too: on a shared filesystem a pid alone misleads
+        f.write(f"{os.getpid()} {socket.gethostname()}")
     atexit.register(lambda: _lock_owner(lock)[0] == os.getpid() and os.remove(lock))
 
 
 def claim_output_of(folder, marker, source):
-    """Outputs named after an input's file name (eval_<stem>/, cbh_pred_<stem>.h5) belong to that input: `marker`
-    (a text file in `folder`) records its absolute path, and another input with the same file name is refused in
-    one line instead of overwriting the first one's outputs. Claims (creates and locks) `folder`."""
+    """Outputs named after an input's file name (eval_<stem>/, cbh_pred_<stem>.h5) belong to that
+    input: `marker` (a text file in `folder`) records its absolute path, and another input with
+    the same file name is refused in one line instead of overwriting the first one's outputs.
+    Claims (creates and locks) `folder`."""
     source = os.path.realpath(source)
     if os.path.isfile(marker):
         with open(marker) as f:
             before = f.read().strip()
         if before != source:
-            raise DataError(f"{marker}: these outputs belong to {before}; {source} has the same file name: pass "
-                            "another --out_dir (or rename the file)")
+            raise DataError(f"{marker}: these outputs belong to {before}; {source} has the same file name: "
+                            "pass another --out_dir (or rename the file)")
     claim_out_dir(folder)
     with open(marker, "w") as f:
         f.write(source + "\n")
 
 
 def _lock_owner(lock):
-    """(pid, host) a lock names: "pid", or "pid host" under torchrun; None for what is missing or unreadable."""
+    """(pid, host) a lock names: "pid", or "pid host" under torchrun; None for what is
+    missing or unreadable."""
     try:
         with open(lock) as f:
             words = f.read().split()
@@ -196,17 +206,20 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
-def parse_constants(script, description, namespace, argv=None):
+def parse_constants(script, description, namespace, argv=None, only_given=False):
     """argparse built from the constants block of a stage script (between '# --- config ---' and '# --- end
     config ---'): one --flag per constant, its type from the default in `namespace` (the script's globals()),
-    its help from the comment, so `-h` lists every knob. Returns the parsed flags as a dict."""
+    its help from the comment, so `-h` lists every knob. Returns the parsed flags as a dict; only_given: only
+    the flags written on the command line (a default passed explicitly counts)."""
     block = open(script).read().split("# --- config ---\n")[1].split("# --- end config ---")[0]
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = type("Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    p = argparse.ArgumentParser(description=description, formatter_class=fmt)
     for name, _, comment in re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M):
         default = namespace[name]
         kind = (dict(type=str2bool, nargs="?", const=True) if isinstance(default, bool) else
                 dict(type=str if default is None else type(default)))
-        p.add_argument(f"--{name}", default=default, help=comment.replace("%", "%%"), **kind)  # help is %-formatted
+        p.add_argument(f"--{name}", default=argparse.SUPPRESS if only_given else default,
+                       help=comment.replace("%", "%%"), **kind)  # help is %-formatted
     return vars(p.parse_args(argv))
 
 
@@ -252,11 +265,11 @@ def cuda_autocast(device):
 def choose_cpu_dtype(setting, time_step, timer=time.perf_counter, warmup=2, timed=3, rounds=3):
     """CPU precision for cpu_bf16 = on | off | auto -> (torch.bfloat16 or None, a one-line message).
     auto: time_step(dtype) runs one real training step of the stage's model and batch shape. After `warmup`
-    untimed steps in each precision, `rounds` alternating rounds of `timed` steps are timed in fp32 and in bf16
-    autocast, and the precision with the faster best round wins (alternating and taking the best round keeps a
-    busy, shared machine from deciding it). Whether bf16 pays depends on the CPU (AMX, AVX512-BF16 or neither),
-    the model and the batch, so one CPU flag cannot decide it. A CPU where bf16 autocast fails falls back to
-    fp32 with a notice."""
+    untimed steps in each precision, `rounds` alternating rounds of `timed` steps are timed in fp32 and in
+    bf16 autocast, and the precision with the faster best round wins (alternating and taking the best
+    round keeps a busy, shared machine from deciding it). Whether bf16 pays depends on the CPU (AMX,
+    AVX512-BF16 or neither), the model and the batch, so one CPU flag cannot decide it. A CPU where bf16
+    autocast fails falls back to fp32 with a notice."""
     if setting != "auto":
         on = setting == "on"
         return (torch.bfloat16 if on else None), f"cpu_bf16 {setting}: {'bf16' if on else 'fp32'}"
@@ -278,6 +291,37 @@ def choose_cpu_dtype(setting, time_step, timer=time.perf_counter, warmup=2, time
     pick = "bf16" if best["bf16"] < best["fp32"] else "fp32"
     return (torch.bfloat16 if pick == "bf16" else None), (
         f"cpu_bf16 auto: fp32 {1 / best['fp32']:.1f} steps/s, bf16 {1 / best['bf16']:.1f} steps/s -> {pick}")
+
+
+# ----------------------------------------------------------------------------------------------
+# training-loop plumbing: RNG state, non-finite losses
+
+def rng_state(gens):
+    """Every random stream a run draws from (torch, numpy, python, CUDA and the named generators `gens`), for
+    a checkpoint: restored by set_rng_state, a resumed run draws what an uninterrupted one would have."""
+    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                **{name: g.get_state() for name, g in gens.items()})
+
+
+def set_rng_state(state, gens):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in gens.items():
+        g.set_state(state[name])
+
+
+def check_finite(bad, scaler_on, where, first_step, last_step):
+    """Stop (NonFiniteLoss) on non-finite losses among the steps first_step..last_step; bad (window,)
+    bool = which of them had one on this process. A step counts if it had one on any process; with a
+    GradScaler (fp16), which skips single overflowing steps by design, only a window in which every step
+    did. Every process decides alike."""
+    n_bad = int(all_reduce_max(bad.long()).sum())
+    if n_bad == len(bad) or (n_bad > 0 and not scaler_on):
+        raise NonFiniteLoss(nonfinite_message(where, first_step, last_step))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -306,8 +350,9 @@ def keep_first_rows(path, n):
 
 
 def trim_log(path, last_epoch):
-    """Keep the header and the complete rows of epochs <= last_epoch, so a resumed run never lists an epoch twice;
-    a blank or partial line (a kill while appending) is dropped. A log without a complete header is removed."""
+    """Keep the header and the complete rows of epochs <= last_epoch, so a resumed run never lists an
+    epoch twice; a blank or partial line (a kill while appending) is dropped. A log without a complete
+    header is removed."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -326,7 +371,8 @@ def trim_log(path, last_epoch):
 
 
 def append_csv(path, rows):
-    """Append rows (dicts) to a CSV log, with a header for a new file; returns the number of data rows it holds."""
+    """Append rows (dicts) to a CSV log, with a header for a new file; returns the number of
+    data rows it holds."""
     if rows:
         new = not os.path.isfile(path)
         try:
@@ -367,14 +413,15 @@ def _atomic_write(path, write_fn):
 
 
 def _raise_if_disk_full(e, path):
-    """A full disk as one line naming the file (exit 2), not torch's "unexpected pos" traceback: Python reports it
-    as ENOSPC, torch's zip writer as a RuntimeError, which counts when the disk is (nearly) full."""
+    """A full disk as one line naming the file (exit 2), not torch's "unexpected pos" traceback:
+    Python reports it as ENOSPC, torch's zip writer as a RuntimeError, which counts when the disk
+    is (nearly) full."""
     torch_write = isinstance(e, RuntimeError) and any(s in str(e) for s in ("unexpected pos", "write failed",
                                                                            "failed writing"))
     full = isinstance(e, OSError) and e.errno == errno.ENOSPC
     if full or torch_write and shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2 ** 26:
-        raise DataError(f"{path}: cannot write it: no space left on device (the last complete version, if any, "
-                        "is kept); free some space and --resume") from None
+        raise DataError(f"{path}: cannot write it: no space left on device (the last complete version, "
+                        "if any, is kept); free some space and --resume") from None
 
 
 def atomic_torch_save(obj, path):
@@ -394,7 +441,8 @@ def atomic_write_csv(path, rows):
 
 
 def atomic_savefig(fig, path, **kwargs):
-    """fig.savefig(path), atomically; the format comes from path's extension (the temp file's name has none)."""
+    """fig.savefig(path), atomically; the format comes from path's extension (the temp file's
+    name has none)."""
     def write(tmp):
         fig.savefig(tmp, format=os.path.splitext(path)[1][1:] or "png", **kwargs)
     _atomic_write(path, write)
@@ -438,8 +486,8 @@ def ddp_cleanup(together):
     fail_together raised on every rank); they then wait for each other first, because rank 0 is still
     writing outputs when the others finish, and a peer that tears down its gloo connections meanwhile can
     abort rank 0 at exit ("terminate called without an active exception", seen in CI). After an error on
-    one rank only there is nobody to wait for: torchrun stops the rest. So an error that can happen on one rank
-    alone must be raised inside a fail_together block, or this barrier would wait for it forever."""
+    one rank only there is nobody to wait for: torchrun stops the rest. So an error that can happen on one
+    rank alone must be raised inside a fail_together block, or this barrier would wait for it forever."""
     if _distributed():
         gc.collect()  # free DDP wrappers (reference cycles) while the group lives, not at interpreter exit; a
         # mitigation of that abort whose effect was not measured
@@ -476,8 +524,8 @@ def is_rank0():
 
 
 def ddp_device(device):
-    """The device this process trains on. Under torchrun CUDA means GPU LOCAL_RANK, one GPU per process (a node
-    with fewer GPUs than processes is refused), and MPS is refused; otherwise `device` itself."""
+    """The device this process trains on. Under torchrun CUDA means GPU LOCAL_RANK, one GPU per process (a
+    node with fewer GPUs than processes is refused), and MPS is refused; otherwise `device` itself."""
     if not _distributed() or device.type == "cpu":
         return device
     if device.type != "cuda":
@@ -508,7 +556,8 @@ def unwrap(model):
 def rank_slice(n):
     """This process's contiguous part of a global batch of n samples, as a slice. Sizes differ by at most one
     (ranks below n % world take one more). A rank may get an empty slice (the last batch, n < world); it must
-    still run its step, since DDP's gradient all-reduce needs every rank. slice(0, n) without a process group."""
+    still run its step, since DDP's gradient all-reduce needs every rank.
+    slice(0, n) without a process group."""
     rank, world = rank_world()
     size, extra = divmod(n, world)
     start = rank * size + min(rank, extra)
@@ -547,9 +596,9 @@ def any_rank(flag):
 
 
 def broadcast_buffers(model):
-    """Copy rank 0's buffers (BatchNorm running statistics, which each process updates from its own slice) into
-    every process's model, in place, so all of them evaluate the model rank 0 saves. A no-op without a process
-    group."""
+    """Copy rank 0's buffers (BatchNorm running statistics, which each process updates from its own slice)
+    into every process's model, in place, so all of them evaluate the model rank 0 saves. A no-op without
+    a process group."""
     if _distributed():
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
@@ -662,9 +711,9 @@ NO_BASE_FILL = -999.0  # cbh_km at or below this (or NaN) marks "no cloud base s
 
 
 def load_clouds(path, labelled=False, max_samples=0, drop_unlabelled=False):
-    """Read and validate a cloud-profile file. Returns numpy arrays (see module docstring). drop_unlabelled (with
-    labelled): frames whose cbh_km is NaN or a fill value (<= NO_BASE_FILL), as real lidar files mark "no cloud
-    base", are left out with a one-line count instead of refusing the file."""
+    """Read and validate a cloud-profile file. Returns numpy arrays (see module docstring).
+    drop_unlabelled (with labelled): frames whose cbh_km is NaN or a fill value (<= NO_BASE_FILL), as real
+    lidar files mark "no cloud base", are left out with a one-line count instead of refusing the file."""
     with _open_h5(path) as f:
         d_img = _read(f, path, "images", "f", 2)
         d_meta = _read(f, path, "metadata", "f", 2)
@@ -695,13 +744,14 @@ def load_clouds(path, labelled=False, max_samples=0, drop_unlabelled=False):
         if not keep.any():
             raise DataError(f"{path}: dataset 'cbh_km' has no frame with a cloud base")
         if not keep.all():
-            print(f"note: {path}: {int((~keep).sum())} of {len(keep)} frames have no cloud base (cbh_km NaN or "
-                  f"<= {NO_BASE_FILL:g}); left out")
+            print(f"note: {path}: {int((~keep).sum())} of {len(keep)} frames have no cloud base "
+                  f"(cbh_km NaN or <= {NO_BASE_FILL:g}); left out")
             out = {k: v[keep] for k, v in out.items()}
             images, meta = out["images"], out["metadata"]
     sza, saa = meta[:, 2], meta[:, 3]
     if (sza < 0).any() or (sza > 180).any() or (saa < -360).any() or (saa > 360).any():
-        raise DataError(f"{path}: dataset 'metadata' solar angles out of range (sza 0..180, saa -360..360 deg)")
+        raise DataError(f"{path}: dataset 'metadata' solar angles out of range "
+                        "(sza 0..180, saa -360..360 deg)")
     if labelled:
         cbh = out["cbh_km"]
         _check_finite(path, "cbh_km", cbh)
@@ -713,8 +763,8 @@ def load_clouds(path, labelled=False, max_samples=0, drop_unlabelled=False):
     pairs, counts = np.unique(np.stack([out["flight"], out["frame"]], 1), axis=0, return_counts=True)
     if (counts > 1).any():
         fl, fr = pairs[counts > 1][0]
-        raise DataError(f"{path}: dataset 'metadata' lists {int((counts > 1).sum())} (flight_idx, frame_idx) pairs more "
-                        f"than once, e.g. flight {fl} frame {fr}: each frame must appear once")
+        raise DataError(f"{path}: dataset 'metadata' lists {int((counts > 1).sum())} (flight_idx, frame_idx) "
+                        f"pairs more than once, e.g. flight {fl} frame {fr}: each frame must appear once")
     out["sza"], out["saa"] = sza, saa
     return out
 
@@ -749,7 +799,8 @@ def _fractal_field(rng, n_rows, n_cols, beta=3.0, row_stretch=4.0):
 
 
 def _solar_angles(lat_deg, doy, hour):
-    """Solar zenith and azimuth (deg, azimuth clockwise from north) from latitude, day and local solar hour."""
+    """Solar zenith and azimuth (deg, azimuth clockwise from north) from latitude,
+    day and local solar hour."""
     lat = np.radians(lat_deg)
     dec = np.radians(-23.44 * np.cos(2 * np.pi * (doy + 10) / 365))
     ha = np.radians(15.0 * (hour - 12.0))
@@ -930,27 +981,28 @@ MIN_FLIGHT_PROFILES = 20  # profiles of a flight needed to estimate its clear-sk
 
 
 def flat_field(images, where):
-    """The camera's relative cross-track response (W,) from raw profiles (N, W): their mean profile over its own
-    mean. Why: the optics lose a few percent of the signal towards the swath edges, so the same sea reads colder
-    at the edge than at nadir; averaged over many frames a scene is alike at every cross-track position, so what
-    is left in the mean profile is the response. Label-free: any profiles of the camera will do (mae.py uses the
-    pre-training file's and stores it with the encoder). Too few profiles: no flat field, said in one line."""
+    """The camera's relative cross-track response (W,) from raw profiles (N, W): their mean profile over its
+    own mean. Why: the optics lose a few percent of the signal towards the swath edges, so the same sea reads
+    colder at the edge than at nadir; averaged over many frames a scene is alike at every cross-track
+    position, so what is left in the mean profile is the response. Label-free: any profiles of the camera will
+    do (mae.py uses the pre-training file's and stores it with the encoder). Too few profiles: no flat field,
+    said in one line."""
     if len(images) < MIN_FLAT_FIELD:
-        print(f"warning: {where}: {len(images)} profiles are too few for a flat field (need {MIN_FLAT_FIELD}); "
-              "using the profiles as they are")
+        print(f"warning: {where}: {len(images)} profiles are too few for a flat field "
+              f"(need {MIN_FLAT_FIELD}); using the profiles as they are")
         return np.ones(np.shape(images)[1])
     mean_profile = np.asarray(images, np.float64).mean(0)  # (W,)
     return mean_profile / mean_profile.mean()
 
 
 def flight_levels(flat, flight, where):
-    """(N,) the clear-sky (sea-surface) level of each profile's flight: the SURFACE_PERCENTILE-th percentile of the
-    warmest pixel over that flight's flat-fielded profiles flat (N, W). Why: the sea's temperature sets every
-    pixel's absolute level and differs between flights, so with few flights it identifies each flight (a shortcut
-    that does not transfer); relative to it, a cloud's contrast is what the lapse rate turns into height. An
-    overcast profile sees no sea itself; the flight's other profiles do. Uses profiles only, never labels, so it
-    holds at any label budget and for a new flight. A flight with too few profiles falls back to each profile's
-    own warmest pixel, said in one line."""
+    """(N,) the clear-sky (sea-surface) level of each profile's flight: the SURFACE_PERCENTILE-th
+    percentile of the warmest pixel over that flight's flat-fielded profiles flat (N, W). Why: the sea's
+    temperature sets every pixel's absolute level and differs between flights, so with few flights it
+    identifies each flight (a shortcut that does not transfer); relative to it, a cloud's contrast is
+    what the lapse rate turns into height. An overcast profile sees no sea itself; the flight's other
+    profiles do. Uses profiles only, never labels, so it holds at any label budget and for a new flight.
+    A flight with too few profiles falls back to each profile's own warmest pixel, said in one line."""
     warmest = np.asarray(flat, np.float64).max(1)  # (N,)
     level = warmest.copy()
     few = []
@@ -967,15 +1019,17 @@ def flight_levels(flat, flight, where):
 
 
 def relative_profiles(images, flight, gain, where):
-    """Label-free preprocessing every CBH method shares: raw profiles (N, W) divided by the flat field gain (W,),
-    minus their flight's clear-sky level (flight_levels) -> (N, W) float32, 0 = the sea, negative = colder."""
+    """Label-free preprocessing every CBH method shares: raw profiles (N, W) divided by the flat field
+    gain (W,), minus their flight's clear-sky level (flight_levels) -> (N, W) float32, 0 = the sea,
+    negative = colder."""
     flat = np.asarray(images, np.float64) / np.asarray(gain, np.float64)
     return (flat - flight_levels(flat, flight, where)[:, None]).astype(np.float32)
 
 
 def profile_channels(images, mode, flight=None, gain=None, where=""):
     """Raw profiles (N, W) -> model input channels (N, C, W), float32.
-      relative  relative_profiles: flat-fielded, minus the flight's clear-sky level (needs flight (N,), gain (W,))
+      relative  relative_profiles: flat-fielded, minus the flight's clear-sky level (needs flight (N,),
+                gain (W,))
       raw       the signal itself (C=1). Absolute brightness holds cloud-top temperature, but also the
                 flight's sea-surface temperature, which with few flights identifies each flight's CBH regime:
                 a shortcut that does not transfer to a new flight.
@@ -1057,8 +1111,9 @@ def _check_cumulative(path, fire):
     unburn = fire[:, 1:] < fire[:, :-1]  # (S, T-1, H, W): burning at t, not at t+1
     if unburn.any():
         s, t = np.argwhere(unburn.any((2, 3)))[0]
-        raise DataError(f"{path}: dataset 'fire' is not cumulative: sequence {s} has cells burning at frame {t} "
-                        f"and not at frame {t + 1} (masks must be burned area so far, not active fire)")
+        raise DataError(f"{path}: dataset 'fire' is not cumulative: sequence {s} has cells burning at "
+                        f"frame {t} and not at frame {t + 1} (masks must be burned area so far, "
+                        "not active fire)")
 
 
 def load_fire(path, max_sequences=0):
@@ -1078,8 +1133,8 @@ def load_fire(path, max_sequences=0):
         if H == 0 or W == 0:
             raise DataError(f"{path}: dataset 'fire' has an empty grid (H={H}, W={W})")
         if d_static.shape[0] != S or d_static.shape[2:] != (H, W):
-            raise DataError(f"{path}: dataset 'static' has shape {d_static.shape}, expected (S={S}, C, {H}, {W})"
-                            " to match 'fire'")
+            raise DataError(f"{path}: dataset 'static' has shape {d_static.shape}, "
+                            f"expected (S={S}, C, {H}, {W}) to match 'fire'")
         if d_wind.shape != (S, T, 2):
             raise DataError(f"{path}: dataset 'wind' has shape {d_wind.shape}, expected ({S}, {T}, 2)")
         channels = _attr_strings(path, d_static, "channels", "static")

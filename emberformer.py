@@ -17,15 +17,14 @@ Model (hand-written, plain PyTorch):
 Target (--target): 'new' keeps cells burning at t burning (the masks are cumulative) and learns only where
 the fire goes next (BCE + Dice over the cells not yet burning); 'full' predicts the whole next mask.
 Splits are whole fires: train, val (early stopping, best.pth) and test (reported once, at the end).
-Forecasting (--eval_only --model best.pth --data_path other.h5): a trained model is scored on every t -> t+1 pair
-of another file, beside the baselines; with --rollout N it is also fed its own thresholded forecasts for N
-steps (observed wind) and scored per lead time. Outputs go to out_dir/eval_<file stem>/.
+Forecasting (--eval_only --model best.pth --data_path other.h5): a trained model is scored on every t -> t+1
+pair of another file, beside the baselines; with --rollout N it is also fed its own thresholded forecasts for
+N steps (observed wind) and scored per lead time. Outputs go to out_dir/eval_<file stem>/.
 Run `python emberformer.py -h` for every constant; outputs go to outputs/emberformer/.
-Data parallel: `torchrun --standalone --nproc_per_node N emberformer.py ...` (CPU: gloo; CUDA: nccl, one GPU per
-process, SyncBatchNorm). --batch_size stays the global batch; each process trains on its slice of every batch.
+Data parallel: `torchrun --standalone --nproc_per_node N emberformer.py ...` (CPU: gloo; CUDA: nccl,
+one GPU per process, SyncBatchNorm). --batch_size stays the global batch; each process trains on its
+slice of every batch.
 """
-import argparse
-import ast
 import copy
 import csv
 import dataclasses
@@ -34,7 +33,6 @@ import json
 import math
 import os
 import random
-import re
 import sys
 import time
 import warnings
@@ -49,10 +47,10 @@ import data
 import losses
 
 # --- config ---
-data_path = ''  # HDF5 fire file (fire/static/wind); '' = the embedded synthetic dataset (generated on first use)
+data_path = ''  # HDF5 fire file (fire/static/wind); '' = the embedded synthetic dataset
 out_dir = 'outputs/emberformer'  # logs, checkpoints/ and plots/ go here
 epochs = 50  # maximum number of epochs (the cosine schedule spans all of them)
-batch_size = 16  # the GLOBAL batch, split over torchrun's processes; as the seed guide's GPU setup; ~345 steps/epoch
+batch_size = 16  # the GLOBAL batch, split over torchrun's processes (as the seed's GPU setup)
 lr = 0.0  # shared flag: if > 0 it sets BOTH group LRs (overrides lr_temporal and lr_spatial)
 lr_temporal = 1e-3  # peak LR of the temporal part (token embedder + temporal transformer)
 lr_spatial = 1e-4  # peak LR of the spatial part (SegFormer encoder, decode head, refinement)
@@ -63,31 +61,31 @@ grad_clip = 1.0  # max global gradient norm (0 = off)
 device = 'auto'  # auto (cuda > mps > cpu) | cpu | cuda | mps
 seed = 0  # seeds torch, numpy, python and the shuffling generator
 resume = ''  # path to a checkpoint (latest.pth) to continue exactly where that run stopped
-max_samples = 0  # use only the first N training samples (whole fires first, in order); 0 = all; val is kept whole
+max_samples = 0  # use only the first N training samples (whole fires, in order; 0 = all); val stays whole
 num_threads = 0  # torch CPU threads; 0 = torch default
 history = 8  # K: the model sees up to K frames (1..K; early frames of a fire have fewer)
 patch_size = 4  # P: patch side in pixels; the spatial stage runs on the stride-P grid
-val_frac = 0.2  # fraction of SEQUENCES held out for validation (whole fires, never frames of one fire in both)
-test_frac = 0.1  # fraction of SEQUENCES held out for test: never chooses anything; best.pth is scored on it (0 = none)
-target = 'new'  # new: cells burning at t stay burning (no loss), the model predicts the rest; full: the whole mask
+val_frac = 0.2  # fraction of whole fires held out for validation (never frames of one fire in both)
+test_frac = 0.1  # fraction of whole fires held out for test: chooses nothing; best.pth is scored on it
+target = 'new'  # new: cells burning at t stay burning (no loss), the model predicts the rest; full: all
 wind_scale = 10.0  # m/s; wind enters the model divided by this
-monitor = 'val/new_f1'  # early stopping and best.pth: val/new_f1|new_ap|new_iou|f1|iou (max) or val/loss (min)
+monitor = 'val/new_f1'  # early stopping, best.pth: val/new_f1|new_ap|new_iou|f1|iou (max) or val/loss (min)
 early_stop = True  # stop when the monitored metric has not improved for `patience` epochs
 patience = 10  # epochs without improvement before early stopping
 min_delta = 0.001  # an improvement must exceed this to reset the patience counter
-pred_thresh = 0.5  # mask threshold while training; best.pth then keeps the one chosen on val (--eval_only: overrides)
+pred_thresh = 0.5  # mask threshold in training; best.pth keeps the one chosen on val (--eval_only: overrides)
 bce_weight = 0.5  # loss = bce_weight * BCE + dice_weight * Dice
 dice_weight = 0.5  # weight of the soft-Dice term
 pos_weight = 0.0  # BCE weight of burning pixels (0 = unweighted)
-dil_wind = 6.0  # m/s; dilation baseline: calm spreads to all 8 neighbours, dil_wind m/s only within 90 deg of downwind
+dil_wind = 6.0  # m/s; dilation baseline: calm spreads to 8 neighbours, this wind only within 90 deg downwind
 log_every = 20  # write a row to log_steps.csv every this many optimizer steps
 cpu_bf16 = 'auto'  # CPU precision: auto = time fp32 and bf16 autocast steps, take the faster; on | off
-stop_after = 0  # stop after this many epochs of this run (0 = never), schedule still set by --epochs; then --resume
-model = ''  # a trained checkpoint (best.pth) for --eval_only; its model and data settings are used, not these flags
-eval_only = False  # score --model on every t -> t+1 pair of --data_path (no split, no training) -> out_dir/eval_<stem>/
-rollout = 0  # with --eval_only: also feed the model its own forecasts for this many steps, scored per lead (0 = off)
-members = 0  # with --rollout: also an ensemble of this many rollouts, each burning the cells above one random draw
-wind_sigma = 0.0  # m/s; with --members: each member's wind gets N(0, wind_sigma^2) noise per frame and component
+stop_after = 0  # stop after this many epochs of this run (0 = never; the schedule spans --epochs)
+model = ''  # a trained best.pth for --eval_only; its model and data settings are used, not these flags
+eval_only = False  # score --model on every t -> t+1 pair of --data_path (no split) -> out_dir/eval_<stem>/
+rollout = 0  # with --eval_only: feed the model its own forecasts this many steps, scored per lead (0 = off)
+members = 0  # with --rollout: an ensemble of this many rollouts, each burning the cells above a random draw
+wind_sigma = 0.0  # m/s; with --members: each member's wind gets N(0, wind_sigma^2) noise per frame, component
 # --- end config ---
 
 @dataclass(frozen=True)  # frozen: the default instance is shared by every model
@@ -99,34 +97,40 @@ class Arch:
     layers: int = 4
     ffn: int = 384
     dropout: float = 0.1  # temporal transformer: attention and residual dropout
-    mit_dims: tuple = (64, 128, 320, 512)  # SegFormer-B1 (MiT-b1) stage widths, depths, heads, reduction ratios
+    # SegFormer-B1 (MiT-b1) stage widths, depths, heads, reduction ratios
+    mit_dims: tuple = (64, 128, 320, 512)
     mit_depths: tuple = (2, 2, 2, 2)
     mit_heads: tuple = (1, 2, 5, 8)
     mit_sr: tuple = (8, 4, 2, 1)
     mlp_ratio: int = 4
-    drop_path: float = 0.1  # stochastic depth of the last MiT block; rises linearly from 0 over the blocks, as MiT-b1
+    # stochastic depth of the last MiT block; rises linearly from 0 over the blocks, as MiT-b1
+    drop_path: float = 0.1
     decode_dim: int = 256
     refine_dim: int = 32
 
 
-METRICS = ("loss", "bce", "dice", "precision", "recall", "f1", "iou", "accuracy", "new_precision", "new_recall",
-           "new_f1", "new_iou", "new_ap")
+METRICS = ("loss", "bce", "dice", "precision", "recall", "f1", "iou", "accuracy", "new_precision",
+           "new_recall", "new_f1", "new_iou", "new_ap")
 MONITORS = ("val/new_f1", "val/new_ap", "val/new_iou", "val/f1", "val/iou", "val/loss")
 BURNING_LOGIT = 30.0  # --target new: logit of cells burning at t (sigmoid = 1.0 in float32)
-NEAR_CELLS = 2  # calibration is scored on the cells not burning at t within this many cells of the fire (the rest ~0)
+# calibration is scored on the cells not burning at t within this many cells of the fire (the rest ~0)
+NEAR_CELLS = 2
 CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite losses (a sync each time)
 # flags that may change on --resume (they only change where and how the run reports, or when it ends);
 # every other flag must match the checkpoint's, else the resumed run would not continue the same run
-FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "stop_after", "patience", "early_stop", "log_every",
+FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "stop_after", "patience",
+                  "early_stop", "log_every",
                   "cpu_bf16",  # a resumed run keeps the precision its checkpoint stored, whatever this says
-                  "model", "eval_only", "rollout", "members", "wind_sigma")  # --eval_only flags, off in training
-# --model takes these from its checkpoint: the model was built and trained with them, so a different explicit flag is
-# refused. EVAL_SETTINGS also come from the checkpoint, but an explicit flag may change how the forecast is scored
+                  # --eval_only flags, off in training
+                  "model", "eval_only", "rollout", "members", "wind_sigma")
+# --model takes these from its checkpoint: the model was built and trained with them, so a different
+# explicit flag is refused. EVAL_SETTINGS also come from the checkpoint, but an explicit flag may change
+# how the forecast is scored
 MODEL_SETTINGS = ("history", "patch_size", "target", "wind_scale", "bce_weight", "dice_weight", "pos_weight")
 EVAL_SETTINGS = ("pred_thresh", "dil_wind")
 ROLLOUT_METHODS = ("model", "dilation", "persistence")  # rollout.csv rows, in this order
-EVAL_COLUMNS = ("loss", "f1", "iou", "precision", "recall", "accuracy", "new_precision", "new_recall", "new_f1",
-                "new_iou", "new_ap")  # eval.csv's metric columns, after method, pairs and fires
+EVAL_COLUMNS = ("loss", "f1", "iou", "precision", "recall", "accuracy", "new_precision", "new_recall",
+                "new_f1", "new_iou", "new_ap")  # eval.csv's metric columns, after method, pairs and fires
 
 
 def cpu_precision(cfg, model, D, stored):
@@ -163,7 +167,8 @@ def age_encoding(age, dim):
 
 
 def to_patches(x, P):
-    """(B, ..., H, W) with H, W multiples of P -> (B, H/P * W/P, ..., P*P): one row per patch, raster order."""
+    """(B, ..., H, W) with H, W multiples of P -> (B, H/P * W/P, ..., P*P): one row per
+    patch, raster order."""
     *lead, H, W = x.shape
     x = x.reshape(*lead, H // P, P, W // P, P)
     n = len(lead)
@@ -203,14 +208,18 @@ class TemporalBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(D, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, D))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, keep, last=None):  # x (M, K, D); keep (M, 1, 1, K) bool, True = real frame; last (M,)
+    def forward(self, x, keep, last=None):
+        # x (M, K, D); keep (M, 1, 1, K) bool, True = real frame; last (M,)
         M, K, D = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(M, K, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        if last is not None:  # only frame `last` is read after this block: its query alone gives the same output
+        # only frame `last` is read after this block: its query alone gives the same output
+        if last is not None:
             rows = torch.arange(M, device=x.device)
             x, q = x[rows, last][:, None], q[rows, :, last][:, :, None]  # (M, 1, D), (M, heads, 1, D/heads)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.proj(a.transpose(1, 2).flatten(2)))  # (M, 1 or K, D); not reshape(M, -1, D): M may be 0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep,
+                                           dropout_p=self.p if self.training else 0.0)
+        # (M, 1 or K, D); not reshape(M, -1, D): M may be 0
+        x = x + self.drop(self.proj(a.transpose(1, 2).flatten(2)))
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
@@ -220,8 +229,10 @@ class TemporalTransformer(nn.Module):
         self.blocks = nn.ModuleList(TemporalBlock(dim, heads, ffn, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(dim)  # applied by EmberFormer after the static tokens are added
 
-    def forward(self, x, lengths):  # x (M, K, D) right-padded histories -> (M, D) at each one's last real frame
-        keep = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None])[:, None, None]  # (M, 1, 1, K)
+    def forward(self, x, lengths):
+        # x (M, K, D) right-padded histories -> (M, D) at each one's last real frame
+        # (M, 1, 1, K)
+        keep = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None])[:, None, None]
         for blk in self.blocks[:-1]:
             x = blk(x, keep)
         return self.blocks[-1](x, keep, last=lengths - 1)[:, 0]  # position L-1, not K-1
@@ -240,8 +251,8 @@ class OverlapEmbed(nn.Module):
 
     def forward(self, x):  # (B, Cin, H, W) -> (B, H'*W', Cout), H', W'
         if x.device.type == "cpu" and self.conv.stride[0] > 1 and min(x.shape[-2:]) == 1:
-            # torch 2.13's CPU bf16 conv backward returns garbage weight gradients (up to 1e20, a different value
-            # each call) for a stride-2 conv on a map one cell wide; this tiny map costs nothing in fp32
+            # torch 2.13's CPU bf16 conv backward returns garbage weight gradients (up to 1e20, a different
+            # value each call) for a stride-2 conv on a map one cell wide; this tiny map costs nothing in fp32
             with torch.autocast("cpu", enabled=False):
                 x = self.conv(x.float())
         else:
@@ -271,7 +282,8 @@ class EfficientAttention(nn.Module):
             r = self.sr_ratio
             y = F.pad(x.transpose(1, 2).reshape(B, C, H, W), (0, -W % r, 0, -H % r))
             y = self.norm(self.sr(y).flatten(2).transpose(1, 2))  # (B, ceil(H/r)*ceil(W/r), C)
-        k, v = self.kv(y).unflatten(2, (2, h, C // h)).permute(2, 0, 3, 1, 4)  # (B, h, N', C/h) each; B may be 0
+        # (B, h, N', C/h) each; B may be 0
+        k, v = self.kv(y).unflatten(2, (2, h, C // h)).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v)
         return self.proj(a.transpose(1, 2).reshape(B, N, C))
 
@@ -357,7 +369,8 @@ class DecodeHead(nn.Module):
 
     def forward(self, feats):
         size = feats[0].shape[-2:]
-        ups = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False) for p, f in zip(self.proj, feats)]
+        ups = [F.interpolate(p(f), size=size, mode="bilinear", align_corners=False)
+               for p, f in zip(self.proj, feats)]
         return self.cls(self.fuse(torch.cat(ups[::-1], 1)))  # (B, 1, Hp, Wp) coarse logits
 
 
@@ -367,9 +380,10 @@ class Refine(nn.Module):
 
     def __init__(self, cin, D):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(cin, D, 3, 1, 1, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
-                                 nn.Conv2d(D, D, 3, 1, 1, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
-                                 nn.Conv2d(D, 1, 1))
+        self.net = nn.Sequential(
+            nn.Conv2d(cin, D, 3, 1, 1, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
+            nn.Conv2d(D, D, 3, 1, 1, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
+            nn.Conv2d(D, 1, 1))
 
     def forward(self, coarse, last, static, wind):  # coarse/last (B,1,H,W), static (B,C,H,W), wind (B,2)
         w = wind[:, :, None, None].expand(-1, -1, *last.shape[-2:])
@@ -412,11 +426,11 @@ class EmberFormer(nn.Module):
         self.encoder.apply(init_conv_fan_out)  # decode head and refinement keep PyTorch's default conv init
 
     def temporal_features(self, hist, wind, lengths):
-        """hist (B, K, H, W) right-padded, H, W multiples of P -> (B, N, D) temporal output at each patch's last
-        real frame (before the static tokens and the norm). Only patches with fire somewhere in their history
-        run the transformer, plus ONE all-zero history per sample standing for all its never-burned patches:
-        their tokens are identical (no static in the token), so this is the same function at a fraction of
-        the cost (~89% of the default data's (sample, patch) histories never burned)."""
+        """hist (B, K, H, W) right-padded, H, W multiples of P -> (B, N, D) temporal output at each patch's
+        last real frame (before the static tokens and the norm). Only patches with fire somewhere in their
+        history run the transformer, plus ONE all-zero history per sample standing for all its never-burned
+        patches: their tokens are identical (no static in the token), so this is the same function at a
+        fraction of the cost (~89% of the default data's (sample, patch) histories never burned)."""
         B = hist.shape[0]
         patches = to_patches(hist, self.patch)  # (B, N, K, P*P)
         frame = self.embed.frame_tokens(wind, lengths)  # (B, K, D)
@@ -428,7 +442,8 @@ class EmberFormer(nn.Module):
         return feat.index_put((b, n), out[B:])  # ...then the ones that burned
 
     def forward(self, hist, wind, lengths, static):
-        """hist (B,K,H,W) 0/1 right-padded, wind (B,K,2) m/s, lengths (B,), static (B,C,H,W) raw -> logits (B,H,W)."""
+        """hist (B,K,H,W) 0/1 right-padded, wind (B,K,2) m/s, lengths (B,), static (B,C,H,W)
+        raw -> logits (B,H,W)."""
         B, K, H, W = hist.shape
         P = self.patch
         static = (static - self.static_mean[:, None, None]) / self.static_std[:, None, None]
@@ -437,13 +452,16 @@ class EmberFormer(nn.Module):
         feat = self.temporal_features(F.pad(hist, pad), wind, lengths)  # (B, N, D)
         feat = self.temporal.norm(feat + self.embed.static_tokens(F.pad(static, pad)))  # (B, N, D)
         Hp, Wp = (H + pad[3]) // P, (W + pad[1]) // P
-        feat = feat.transpose(1, 2).unflatten(2, (Hp, Wp))  # (B, D, Hp, Wp); explicit sizes: an empty slice has B = 0
+        # (B, D, Hp, Wp); explicit sizes: an empty slice has B = 0
+        feat = feat.transpose(1, 2).unflatten(2, (Hp, Wp))
         coarse = self.decode(self.encoder(feat))  # (B, 1, Hp, Wp)
-        coarse = F.interpolate(coarse, size=(Hp * P, Wp * P), mode="bilinear", align_corners=False)[..., :H, :W]
+        coarse = F.interpolate(coarse, size=(Hp * P, Wp * P), mode="bilinear",
+                               align_corners=False)[..., :H, :W]
         idx = torch.arange(B, device=hist.device)
         last = hist[idx, lengths - 1][:, None]  # (B, 1, H, W): the current frame t
         logits = self.refine(coarse, last, static, wind[idx, lengths - 1])[:, 0]  # (B, H, W)
-        if self.target == "new":  # cumulative masks: burning at t is burning at t+1, whatever the network says
+        # cumulative masks: burning at t is burning at t+1, whatever the network says
+        if self.target == "new":
             logits = logits.masked_fill(last[:, 0] > 0.5, BURNING_LOGIT)
         return logits
 
@@ -465,8 +483,9 @@ def check_groups(model, groups):
     ids = [id(p) for g in groups for p in g["params"]]
     want = {id(p) for p in model.parameters() if p.requires_grad}
     if len(ids) != len(set(ids)) or set(ids) != want:
-        raise RuntimeError(f"optimizer groups hold {len(set(ids) & want)} of {len(want)} trainable parameters, "
-                           f"{len(ids) - len(set(ids))} twice and {len(set(ids) - want)} foreign ones")
+        raise RuntimeError(f"optimizer groups hold {len(set(ids) & want)} of {len(want)} trainable "
+                           f"parameters, {len(ids) - len(set(ids))} twice and "
+                           f"{len(set(ids) - want)} foreign ones")
 
 
 def make_optimizer(cfg, model):
@@ -492,8 +511,8 @@ def group_lr(opt, name):
 
 
 def get_lr(step, total, warmup, peak, min_lr):
-    """LR multiplier (peak 1) at global step `step` of `total`: linear warmup over `warmup` steps, then half-cosine
-    down to min_lr (--min_lr_frac); each group's LR is its base LR times this."""
+    """LR multiplier (peak 1) at global step `step` of `total`: linear warmup over `warmup` steps, then
+    half-cosine down to min_lr (--min_lr_frac); each group's LR is its base LR times this."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -581,7 +600,8 @@ def fire_tensors(d, dev, path):
 
 
 def fire_hashes(fire):
-    """fire (S,T,H,W) uint8 -> one sha1 per sequence: lets --eval_only recognise training fires in any file."""
+    """fire (S,T,H,W) uint8 -> one sha1 per sequence: lets --eval_only recognise training
+    fires in any file."""
     return [hashlib.sha1(np.ascontiguousarray(seq).tobytes()).hexdigest() for seq in fire]
 
 
@@ -597,8 +617,10 @@ def load_data(cfg, dev):
     mean, std = st.mean((0, 2, 3)).float(), st.std((0, 2, 3)).float().clamp(min=1e-6)
     return dict(fire_tensors(d, dev, path), train=(train_s, train_t), val=data.fire_sample_index(val_seq, T),
                 test=data.fire_sample_index(test_seq, T), mean=mean, std=std,
-                train_fire_hashes=fire_hashes(d["fire"][np.unique(train_s.numpy())]),  # the fires it learns from
-                data_hash=data.fingerprint(d["fire"], d["static"], d["wind"]))  # --resume checks the file's content
+                # the fires it learns from
+                train_fire_hashes=fire_hashes(d["fire"][np.unique(train_s.numpy())]),
+                # --resume checks the file's content
+                data_hash=data.fingerprint(d["fire"], d["static"], d["wind"]))
 
 
 def model_logits(model, hist, wind, lengths, static, amp):
@@ -608,17 +630,17 @@ def model_logits(model, hist, wind, lengths, static, amp):
 
 
 def load_eval_data(cfg, dev, ckpt):
-    """--eval_only: every t -> t+1 pair of every sequence of --data_path (no split) as split 'eval'. The static
-    channels must be the checkpoint's, in its order: the model reads them by position."""
+    """--eval_only: every t -> t+1 pair of every sequence of --data_path (no split) as split 'eval'. The
+    static channels must be the checkpoint's, in its order: the model reads them by position."""
     path = cfg["data_path"] or data.default_fire_path()
     d = data.load_fire(path)
     if d["channels"] != list(ckpt["channels"]):
-        raise data.DataError(f"{path}: dataset 'static' has channels {d['channels']}, but --model {cfg['model']} was "
-                             f"trained on {list(ckpt['channels'])}")
+        raise data.DataError(f"{path}: dataset 'static' has channels {d['channels']}, but --model "
+                             f"{cfg['model']} was trained on {list(ckpt['channels'])}")
     S, T = d["fire"].shape[:2]
     if cfg["rollout"] > T - 1:
-        raise data.DataError(f"{path}: dataset 'fire' has T={T} frames; --rollout {cfg['rollout']} needs at least "
-                             f"{cfg['rollout'] + 1}")
+        raise data.DataError(f"{path}: dataset 'fire' has T={T} frames; --rollout {cfg['rollout']} needs "
+                             f"at least {cfg['rollout'] + 1}")
     warning = seen_in_training(cfg, path, d["fire"], ckpt)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -626,46 +648,54 @@ def load_eval_data(cfg, dev, ckpt):
 
 
 def seen_in_training(cfg, path, fire, ckpt):
-    """A warning if --data_path is the checkpoint's training file, or holds fires it trained on (the same masks,
-    by hash; checkpoints made before the hashes were stored compare the file only), else ''."""
+    """A warning if --data_path is the checkpoint's training file, or holds fires it trained on (the same
+    masks, by hash; checkpoints made before the hashes were stored compare the file only), else ''."""
     trained_on = ckpt.get("data_file") or ckpt["config"]["data_path"] or os.path.join(
         data.DATA_DIR, f"fires_v{data.FIRE_VERSION}.h5")  # '' = the default file (not generated here)
     seen = set(ckpt.get("train_fire_hashes", ()))
     n_seen = sum(h in seen for h in fire_hashes(fire)) if seen else 0
     if os.path.realpath(path) == os.path.realpath(trained_on):
-        what = (f"is the file --model {cfg['model']} was trained on: its training fires were seen in training and its "
-                "val fires chose the checkpoint")
+        what = (f"is the file --model {cfg['model']} was trained on: its training fires were seen in "
+                "training and its val fires chose the checkpoint")
     elif n_seen:
-        what = f"holds {n_seen} of {len(fire)} fires --model {cfg['model']} was trained on: those were seen in training"
+        what = (f"holds {n_seen} of {len(fire)} fires --model {cfg['model']} was trained on: "
+                "those were seen in training")
     else:
         return ""
-    return f"{path} {what}, so these scores do not measure new fires (that run's test split: its test_metrics.json)"
+    return (f"{path} {what}, so these scores do not measure new fires "
+            "(that run's test split: its test_metrics.json)")
 
 
 def kept_pixels(cfg, current):
-    """Number of pixels the loss is taken over (a 0-d tensor), current (B, H, W) bool = burning at t: the cells
-    not burning yet with --target new, all of them with 'full'."""
-    return (~current).sum() if cfg["target"] == "new" else torch.full((), current.numel(), device=current.device)
+    """Number of pixels the loss is taken over (a 0-d tensor), current (B, H, W) bool = burning at t:
+    the cells not burning yet with --target new, all of them with 'full'."""
+    return ((~current).sum() if cfg["target"] == "new"
+            else torch.full((), current.numel(), device=current.device))
 
 
 def forward_batch(cfg, model, D, s, t, amp):
-    """s, t (B,): a global batch, of which this process takes its data.rank_slice (all of it in one process) ->
-    loss: this slice's share of the batch's --target objective (the shares of all processes add up to it; in one
-    process it is the objective itself), [loss, bce, dice] shares * B, confusion counts (2, 4) and new-burn PR
-    histogram (2, bins) of the slice, its logits (b, H, W). No collective: the batch's kept pixels are counted
-    from the resident data, so every process gets them alone."""
+    """s, t (B,): a global batch, of which this process takes its data.rank_slice (all of it in one
+    process) -> loss: this slice's share of the batch's --target objective (the shares of all processes
+    add up to it; in one process it is the objective itself), [loss, bce, dice] shares * B, confusion
+    counts (2, 4) and new-burn PR histogram (2, bins) of the slice, its logits (b, H, W). No collective:
+    the batch's kept pixels are counted from the resident data, so every process gets them alone."""
     mine = data.rank_slice(len(s))
     hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s[mine], t[mine], cfg["history"])
     logits = model_logits(model, hist, wind, lengths, D["static"][s[mine].to(hist.device)], amp)
-    current = hist[torch.arange(len(lengths), device=hist.device), lengths - 1] > 0.5  # (b, H, W) burning at t
+    # (b, H, W) burning at t
+    current = hist[torch.arange(len(lengths), device=hist.device), lengths - 1] > 0.5
+    # means over this slice
     _, bce, dice = losses.bce_dice_loss(logits, nxt, cfg["bce_weight"], cfg["dice_weight"],
                                         cfg["pos_weight"] if cfg["pos_weight"] > 0 else None,
-                                        mask=~current if cfg["target"] == "new" else None)  # means over this slice
-    # BCE is a mean over the batch's kept pixels and Dice a mean over its samples: weighting each by this slice's
-    # part of that count gives its share of the global batch's loss (x 1.0 in one process: the numbers are unchanged)
-    batch_current = D["fire"][s.to(hist.device), t.to(hist.device)] > 0  # (B, H, W) frame t of the global batch
+                                        mask=~current if cfg["target"] == "new" else None)
+    # BCE is a mean over the batch's kept pixels and Dice a mean over its samples: weighting each by
+    # this slice's part of that count gives its share of the global batch's loss (x 1.0 in one process:
+    # the numbers are unchanged)
+    # (B, H, W) frame t of the global batch
+    batch_current = D["fire"][s.to(hist.device), t.to(hist.device)] > 0
     bce = bce * (kept_pixels(cfg, current) / kept_pixels(cfg, batch_current).clamp(min=1))
-    dice = dice * (len(nxt) / len(s)) if len(nxt) else torch.zeros_like(bce)  # an empty slice: its mean is 0/0
+    # an empty slice: its mean is 0/0
+    dice = dice * (len(nxt) / len(s)) if len(nxt) else torch.zeros_like(bce)
     loss = cfg["bce_weight"] * bce + cfg["dice_weight"] * dice
     counts = batch_counts(torch.sigmoid(logits) > cfg["pred_thresh"], nxt, current)
     pr = losses.pr_histogram(logits, nxt, ~current)  # new-burn cells only
@@ -674,27 +704,31 @@ def forward_batch(cfg, model, D, s, t, amp):
 
 def train_epoch(cfg, model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch):
     """One pass over the training samples. Under torchrun (model wrapped in DDP) every process draws the same
-    global batches from its identically seeded `gen` and trains on its slice of each (forward_batch), so the batch
-    order does not depend on the number of processes; the metrics are summed over processes at the end.
-    Non-finite losses are recorded on the device and looked at (over all processes) every CHECK_EVERY steps and
-    at the end (no sync per step): the run stops (data.NonFiniteLoss) before anything of this epoch is saved;
-    with a GradScaler (fp16) only a window in which every step overflowed does."""
+    global batches from its identically seeded `gen` and trains on its slice of each (forward_batch), so the
+    batch order does not depend on the number of processes; the metrics are summed over processes at the
+    end. Non-finite losses are recorded on the device and looked at (over all processes) every CHECK_EVERY
+    steps and at the end (no sync per step): the run stops (data.NonFiniteLoss) before anything of this
+    epoch is saved; with a GradScaler (fp16) only a window in which every step overflowed does."""
     model.train()
     world = data.rank_world()[1]
     s_all, t_all = D["train"]
     sums, counts, prs = 0, 0, 0
-    bad = torch.zeros(CHECK_EVERY, dtype=torch.bool, device=D["fire"].device)  # [k]: k-th step since the last check
+    # [k]: k-th step since the last check
+    bad = torch.zeros(CHECK_EVERY, dtype=torch.bool, device=D["fire"].device)
     checked, seen, seen_mine = step, 0, 0  # seen: samples of the global batches; seen_mine: this process's
     batches = data.batch_indices(len(s_all), cfg["batch_size"], shuffle=True, generator=gen)
     progress = data.Progress(len(batches), f"epoch {epoch}")
     for i, idx in enumerate(batches):
-        mult = get_lr(step, total_steps, max(1, int(cfg["warmup_frac"] * total_steps)), 1.0, cfg["min_lr_frac"])
+        mult = get_lr(step, total_steps, max(1, int(cfg["warmup_frac"] * total_steps)), 1.0,
+                      cfg["min_lr_frac"])
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
-        loss, s3, c, pr, logits = forward_batch(cfg, model, D, s_all[idx], t_all[idx], amp)  # this process's share
+        # this process's share
+        loss, s3, c, pr, logits = forward_batch(cfg, model, D, s_all[idx], t_all[idx], amp)
         opt.zero_grad(set_to_none=True)
-        # DDP averages the gradients over the processes; the shares add up to the batch's loss, so x world makes
-        # the result the global batch's gradient, whatever the slice sizes (an empty slice still joins with 0)
+        # DDP averages the gradients over the processes; the shares add up to the batch's loss,
+        # so x world makes the result the global batch's gradient, whatever the slice sizes (an
+        # empty slice still joins with 0)
         scaler.scale(loss * world).backward()
         scaler.unscale_(opt)
         if cfg["grad_clip"] > 0:
@@ -706,35 +740,30 @@ def train_epoch(cfg, model, opt, scaler, D, gen, step, total_steps, amp, step_ro
         bad[step - checked - 1] = ~finite
         sums, counts, prs = sums + torch.where(finite, s3, 0.0), counts + c, prs + pr
         if step % CHECK_EVERY == 0:
-            check_finite(bad[:step - checked], scaler.is_enabled(), epoch, checked + 1, step)
+            data.check_finite(bad[:step - checked], scaler.is_enabled(), f"emberformer.py, epoch {epoch}",
+                          checked + 1, step)
             bad.zero_()
             checked = step
-        # live: this process's running loss (the shares of its slices), exact in one process; the epoch line is global
+        # live: this process's running loss (the shares of its slices), exact in one process;
+        # the epoch line is global
         progress.update(i + 1, seen, lambda: (sums[0] / max(seen_mine, 1)).item())
-        if step % cfg["log_every"] == 0:  # the same steps on every process: the batch's loss, summed over the processes
+        # the same steps on every process: the batch's loss, summed over the processes
+        if step % cfg["log_every"] == 0:
             s3 = (data.all_reduce_sum(s3) / len(idx)).tolist()
             step_rows.append(dict(step=step, epoch=epoch, lr_temporal=group_lr(opt, "temporal"),
                                   lr_spatial=group_lr(opt, "spatial"), loss=s3[0], bce=s3[1], dice=s3[2]))
     progress.close()
     if step > checked:
-        check_finite(bad[:step - checked], scaler.is_enabled(), epoch, checked + 1, step)
+        data.check_finite(bad[:step - checked], scaler.is_enabled(), f"emberformer.py, epoch {epoch}",
+                          checked + 1, step)
     sums, counts, prs = (data.all_reduce_sum(x) for x in (sums, counts, prs))  # every sample counted once
     return summarize(sums, counts, prs, len(s_all)), step
 
 
-def check_finite(bad, scaler_on, epoch, first_step, last_step):
-    """Stop on non-finite losses among the steps first_step..last_step, bad (window,) bool = which of them had one
-    on this process. A step counts if it had one on any process (with a GradScaler: only if all steps did), so
-    every process takes the same decision."""
-    n_bad = int(data.all_reduce_max(bad.long()).sum())
-    if n_bad == len(bad) or (n_bad > 0 and not scaler_on):
-        raise data.NonFiniteLoss(data.nonfinite_message(f"emberformer.py, epoch {epoch}", first_step, last_step))
-
-
 @torch.no_grad()
 def evaluate(cfg, model, D, amp, split="val"):
-    """Every metric over the split. Under torchrun each process scores its slice of every batch and the sums are
-    added over the processes, so every sample counts once (call it on every process)."""
+    """Every metric over the split. Under torchrun each process scores its slice of every batch and the sums
+    are added over the processes, so every sample counts once (call it on every process)."""
     model.eval()
     s_all, t_all = D[split]
     sums, counts, prs = 0, 0, 0
@@ -747,10 +776,10 @@ def evaluate(cfg, model, D, amp, split="val"):
 
 @torch.no_grad()
 def calibration_data(cfg, model, D, amp, split):
-    """One process over every sample of the split -> (logits, outcomes) of the cells that can newly burn near the
-    fire (not burning at t, within NEAR_CELLS cells of it: farther cells are ~0 and would flatter any score) and
-    wind dilation's 0/1 forecast of those cells, and the new-burn PR histogram over all cells not burning at t
-    (what the decision threshold is chosen on)."""
+    """One process over every sample of the split -> (logits, outcomes) of the cells that can newly burn near
+    the fire (not burning at t, within NEAR_CELLS cells of it: farther cells are ~0 and would flatter any
+    score) and wind dilation's 0/1 forecast of those cells, and the new-burn PR histogram over all cells not
+    burning at t (what the decision threshold is chosen on)."""
     model.eval()
     s_all, t_all = D[split]
     logits_near, y_near, dilated_near, hist = [], [], [], 0
@@ -761,7 +790,8 @@ def calibration_data(cfg, model, D, amp, split):
         current = past[torch.arange(len(lengths), device=past.device), lengths - 1] > 0.5
         near = F.max_pool2d(current[:, None].float(), 2 * NEAR_CELLS + 1, 1, NEAR_CELLS)[:, 0] > 0.5
         keep = near & ~current
-        dilated = wind_dilation(cfg, current, wind[torch.arange(len(lengths), device=past.device), lengths - 1])
+        dilated = wind_dilation(cfg, current,
+                                wind[torch.arange(len(lengths), device=past.device), lengths - 1])
         logits_near.append(logits[keep].float().cpu())
         y_near.append(nxt[keep].float().cpu())
         dilated_near.append(dilated[keep].float().cpu())
@@ -770,8 +800,9 @@ def calibration_data(cfg, model, D, amp, split):
 
 
 def fit_calibration(cfg, model, D, amp):
-    """After training, on the VALIDATION fires only: one temperature for the probabilities and the decision threshold
-    with the highest new-burn F1 (as a raw-model probability, what --pred_thresh means) -> dict for best.pth."""
+    """After training, on the VALIDATION fires only: one temperature for the probabilities and the
+    decision threshold with the highest new-burn F1 (as a raw-model probability, what --pred_thresh
+    means) -> dict for best.pth."""
     logits, y, _, hist = calibration_data(cfg, model, D, amp, "val")
     temperature = losses.fit_temperature(logits, y) if len(y) else 1.0
     cut, f1 = losses.best_f1_threshold(hist)
@@ -780,8 +811,8 @@ def fit_calibration(cfg, model, D, amp):
 
 
 def calibration_report(cfg, model, D, amp, split, temperature):
-    """Brier score (with its climatological skill) and ECE on the split's cells near the fire, of the raw and the
-    temperature-scaled probabilities, and of wind dilation's 0/1 forecast on the same cells."""
+    """Brier score (with its climatological skill) and ECE on the split's cells near the fire, of the raw and
+    the temperature-scaled probabilities, and of wind dilation's 0/1 forecast on the same cells."""
     logits, y, dilated, _ = calibration_data(cfg, model, D, amp, split)
     return dict(raw=losses.calibration(torch.sigmoid(logits), y),
                 calibrated=losses.calibration(torch.sigmoid(logits / temperature), y),
@@ -792,7 +823,8 @@ def calibration_report(cfg, model, D, amp, split, temperature):
 # rollout: the model fed its own forecasts, as an operational forecast would be
 
 def rollout_starts(n_seq, n_frames, n_steps):
-    """Every (sequence, t0) with n_steps true frames after t0, in the order of the one-step pairs -> s, t0 (M,)."""
+    """Every (sequence, t0) with n_steps true frames after t0, in the order of the one-step
+    pairs -> s, t0 (M,)."""
     return data.fire_sample_index(np.arange(n_seq), n_frames - n_steps + 1)  # t0 = 0 .. T-1-n_steps
 
 
@@ -801,15 +833,16 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
     """Forecast frames t0+1 .. t0+n_steps. Step k sees the true frames up to t0, then its own forecasts (the
     last `history` frames in all), the true static channels and the OBSERVED wind of each frame (a perfect
     wind forecast). A forecast is the probability thresholded at pred_thresh OR the previous frame, so no
-    cell un-burns (a 'full' target model could). An ensemble member (gen, a seeded CPU generator) instead burns
-    the cells whose temperature-scaled probability exceeds one uniform draw per fire and step, and sees the wind
-    plus N(0, wind_sigma^2) m/s noise per frame and component.
+    cell un-burns (a 'full' target model could). An ensemble member (gen, a seeded CPU generator)
+    instead burns the cells whose temperature-scaled probability exceeds one uniform draw per
+    fire and step, and sees the wind plus N(0, wind_sigma^2) m/s noise per frame and component.
     s, t0 (B,) -> (B, n_steps, H, W) bool."""
     model.eval()
     dev = D["fire"].device
     s, t0 = s.to(dev), t0.to(dev)
     rows = torch.arange(len(s), device=dev)
-    seq = D["fire"][s]  # (B, T, H, W), a copy: the true fire, its frames after t0 overwritten as forecasts come
+    # (B, T, H, W), a copy: the true fire, its frames after t0 overwritten as forecasts come
+    seq = D["fire"][s]
     wind, static = D["wind"][s], D["static"][s]  # (B, T, 2), (B, C, H, W)
     if wind_sigma > 0:
         wind = wind + (wind_sigma * torch.randn(wind.shape, generator=gen)).to(dev)
@@ -818,20 +851,20 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
         prob = torch.sigmoid(model_logits(model, hist, w, lengths, static, amp))  # (B, H, W)
         if gen is not None:  # a member draws from the calibrated probability (the run's temperature, if any)
             prob = torch.sigmoid(torch.logit(prob, eps=1e-7) / cfg.get("temperature", 1.0))
-        # a member draws ONE uniform per fire and step and burns the cells whose probability exceeds it: each cell
-        # still burns with its probability, but a member stays one coherent front (independent draws per cell
-        # would light far cells of small probability all over a large grid)
+        # a member draws ONE uniform per fire and step and burns the cells whose probability exceeds it:
+        # each cell still burns with its probability, but a member stays one coherent front (independent
+        # draws per cell would light far cells of small probability all over a large grid)
         draw = cfg["pred_thresh"] if gen is None else torch.rand(len(s), 1, 1, generator=gen).to(dev)
         seq[rows, t0 + k + 1] = ((prob > draw) | (seq[rows, t0 + k] > 0)).to(seq.dtype)
     return seq[rows[:, None], t0[:, None] + 1 + torch.arange(n_steps, device=dev)] > 0
 
 
 def ensemble_rollout(cfg, model, D, s, t0, n_steps, amp):
-    """--members M rollouts, member m seeded from (seed, m, the batch's first start) so every batch and member is
-    reproducible -> (B, n_steps, H, W) float: the fraction of members in which each cell burns."""
+    """--members M rollouts, member m seeded from (seed, m, the batch's first start) so every batch and member
+    is reproducible -> (B, n_steps, H, W) float: the fraction of members in which each cell burns."""
     runs = [model_rollout(cfg, model, D, s, t0, n_steps, amp, wind_sigma=cfg["wind_sigma"],
-                          gen=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + 7919 * m + int(s[0]) * 31
-                                                            + int(t0[0])))
+                          gen=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + 7919 * m
+                                                            + int(s[0]) * 31 + int(t0[0])))
             for m in range(cfg["members"])]
     return torch.stack(runs).float().mean(0)
 
@@ -848,24 +881,28 @@ def dilation_rollout(cfg, D, s, t0, n_steps):
 
 
 def lead_counts(forecast, truth, start):
-    """forecast, truth (B, N, H, W) bool, start (B, H, W) bool burning at t0 -> (N, 4) [tp, fp, fn, tn] per lead
-    over the cells not burning at t0: the new burn since the forecast began, as the one-step new-burn scores."""
-    return torch.stack([losses.confusion_counts(forecast[:, k], truth[:, k], ~start) for k in range(truth.shape[1])])
+    """forecast, truth (B, N, H, W) bool, start (B, H, W) bool burning at t0 -> (N, 4) [tp, fp, fn, tn]
+    per lead over the cells not burning at t0: the new burn since the forecast began, as the one-step
+    new-burn scores."""
+    return torch.stack([losses.confusion_counts(forecast[:, k], truth[:, k], ~start)
+                        for k in range(truth.shape[1])])
 
 
 def lead_scores(counts, area0, brier=None):
-    """counts (N, 4) summed over all starts, area0 = cells burning at the starts -> one dict per lead: new-burn
-    F1/IoU/precision/recall, the Jaccard index of the WHOLE burned area (the fire-emulator literature's score:
-    forecast and truth both hold the start's area, so it is (area0 + tp) / (area0 + tp + fp + fn)), the
-    burned-area bias (forecast / true area) and the same ratio for the new burn alone; brier (N, 3) [cells, sum of
-    squared error, sum of member variance] adds the Brier score and the ensemble spread."""
+    """counts (N, 4) summed over all starts, area0 = cells burning at the starts -> one dict per lead:
+    new-burn F1/IoU/precision/recall, the Jaccard index of the WHOLE burned area (the fire-emulator
+    literature's score: forecast and truth both hold the start's area, so it is
+    (area0 + tp) / (area0 + tp + fp + fn)), the burned-area bias (forecast / true area) and the same ratio
+    for the new burn alone; brier (N, 3) [cells, sum of squared error, sum of member variance] adds the
+    Brier score and the ensemble spread."""
     rows = []
     for k, (tp, fp, fn, tn) in enumerate(counts.tolist()):
         m = losses.seg_metrics([tp, fp, fn, tn])
         rows.append(dict(lead=k + 1, new_f1=m["f1"], new_iou=m["iou"], new_precision=m["precision"],
                          new_recall=m["recall"], area_jaccard=(area0 + tp) / max(area0 + tp + fp + fn, 1),
                          area_bias=(area0 + tp + fp) / max(area0 + tp + fn, 1),
-                         new_area_bias=(tp + fp) / (tp + fn) if tp + fn else float("nan"), tp=tp, fp=fp, fn=fn))
+                         new_area_bias=(tp + fp) / (tp + fn) if tp + fn else float("nan"),
+                         tp=tp, fp=fp, fn=fn))
         if brier is not None:
             n, sq, var = brier[k].tolist()
             rows[-1].update(brier=sq / max(n, 1), spread=var / max(n, 1))
@@ -874,23 +911,25 @@ def lead_scores(counts, area0, brier=None):
 
 def lead_brier(prob, truth, start):
     """prob, truth (B, N, H, W), start (B, H, W) burning at t0 -> (N, 3) [cells, sum of squared error, sum of
-    p(1-p)] over the cells not burning at t0 within NEAR_CELLS + lead cells of it (the cells a fire can reach by
-    then; the rest are ~0 and would flatter every method alike). p(1-p) is a member mean's variance across members."""
+    p(1-p)] over the cells not burning at t0 within NEAR_CELLS + lead cells of it (the cells a fire can
+    reach by then; the rest are ~0 and would flatter every method alike). p(1-p) is a member mean's variance
+    across members."""
     out = []
     for k in range(truth.shape[1]):
         r = NEAR_CELLS + k + 1
         near = F.max_pool2d(start[:, None].float(), 2 * r + 1, 1, r)[:, 0] > 0.5
         cells = near & ~start
         p, y = prob[:, k].float()[cells], truth[:, k].float()[cells]
-        out.append(torch.stack([cells.sum().double(), ((p - y) ** 2).sum().double(), (p * (1 - p)).sum().double()]))
+        out.append(torch.stack([cells.sum().double(), ((p - y) ** 2).sum().double(),
+                                (p * (1 - p)).sum().double()]))
     return torch.stack(out).cpu()
 
 
 @torch.no_grad()
 def rollout_scores(cfg, model, D, n_steps, amp):
-    """Model, wind-dilation and persistence rollouts from every start with n_steps true frames after it; counts
-    are summed over all starts, then scored -> {method: [one dict per lead]}, number of starts. The batches are
-    those evaluate() makes over the same starts, so lead 1 is the one-step score exactly."""
+    """Model, wind-dilation and persistence rollouts from every start with n_steps true frames after it;
+    counts are summed over all starts, then scored -> {method: [one dict per lead]}, number of starts. The
+    batches are those evaluate() makes over the same starts, so lead 1 is the one-step score exactly."""
     s_all, t_all = rollout_starts(*D["fire"].shape[:2], n_steps)
     methods = ROLLOUT_METHODS + (("ensemble",) if cfg["members"] else ())
     counts, briers, area0 = {m: 0 for m in methods}, {m: 0 for m in methods}, 0
@@ -903,7 +942,8 @@ def rollout_scores(cfg, model, D, n_steps, amp):
                      dilation=dilation_rollout(cfg, D, s, t0, n_steps).float(),
                      persistence=start[:, None].expand_as(truth).float())
         if cfg["members"]:
-            probs["ensemble"] = ensemble_rollout(cfg, model, D, s, t0, n_steps, amp)  # member mean (B, N, H, W)
+            # member mean (B, N, H, W)
+            probs["ensemble"] = ensemble_rollout(cfg, model, D, s, t0, n_steps, amp)
         for m, p in probs.items():  # the ensemble's hard forecast: cells burning in at least half the members
             counts[m] = counts[m] + lead_counts(p >= 0.5, truth, start)
             briers[m] = briers[m] + lead_brier(p, truth, start)
@@ -914,13 +954,14 @@ def rollout_scores(cfg, model, D, n_steps, amp):
 # ----------------------------------------------------------------------------------------------
 # outputs: csv logs, plots, checkpoints
 
+# error maps (black: neither); the strip's legend names them
 ERROR_COLOURS = {"hit": (1.0, 1.0, 1.0), "false alarm": (1.0, 0.2, 0.2), "miss": (0.2, 0.5, 1.0),
-                 "burning at t0": (0.5, 0.5, 0.5)}  # error maps (black: neither); the strip's legend names them
+                 "burning at t0": (0.5, 0.5, 0.5)}
 
 
 def error_image(pred, truth, start):
-    """pred, truth, start (H, W) bool CPU -> (H, W, 3) RGB in ERROR_COLOURS: hit, false alarm, miss, burning at the
-    start frame (and kept); black neither."""
+    """pred, truth, start (H, W) bool CPU -> (H, W, 3) RGB in ERROR_COLOURS: hit, false alarm, miss,
+    burning at the start frame (and kept); black neither."""
     err = torch.zeros(*truth.shape, 3)
     err[pred & truth] = torch.tensor(ERROR_COLOURS["hit"])
     err[pred & ~truth] = torch.tensor(ERROR_COLOURS["false alarm"])
@@ -949,10 +990,11 @@ def plot_preview(cfg, model, D, sample, amp, path):
     model.eval()
     s, t = sample
     hist, wind, lengths, target = data.fire_batch(D["fire"], D["wind"], s, t, cfg["history"])
-    logits = model_logits(model, hist, wind, lengths, D["static"][s.to(hist.device)], amp)  # rank 0 alone: no slice
+    # rank 0 alone: no slice
+    logits = model_logits(model, hist, wind, lengths, D["static"][s.to(hist.device)], amp)
     prob = torch.sigmoid(logits.float()).cpu()
-    fig, axes = plt.subplots(2, 5, figsize=(16, 6.6), gridspec_kw=dict(left=0.01, right=0.99, bottom=0.01, top=0.95,
-                                                                        wspace=0.05, hspace=0.12))
+    fig, axes = plt.subplots(2, 5, figsize=(16, 6.6), gridspec_kw=dict(left=0.01, right=0.99, bottom=0.01,
+                                                                        top=0.95, wspace=0.05, hspace=0.12))
     ch = D["channels"].index("fuel_type") if "fuel_type" in D["channels"] else 0
     for r in range(2):
         L = lengths[r].item()
@@ -961,11 +1003,13 @@ def plot_preview(cfg, model, D, sample, amp, path):
         cur, tgt, pred = h[-1] > 0.5, target[r].cpu() > 0.5, prob[r] > cfg["pred_thresh"]
         err = error_image(pred, tgt, cur)
         u, v = wind[r, L - 1].tolist()
-        panels = [(age, f"burn age over {L} frames (yellow = new), wind {math.hypot(u, v):.1f} m/s", "viridis_r"),
+        panels = [(age, f"burn age over {L} frames (yellow = new), wind {math.hypot(u, v):.1f} m/s",
+                   "viridis_r"),
                   (D["static"][s[r], ch].cpu() if D["channels"] else torch.zeros(tgt.shape),  # C may be 0
                    f"static: {D['channels'][ch]}" if D["channels"] else "no static channels", "terrain"),
                   (tgt.float(), f"target t+1 (seq {s[r].item()}, t={t[r].item()})", "gray"),
-                  (prob[r], "predicted probability", "magma"), (err, "error: white hit, red FP, blue FN", None)]
+                  (prob[r], "predicted probability", "magma"),
+                  (err, "error: white hit, red FP, blue FN", None)]
         for ax, (img, title, cmap) in zip(axes[r], panels):
             ax.imshow(img.numpy(), cmap=cmap, vmin=0 if cmap in ("gray", "magma") else None,
                       vmax=1 if cmap in ("gray", "magma") else None, interpolation="nearest")
@@ -973,7 +1017,8 @@ def plot_preview(cfg, model, D, sample, amp, path):
             ax.axis("off")
         H, W = tgt.shape
         n = max(math.hypot(u, v), 1e-6)
-        axes[r, 0].arrow(W / 2, H / 2, u / n * W / 5, -v / n * H / 5, color="red", width=0.4)  # downwind; row 0 = N
+        # downwind; row 0 = N
+        axes[r, 0].arrow(W / 2, H / 2, u / n * W / 5, -v / n * H / 5, color="red", width=0.4)
     data.atomic_savefig(fig, path, dpi=80)
     plt.close(fig)
 
@@ -1004,15 +1049,16 @@ def plot_curves(log_path, base, path):
 
 def print_calibration(report, where):
     raw, cal, dil = report["raw"], report["calibrated"], report["dilation"]
-    print(f"calibration ({where}; {raw['n_cells']} cells within {report['near_cells']} of the fire, base rate "
-          f"{raw['base_rate']:.3f}): Brier {raw['brier']:.4f} -> {cal['brier']:.4f} with temperature "
-          f"{report['temperature']:.2f} (skill vs climatology {raw['brier_skill']:.3f} -> {cal['brier_skill']:.3f}; "
-          f"dilation's 0/1 forecast {dil['brier']:.4f}), ECE {raw['ece']:.4f} -> {cal['ece']:.4f}")
+    print(f"calibration ({where}; {raw['n_cells']} cells within {report['near_cells']} of the fire, "
+          f"base rate {raw['base_rate']:.3f}): Brier {raw['brier']:.4f} -> {cal['brier']:.4f} with "
+          f"temperature {report['temperature']:.2f} (skill vs climatology {raw['brier_skill']:.3f} -> "
+          f"{cal['brier_skill']:.3f}; dilation's 0/1 forecast {dil['brier']:.4f}), "
+          f"ECE {raw['ece']:.4f} -> {cal['ece']:.4f}")
 
 
 def plot_reliability(report, path, title):
-    """Predicted probability against observed frequency per bin, raw and temperature-scaled, with each bin's cell
-    count: a calibrated forecast lies on the diagonal."""
+    """Predicted probability against observed frequency per bin, raw and temperature-scaled, with each bin's
+    cell count: a calibrated forecast lies on the diagonal."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1025,8 +1071,8 @@ def plot_reliability(report, path, title):
         label = (f"{name}{' (T = %.2f)' % report['temperature'] if name == 'calibrated' else ''}: "
                  f"ECE {r['ece']:.3f}, Brier {r['brier']:.4f}")
         ax.plot([p for p, _, _ in pts], [o for _, o, _ in pts], style, ms=4, label=label)
-        ax2.bar(np.arange(n_bins) + (0.2 if name == "calibrated" else -0.2), [c for c, _, _ in r["bins"]], 0.4,
-                label=name)
+        ax2.bar(np.arange(n_bins) + (0.2 if name == "calibrated" else -0.2), [c for c, _, _ in r["bins"]],
+                0.4, label=name)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability", ylabel="observed frequency",
            title=f"reliability, {title}: cells within {report['near_cells']} of the fire")
     ax.legend(fontsize=7, loc="upper left")
@@ -1039,8 +1085,9 @@ def plot_reliability(report, path, title):
 
 
 def write_eval_csv(path, one_step, n_pairs, n_fires):
-    """One row per method (model, dilation, persistence) on the identical pairs. Baselines have no loss, and their
-    new_ap is precision x recall at their single operating point (a hard mask has no ranking): said in `note`."""
+    """One row per method (model, dilation, persistence) on the identical pairs. Baselines have no loss,
+    and their new_ap is precision x recall at their single operating point (a hard mask has no ranking):
+    said in `note`."""
     rows = [dict(method=m, pairs=n_pairs, fires=n_fires, **{k: scores_.get(k, "") for k in EVAL_COLUMNS},
                  note="" if m == "model" else "new_ap = new_precision x new_recall (hard mask)")
             for m, scores_ in one_step.items()]
@@ -1049,22 +1096,24 @@ def write_eval_csv(path, one_step, n_pairs, n_fires):
 
 def print_one_step(path, one_step, n_pairs, n_fires):
     m, dil, per = one_step["model"], one_step["dilation"], one_step["persistence"]
-    print(f"eval {path} ({n_pairs} pairs, {n_fires} fires): model new_f1 {m['new_f1']:.3f} new_iou {m['new_iou']:.3f} "
-          f"new_ap {m['new_ap']:.3f} f1 {m['f1']:.3f} | wind dilation new_f1 {dil['new_f1']:.3f} new_iou "
-          f"{dil['new_iou']:.3f} new_ap* {dil['new_ap']:.3f} | persistence new_f1 {per['new_f1']:.3f} new_ap* "
-          f"{per['new_ap']:.3f} (* precision x recall)")
+    print(f"eval {path} ({n_pairs} pairs, {n_fires} fires): model new_f1 {m['new_f1']:.3f} "
+          f"new_iou {m['new_iou']:.3f} new_ap {m['new_ap']:.3f} f1 {m['f1']:.3f} | wind dilation "
+          f"new_f1 {dil['new_f1']:.3f} new_iou {dil['new_iou']:.3f} new_ap* {dil['new_ap']:.3f} | "
+          f"persistence new_f1 {per['new_f1']:.3f} new_ap* {per['new_ap']:.3f} (* precision x recall)")
 
 
 def write_rollout_csv(path, by_method, n_starts):
-    """One row per (method, lead), methods in ROLLOUT_METHODS order (then the ensemble); counts pooled over starts."""
+    """One row per (method, lead), methods in ROLLOUT_METHODS order (then the ensemble); counts
+    pooled over starts."""
     rows = [dict(method=m, starts=n_starts, **row) for m in by_method for row in by_method[m]]
     data.atomic_write_csv(path, rows)
 
 
 def print_rollout(by_method, n_starts):
     names = [m for m in ("model", "dilation", "ensemble") if m in by_method]
-    print(f"rollout from {n_starts} starts (observed wind) | lead: per method new-burn F1 since t0 / whole-area "
-          f"Jaccard / area bias / Brier near the fire, for {', '.join(names)}; persistence Jaccard")
+    print(f"rollout from {n_starts} starts (observed wind) | lead: per method new-burn F1 since t0 / "
+          f"whole-area Jaccard / area bias / Brier near the fire, for {', '.join(names)}; "
+          "persistence Jaccard")
     for k, p in enumerate(by_method["persistence"]):
         cells = [f"{r['new_f1']:.3f} / {r['area_jaccard']:.3f} / {r['area_bias']:.2f} / {r['brier']:.4f}"
                  for r in (by_method[m][k] for m in names)]
@@ -1083,7 +1132,8 @@ def plot_rollout(by_method, n_starts, name, path):
     for m, color in zip(by_method, ("C0", "C1", "C2", "C3")):
         lead = [r["lead"] for r in by_method[m]]
         a.plot(lead, [r["new_f1"] for r in by_method[m]], "o-", c=color, ms=3, label=f"{m} new-burn F1")
-        a.plot(lead, [r["area_jaccard"] for r in by_method[m]], "s--", c=color, ms=3, label=f"{m} whole-area Jaccard")
+        a.plot(lead, [r["area_jaccard"] for r in by_method[m]], "s--", c=color, ms=3,
+               label=f"{m} whole-area Jaccard")
         b.plot(lead, [r["area_bias"] for r in by_method[m]], "o-", c=color, ms=3, label=m)
         c.plot(lead, [r["brier"] for r in by_method[m]], "o-", c=color, ms=3, label=m)
     if "ensemble" in by_method:
@@ -1105,7 +1155,8 @@ def strip_start(D, n_steps):
     """The start (s, t0) whose true new burn over n_steps frames is largest: the rollout the strip shows."""
     s, t0 = rollout_starts(*D["fire"].shape[:2], n_steps)
     dev = D["fire"].device
-    grown = (D["fire"][s.to(dev), (t0 + n_steps).to(dev)] > D["fire"][s.to(dev), t0.to(dev)]).flatten(1).sum(1)
+    grown = (D["fire"][s.to(dev), (t0 + n_steps).to(dev)]
+             > D["fire"][s.to(dev), t0.to(dev)]).flatten(1).sum(1)
     i = int(grown.argmax())
     return s[i:i + 1], t0[i:i + 1]
 
@@ -1119,8 +1170,8 @@ def shown_leads(n_steps, most=8):
 
 @torch.no_grad()
 def plot_rollout_prob(cfg, model, D, n_steps, amp, path):
-    """The strip's rollout as the ensemble sees it: per lead, the fraction of --members in which each cell burns,
-    with the true burned area's outline (white) and the start's (cyan)."""
+    """The strip's rollout as the ensemble sees it: per lead, the fraction of --members in which each cell
+    burns, with the true burned area's outline (white) and the start's (cyan)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1136,17 +1187,17 @@ def plot_rollout_prob(cfg, model, D, n_steps, amp, path):
         ax.set_title(f"t0+{k + 1}", fontsize=8)
         ax.axis("off")
     fig.colorbar(im, ax=list(axes[0]), fraction=0.02, label="burn probability (members)")
-    fig.suptitle(f"{cfg['members']}-member ensemble, sequence {s[0].item()} from t0={t0[0].item()}, wind noise "
-                 f"{cfg['wind_sigma']} m/s: white = true burned area, cyan = start", fontsize=9)
+    fig.suptitle(f"{cfg['members']}-member ensemble, sequence {s[0].item()} from t0={t0[0].item()}, "
+                 f"wind noise {cfg['wind_sigma']} m/s: white = true burned area, cyan = start", fontsize=9)
     data.atomic_savefig(fig, path, dpi=80)
     plt.close(fig)
 
 
 @torch.no_grad()
 def plot_rollout_strip(cfg, model, D, n_steps, amp, path):
-    """One rollout, lead by lead: the truth (grey = burning at t0, orange = burned since), then the model's and
-    the wind dilation's forecasts as error maps (white hit, red false alarm, blue miss, grey burning at t0), with a
-    legend of the colours."""
+    """One rollout, lead by lead: the truth (grey = burning at t0, orange = burned since), then the
+    model's and the wind dilation's forecasts as error maps (white hit, red false alarm, blue miss,
+    grey burning at t0), with a legend of the colours."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1178,45 +1229,14 @@ def plot_rollout_strip(cfg, model, D, n_steps, amp, path):
     plt.close(fig)
 
 
-def rng_state(gen):
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                gen=gen.get_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(st, gen):
-    torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
-    random.setstate(st["python"])
-    gen.set_state(st["gen"])
-    if st["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 # ----------------------------------------------------------------------------------------------
 # main
 
-def build_parser(only_given=False):
-    """argparse built from the config block above: one --flag per constant, help = its comment. only_given: no
-    defaults, so parsing returns only the flags written on the command line."""
-    src = open(os.path.abspath(__file__)).read()
-    block = src.split("# --- config ---")[1].split("# --- end config ---")[0]
-    fmt = type("Fmt", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    for name, value, comment in re.findall(r"^(\w+) = (.+?)\s+# (.*)$", block, re.M):
-        default = ast.literal_eval(value)  # the constant as written in this file
-        kind = dict(type=data.str2bool, nargs="?", const=True) if isinstance(default, bool) else dict(
-            type=str if default is None else type(default))
-        p.add_argument(f"--{name}", default=argparse.SUPPRESS if only_given else default, help=comment, **kind)
-    return p
-
-
-def get_config(argv=None):
-    return vars(build_parser().parse_args(argv))
-
-
-def given_flags(argv=None):
-    """The names of the flags written on the command line (a default value passed explicitly counts)."""
-    return set(vars(build_parser(only_given=True).parse_args(argv)))
+def parse_config(argv=None, only_given=False):
+    """argparse built from the constants block above, so `-h` lists every constant with its comment;
+    only_given: just the flags written on the command line (--eval_only lets them override the
+    checkpoint's settings)."""
+    return data.parse_constants(os.path.abspath(__file__), __doc__, globals(), argv, only_given)
 
 
 def check_config(cfg, world=1):
@@ -1234,8 +1254,8 @@ def check_config(cfg, world=1):
         raise data.DataError("--bce_weight + --dice_weight must be > 0")
     check_mode(cfg)
     if cfg["eval_only"] and world > 1:
-        raise data.DataError(f"--eval_only runs in one process: start it with python, not torchrun with {world} "
-                             "processes")
+        raise data.DataError(f"--eval_only runs in one process: start it with python, not torchrun with "
+                             f"{world} processes")
     if cfg["batch_size"] < world:
         raise data.DataError(f"--batch_size {cfg['batch_size']} is the global batch, split over the {world} "
                              f"processes: it must be at least {world}")
@@ -1250,14 +1270,16 @@ def check_mode(cfg):
         raise data.DataError("--wind_sigma perturbs the members of an ensemble: give --members M too")
     if not cfg["eval_only"]:
         if cfg["model"] or cfg["rollout"]:
-            raise data.DataError(f"--{'model' if cfg['model'] else 'rollout'} is for --eval_only (scoring a trained "
-                                 "model: --eval_only --model PATH); to continue a training run use --resume")
+            raise data.DataError(f"--{'model' if cfg['model'] else 'rollout'} is for --eval_only "
+                                 "(scoring a trained model: --eval_only --model PATH); to continue a "
+                                 "training run use --resume")
         return
     if not cfg["model"]:
         raise data.DataError("--eval_only needs --model PATH, a trained checkpoint (e.g. "
                              "outputs/emberformer/checkpoints/best.pth)")
     if cfg["resume"]:
-        raise data.DataError("--resume continues a training run; --eval_only scores --model PATH (drop --resume)")
+        raise data.DataError("--resume continues a training run; --eval_only scores --model PATH "
+                             "(drop --resume)")
 
 
 def build_model(cfg, D, dev):
@@ -1285,30 +1307,33 @@ def maybe_resume(cfg, model, opt, scaler, gen, data_hash):
         raise data.DataError(f"{cfg['resume']}: checkpoint was made with different " + ", ".join(
             f"--{k} ({ckpt['config'].get(k)!r}, now {cfg[k]!r})" for k in diff))
     if ckpt.get("data_hash", data_hash) != data_hash:  # checkpoints from before the hash: not checked
-        raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded fire file'} does not hold the "
-                             "fires this checkpoint trained on (their fingerprint differs); resume with its data")
+        raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded fire file'} does not hold "
+                             "the fires this checkpoint trained on (their fingerprint differs); "
+                             "resume with its data")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise data.DataError(f"{cfg['resume']}: model weights do not fit ({str(e).splitlines()[0]})") from None
+        raise data.DataError(f"{cfg['resume']}: model weights do not fit "
+                             f"({str(e).splitlines()[0]})") from None
     opt.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], gen)
+    data.set_rng_state(ckpt["rng"], dict(gen=gen))
     return ckpt["epoch"], ckpt["best"], ckpt["best_epoch"], ckpt["bad_epochs"], ckpt.get("cpu_autocast")
 
 
 def report_test(cfg, D, dev, amp):
-    """best.pth on the test fires beside the baselines on the identical samples -> test_metrics.json + one line.
-    The test split chose nothing: not the epoch, not the stopping point. Under torchrun rank 0 reads best.pth (the
-    outputs are on its machine) and sends the weights; every process scores its slices."""
+    """best.pth on the test fires beside the baselines on the identical samples -> test_metrics.json + one
+    line. The test split chose nothing: not the epoch, not the stopping point. Under torchrun rank 0 reads
+    best.pth (the outputs are on its machine) and sends the weights; every process scores its slices."""
     with data.fail_together():
         best = os.path.join(cfg["out_dir"], "checkpoints", "best.pth")
         ckpt = data.load_checkpoint(best) if data.is_rank0() else None
     weights, best_epoch = data.broadcast_object((ckpt["model"], ckpt["epoch"]) if ckpt else None)
     model = build_model(cfg, D, dev)
     model.load_state_dict(weights)
-    with data.fail_together():  # temperature and threshold from the val fires, stored in best.pth for --eval_only
+    # temperature and threshold from the val fires, stored in best.pth for --eval_only
+    with data.fail_together():
         if data.is_rank0():
             ckpt["calibration"] = fit_calibration(cfg, model, D, amp)
             data.atomic_torch_save(ckpt, best)
@@ -1323,9 +1348,10 @@ def report_test(cfg, D, dev, amp):
 
 def write_test_report(cfg, scores_, D, best_epoch, cal):
     result = dict(model=scores_, **baselines(cfg, D, *D["test"]), best_epoch=best_epoch,
-                  test_samples=len(D["test"][0]), target=cfg["target"], calibration=cal, note="new_ap of the "
-                  "baselines = precision x recall at their single operating point; the model's = average precision "
-                  "over new-burn cells; the model's hard-mask metrics use the threshold chosen on val")
+                  test_samples=len(D["test"][0]), target=cfg["target"], calibration=cal,
+                  note="new_ap of the baselines = precision x recall at their single operating point; the "
+                       "model's = average precision over new-burn cells; the model's hard-mask metrics use "
+                       "the threshold chosen on val")
     with open(os.path.join(cfg["out_dir"], "test_metrics.json"), "w") as f:
         json.dump(result, f, indent=1)
     m, dil, per = result["model"], result["dilation"], result["persistence"]
@@ -1339,7 +1365,8 @@ def write_test_report(cfg, scores_, D, best_epoch, cal):
 
 def prepare_logs(cfg, start):
     """Create and lock out_dir (a fresh run's holds no log: data.check_run_folder); a resumed run's logs are
-    continued, trimmed back to its checkpoint's epoch (resuming an older checkpoint re-runs the later epochs)."""
+    continued, trimmed back to its checkpoint's epoch (resuming an older checkpoint re-runs
+    the later epochs)."""
     data.claim_out_dir(cfg["out_dir"])
     os.makedirs(os.path.join(cfg["out_dir"], "plots"), exist_ok=True)
     for name in ("log.csv", "log_steps.csv") if cfg["resume"] else ():
@@ -1347,9 +1374,10 @@ def prepare_logs(cfg, start):
 
 
 def print_epoch(cfg, epoch, tr, va, base):
-    print(f"[Epoch {epoch}/{cfg['epochs']}] BCE+Dice | train: loss={tr['loss']:.4f} new_f1={tr['new_f1']:.3f} "
-          f"| val: loss={va['loss']:.4f} f1={va['f1']:.3f} prec={va['precision']:.3f} iou={va['iou']:.3f} "
-          f"new_f1={va['new_f1']:.3f} new_ap={va['new_ap']:.3f} (dilation new_f1 {base['dilation']['new_f1']:.3f})")
+    print(f"[Epoch {epoch}/{cfg['epochs']}] BCE+Dice | train: loss={tr['loss']:.4f} "
+          f"new_f1={tr['new_f1']:.3f} | val: loss={va['loss']:.4f} f1={va['f1']:.3f} "
+          f"prec={va['precision']:.3f} iou={va['iou']:.3f} new_f1={va['new_f1']:.3f} "
+          f"new_ap={va['new_ap']:.3f} (dilation new_f1 {base['dilation']['new_f1']:.3f})")
 
 
 def write_epoch_outputs(cfg, row, step_rows, model, D, sample, amp, base):
@@ -1364,8 +1392,9 @@ def write_epoch_outputs(cfg, row, step_rows, model, D, sample, amp, base):
 def save_checkpoints(cfg, improved, model, opt, scaler, gen, D, amp, dev, base, va, progress):
     """best.pth (on improvement) BEFORE latest.pth: a kill between the two re-runs the epoch on --resume.
     progress: epoch, best, best_epoch, bad_epochs."""
-    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(), rng=rng_state(gen),
-                config=cfg, channels=D["channels"], baselines=base, val_metrics=va, **progress,
+    ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                rng=data.rng_state(dict(gen=gen)), config=cfg, channels=D["channels"], baselines=base,
+                val_metrics=va, **progress,
                 cpu_autocast=("bf16" if amp else "fp32") if dev.type == "cpu" else None,
                 arch=dataclasses.asdict(model.arch), data_file=os.path.abspath(D["path"]),
                 train_fire_hashes=D["train_fire_hashes"], data_hash=D["data_hash"])
@@ -1376,24 +1405,27 @@ def save_checkpoints(cfg, improved, model, opt, scaler, gen, D, amp, dev, base, 
 
 
 def setup(cfg, rank, world):
-    """Flags, device, seeds, data, model, optimizer and --resume, alike on every process; nothing is written ->
-    (dev, amp, D, model, opt, scaler, gen, what maybe_resume returns)."""
+    """Flags, device, seeds, data, model, optimizer and --resume, alike on every process; nothing is
+    written -> (dev, amp, D, model, opt, scaler, gen, what maybe_resume returns)."""
     check_config(cfg, world)
     if rank == 0:
         data.check_out_dir(cfg["out_dir"])  # unwritable, or held by a live run: refused before any work
-        data.check_run_folder(cfg["out_dir"], cfg["resume"])  # one run per folder: never merged, never deleted
+        # one run per folder: never merged, never deleted
+        data.check_run_folder(cfg["out_dir"], cfg["resume"])
     if cfg["num_threads"] > 0:
         torch.set_num_threads(cfg["num_threads"])
     torch.manual_seed(cfg["seed"])
     np.random.seed(cfg["seed"])
     random.seed(cfg["seed"])
-    gen = torch.Generator().manual_seed(cfg["seed"])  # the shuffling order, alike on every process; checkpointed
+    # the shuffling order, alike on every process; checkpointed
+    gen = torch.Generator().manual_seed(cfg["seed"])
     dev = data.ddp_device(data.pick_device(cfg["device"]))  # under torchrun: this process's own GPU
     amp = data.cuda_autocast(dev)[0]
     D = load_data(cfg, dev)  # every process holds the whole data set
     model = build_model(cfg, D, dev)
-    # BatchNorm over the global batch where it can be: SyncBatchNorm runs on GPUs only, so on the CPU each process
-    # normalises by its own slice's statistics (and evaluates with rank 0's running statistics: broadcast_buffers)
+    # BatchNorm over the global batch where it can be: SyncBatchNorm runs on GPUs only, so on the CPU
+    # each process normalises by its own slice's statistics (and evaluates with rank 0's running
+    # statistics: broadcast_buffers)
     if dev.type == "cuda" and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     opt = make_optimizer(cfg, model)
@@ -1405,10 +1437,11 @@ def setup(cfg, rank, world):
 
 
 def announce_run(cfg, D, dev, amp, world, model):
-    """Print the data, precision, sizes and the val baselines; returns the baselines (they go in every log row)."""
-    print(f"data: {D['path']}  fire {tuple(D['fire'].shape)}  static {D['channels']}  train {len(D['train'][0])} / "
-          f"val {len(D['val'][0])} / test {len(D['test'][0])} samples  device {dev}  amp {amp}  "
-          f"target {cfg['target']}" +
+    """Print the data, precision, sizes and the val baselines; returns the baselines (they go in
+    every log row)."""
+    print(f"data: {D['path']}  fire {tuple(D['fire'].shape)}  static {D['channels']}  "
+          f"train {len(D['train'][0])} / val {len(D['val'][0])} / test {len(D['test'][0])} samples  "
+          f"device {dev}  amp {amp}  target {cfg['target']}" +
           (f"; {world} processes share each batch of {cfg['batch_size']}" if world > 1 else ""))
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in part_params(model).items()))
     base = baselines(cfg, D, *D["val"])
@@ -1420,18 +1453,22 @@ def announce_run(cfg, D, dev, amp, world, model):
 
 def train(cfg):
     rank, world = data.rank_world()  # (0, 1) without torchrun
-    with data.fail_together():  # a bad flag, file or checkpoint on any process stops every process; rank 0 says why
-        dev, amp, D, model, opt, scaler, gen, (start, best, best_epoch, bad, stored) = setup(cfg, rank, world)
+    # a bad flag, file or checkpoint on any process stops every process; rank 0 says why
+    with data.fail_together():
+        (dev, amp, D, model, opt, scaler, gen,
+         (start, best, best_epoch, bad_epochs, stored)) = setup(cfg, rank, world)
         if dev.type == "cpu":  # a resumed run keeps the precision it chose, so its losses continue exactly
             amp = cpu_precision(cfg, model, D, stored)
     amp = data.broadcast_object(amp)  # one precision for all: rank 0's timing decides
     with data.fail_together():  # only from here on is anything written, by rank 0 alone
         if rank == 0:
             prepare_logs(cfg, start)
-    # the depthwise convs' weight gradients (C, 1, 3, 3) differ from their weights' strides only along the size-1
-    # dimension (the same memory order); DDP copies them into its buckets and would say so once per process
+    # the depthwise convs' weight gradients (C, 1, 3, 3) differ from their weights' strides only
+    # along the size-1 dimension (the same memory order); DDP copies them into its buckets and would
+    # say so once per process
     warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
-    ddp_model = data.ddp_wrap(model, dev)  # trains; `model` (the same weights) is saved, evaluated and plotted
+    # trains; `model` (the same weights) is saved, evaluated and plotted
+    ddp_model = data.ddp_wrap(model, dev)
     steps_per_epoch = math.ceil(len(D["train"][0]) / cfg["batch_size"])
     total_steps = cfg["epochs"] * steps_per_epoch
     n_train, n_val, n_test = len(D["train"][0]), len(D["val"][0]), len(D["test"][0])
@@ -1448,23 +1485,25 @@ def train(cfg):
         t2 = time.time()
         print(f"  val:   {n_val} samples in {t2 - t1:.1f}s ({n_val / (t2 - t1):.1f} samples/s)")
         print_epoch(cfg, epoch, tr, va, base)
-        value = va[cfg["monitor"].split("/")[1]]  # the same on every process, and so is every decision taken from it
+        # the same on every process, and so is every decision taken from it
+        value = va[cfg["monitor"].split("/")[1]]
         delta = cfg["min_delta"]
         improved = value > best + delta if cfg["monitor"] != "val/loss" else value < best - delta
         if improved:
-            best, best_epoch, bad = value, epoch, 0
+            best, best_epoch, bad_epochs = value, epoch, 0
         else:
-            bad += 1
-        row = dict(epoch=epoch, step=step, lr_temporal=group_lr(opt, "temporal"), lr_spatial=group_lr(opt, "spatial"),
-                   **{f"train_{k}": tr[k] for k in METRICS}, **{f"val_{k}": va[k] for k in METRICS},
-                   time_s=round(t2 - t0, 2))
+            bad_epochs += 1
+        row = dict(epoch=epoch, step=step, lr_temporal=group_lr(opt, "temporal"),
+                   lr_spatial=group_lr(opt, "spatial"), **{f"train_{k}": tr[k] for k in METRICS},
+                   **{f"val_{k}": va[k] for k in METRICS}, time_s=round(t2 - t0, 2))
         with data.fail_together():  # rank 0 writes; if that fails, every process stops, not rank 0 alone
             if rank == 0:
                 write_epoch_outputs(cfg, row, step_rows, model, D, sample, amp, base)
                 # checkpoints last: latest.pth then marks an epoch whose logs and plots are complete
                 save_checkpoints(cfg, improved, model, opt, scaler, gen, D, amp, dev, base, va,
-                                 dict(epoch=epoch, best=best, best_epoch=best_epoch, bad_epochs=bad))
-        if data.any_rank(cfg["early_stop"] and bad >= cfg["patience"]):  # decided alike by every process
+                                 dict(epoch=epoch, best=best, best_epoch=best_epoch, bad_epochs=bad_epochs))
+        # decided alike by every process
+        if data.any_rank(cfg["early_stop"] and bad_epochs >= cfg["patience"]):
             print(f"early stopping at epoch {epoch}: best {cfg['monitor']}={best:.4f} at epoch {best_epoch}")
             break
         if cfg["stop_after"] and epoch - start >= cfg["stop_after"]:
@@ -1479,15 +1518,15 @@ def train(cfg):
 
 
 def load_trained(path, dev):
-    """--model checkpoint -> (model in eval mode, checkpoint). Refused in one line: not an emberformer checkpoint,
-    from before the settings --model reads were stored, or weights that do not fit."""
+    """--model checkpoint -> (model in eval mode, checkpoint). Refused in one line: not an emberformer
+    checkpoint, from before the settings --model reads were stored, or weights that do not fit."""
     ckpt = data.load_checkpoint(path)
     if not {"model", "config", "channels"} <= set(ckpt) or not isinstance(ckpt["config"], dict):
         raise data.DataError(f"{path}: not an emberformer checkpoint (keys {sorted(ckpt)[:6]})")
     missing = [k for k in MODEL_SETTINGS + EVAL_SETTINGS if k not in ckpt["config"]]
     if missing:
-        raise data.DataError(f"{path}: checkpoint predates the settings --model needs (no {', '.join(missing)}); "
-                             "train a new model")
+        raise data.DataError(f"{path}: checkpoint predates the settings --model needs "
+                             f"(no {', '.join(missing)}); train a new model")
     cfg = ckpt["config"]
     arch = Arch(**ckpt.get("arch", {}))  # checkpoints without one were all built with the default Arch
     net = EmberFormer(len(ckpt["channels"]), cfg["patch_size"], cfg["wind_scale"], cfg["target"], arch)
@@ -1505,12 +1544,14 @@ def eval_config(cfg, ckpt, given):
     clash = [k for k in MODEL_SETTINGS if k in given and cfg[k] != trained[k]]
     if clash:
         raise data.DataError(f"{cfg['model']}: was trained with " + ", ".join(
-            f"--{k} {trained[k]!r} (asked {cfg[k]!r})" for k in clash) + "; --model takes these from the checkpoint")
+            f"--{k} {trained[k]!r} (asked {cfg[k]!r})" for k in clash)
+            + "; --model takes these from the checkpoint")
     taken = MODEL_SETTINGS + tuple(k for k in EVAL_SETTINGS if k not in given)
     cfg = dict(cfg, **{k: trained[k] for k in taken})
     if "calibration" in ckpt and "pred_thresh" not in given:  # the threshold chosen on the run's val fires
         cfg["pred_thresh"] = ckpt["calibration"]["pred_thresh"]
-    cfg["temperature"] = ckpt.get("calibration", {}).get("temperature", 1.0)  # not a flag: the run's, for members
+    # not a flag: the run's, for members
+    cfg["temperature"] = ckpt.get("calibration", {}).get("temperature", 1.0)
     return cfg
 
 
@@ -1530,8 +1571,8 @@ def evaluate_file(cfg, given):
     amp = data.cuda_autocast(dev)[0]  # CUDA's policy; on the CPU the precision the model trained in
     if dev.type == "cpu" and ckpt.get("cpu_autocast") == "bf16":
         amp = torch.bfloat16
-    print(f"model {cfg['model']} (epoch {ckpt.get('epoch')}, target {cfg['target']}, history {cfg['history']}, "
-          f"patch {cfg['patch_size']}, "
+    print(f"model {cfg['model']} (epoch {ckpt.get('epoch')}, target {cfg['target']}, "
+          f"history {cfg['history']}, patch {cfg['patch_size']}, "
           f"pred_thresh {cfg['pred_thresh']}) -> {eval_dir}")
     report_one_step(cfg, net, D, amp, eval_dir)
     report_calibration(cfg, net, D, amp, eval_dir, cfg["temperature"])
@@ -1540,7 +1581,8 @@ def evaluate_file(cfg, given):
 
 
 def report_one_step(cfg, net, D, amp, eval_dir):
-    """Model, wind dilation and persistence on the identical t -> t+1 pairs -> eval.csv, preview.png, one line."""
+    """Model, wind dilation and persistence on the identical t -> t+1 pairs -> eval.csv,
+    preview.png, one line."""
     t0 = time.time()
     one_step = dict(model=evaluate(cfg, net, D, amp, "eval"), **baselines(cfg, D, *D["eval"]))
     n_pairs, n_fires = len(D["eval"][0]), D["fire"].shape[0]
@@ -1551,8 +1593,8 @@ def report_one_step(cfg, net, D, amp, eval_dir):
 
 
 def report_calibration(cfg, net, D, amp, eval_dir, temperature):
-    """Brier, ECE and reliability of the probabilities near the fire, raw and with the run's temperature (1.0 for a
-    checkpoint without one) -> calibration.json, reliability.png, one line."""
+    """Brier, ECE and reliability of the probabilities near the fire, raw and with the run's temperature
+    (1.0 for a checkpoint without one) -> calibration.json, reliability.png, one line."""
     report = calibration_report(cfg, net, D, amp, "eval", temperature)
     with open(os.path.join(eval_dir, "calibration.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -1575,8 +1617,9 @@ def report_rollout(cfg, net, D, amp, eval_dir):
 
 
 def main(argv=None):
-    cfg = get_config(argv)
-    data.run_stage(lambda: evaluate_file(cfg, given_flags(argv)) if cfg["eval_only"] else train(cfg))
+    cfg = parse_config(argv)
+    given = set(parse_config(argv, only_given=True))  # --eval_only: these override the checkpoint's settings
+    data.run_stage(lambda: evaluate_file(cfg, given) if cfg["eval_only"] else train(cfg))
 
 
 if __name__ == "__main__":

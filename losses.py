@@ -27,7 +27,8 @@ def bce_dice_loss(logits, target, bce_weight=0.5, dice_weight=0.5, pos_weight=No
     pos_weight (float or None) up-weights positive pixels in BCE, for sparse fire fronts.
     Dice is computed per sample and averaged; `smooth` keeps an empty target with an empty prediction
     at Dice loss 0 instead of 0/0. `mask` (bool, like target) keeps only those pixels in both terms (BCE
-    is their mean, Dice sees only them): pixels outside get no loss and no gradient. Returns (loss, bce, dice)."""
+    is their mean, Dice sees only them): pixels outside get no loss and no gradient.
+    Returns (loss, bce, dice)."""
     target = target.to(logits.dtype)
     keep = torch.ones_like(target) if mask is None else mask.to(logits.dtype)
     pw = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=logits.dtype, device=logits.device)
@@ -45,7 +46,8 @@ def pr_histogram(logits, target, mask, bins=4000, lim=16.0):
     the logit clamped to [-lim, lim] (0.008 wide by default: finer than any threshold anyone would pick,
     and ranking by logit is ranking by probability). Counts add up over batches on the inputs' device,
     so an epoch's AP is exact up to ties inside a bin. logits, target, mask (bool) of equal shape. A NaN
-    logit (a diverged model, stopped by the stage's non-finite check) counts in the lowest bin, not a crash."""
+    logit (a diverged model, stopped by the stage's non-finite check) counts in the lowest bin,
+    not a crash."""
     logits = torch.nan_to_num(logits.detach().float(), nan=-lim)
     idx = ((logits.clamp(-lim, lim) + lim) * ((bins - 1) / (2 * lim))).round().long()
     idx = idx + bins * (target > 0.5).long()  # positives in the second row
@@ -68,22 +70,25 @@ def average_precision(hist):
 
 
 def best_f1_threshold(hist, lim=16.0):
-    """(logit threshold, F1): the cut with the highest F1 on a pr_histogram (predict every cell whose logit lies at or
-    above the threshold); the threshold sits at the lower edge of the chosen bin, so the cells of that bin count."""
+    """(logit threshold, F1): the cut with the highest F1 on a pr_histogram (predict every cell whose
+    logit lies at or above the threshold); the threshold sits at the lower edge of the chosen bin, so the
+    cells of that bin count."""
     bins = hist.shape[1]
     neg, pos = hist.double().flip(1)  # highest logits first
     tp, fp = pos.cumsum(0), neg.cumsum(0)
     f1 = 2 * tp / (2 * tp + fp + (pos.sum() - tp)).clamp(min=1)
-    k = int(f1.argmax())  # the k-th bin from the top, i.e. bin bins - 1 - k, centred at its index x step - lim
+    # the k-th bin from the top, i.e. bin bins - 1 - k, centred at its index x step - lim
+    k = int(f1.argmax())
     step = 2 * lim / (bins - 1)
     return (bins - 1 - k) * step - lim - step / 2, float(f1[k])
 
 
 def calibration(prob, target, n_bins=10):
-    """How far probabilities prob (N,) can be taken at their word for 0/1 outcomes target (N,): the Brier score, the
-    climatological Brier score (always forecasting these cells' base rate) and the skill 1 - Brier / climatological,
-    the expected calibration error over n_bins equal-width bins (sum over bins of |mean prob - observed frequency|
-    weighted by the bin's share of cells), and per bin [count, mean prob, observed frequency]."""
+    """How far probabilities prob (N,) can be taken at their word for 0/1 outcomes target (N,): the
+    Brier score, the climatological Brier score (always forecasting these cells' base rate) and the
+    skill 1 - Brier / climatological, the expected calibration error over n_bins equal-width bins (sum
+    over bins of |mean prob - observed frequency| weighted by the bin's share of cells), and per bin
+    [count, mean prob, observed frequency]."""
     p, y = prob.detach().double().flatten(), target.detach().double().flatten()
     n, rate = len(p), float(y.mean()) if len(y) else float("nan")
     b = (p * n_bins).long().clamp(0, n_bins - 1)
@@ -99,8 +104,9 @@ def calibration(prob, target, n_bins=10):
 
 def fit_temperature(logits, target):
     """The one temperature T > 0 that minimises the mean BCE of sigmoid(logits / T) against target (Guo et al.
-    2017): a log-spaced grid over 0.05..20, then a finer one around its best point. T > 1 softens probabilities
-    that overstate, T < 1 sharpens timid ones; the ranking, and so any threshold's set of cells, is unchanged."""
+    2017): a log-spaced grid over 0.05..20, then a finer one around its best point. T > 1 softens
+    probabilities that overstate, T < 1 sharpens timid ones; the ranking, and so any threshold's set
+    of cells, is unchanged."""
     z, y = logits.detach().double().flatten(), target.detach().double().flatten()
     nll = lambda ts: torch.stack([F.binary_cross_entropy_with_logits(z / t, y) for t in ts])
     grid = torch.logspace(math.log10(0.05), math.log10(20), 61, dtype=torch.float64)
@@ -152,7 +158,8 @@ def seg_metrics(counts):
     )
 
 
-def block_bootstrap_diff(y, pred_a, pred_b, groups, order, n_boot=1000, block=20, seed=0, resample_groups=False):
+def block_bootstrap_diff(y, pred_a, pred_b, groups, order, n_boot=1000, block=20, seed=0,
+                         resample_groups=False):
     """Paired difference of pooled R^2, method a minus method b on the same test frames, with a
     percentile-bootstrap 95% interval. Returns (diff, lo, hi) as floats.
     y, pred_a, pred_b (N,): targets and the two methods' predictions, one per frame; groups (N,): the
@@ -197,7 +204,8 @@ def block_bootstrap_diff(y, pred_a, pred_b, groups, order, n_boot=1000, block=20
 def block_counts(nb, n_boot, rng):
     """(n_boot, nb): each resample draws nb of the nb blocks with replacement; how often each was drawn."""
     pick = rng.integers(0, nb, (n_boot, nb))
-    return np.bincount((pick + nb * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * nb).reshape(n_boot, nb)
+    return np.bincount((pick + nb * np.arange(n_boot)[:, None]).ravel(),
+                       minlength=n_boot * nb).reshape(n_boot, nb)
 
 
 def group_block_counts(block_group, n_boot, rng):

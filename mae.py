@@ -8,7 +8,7 @@ mae_encoder_pretrained.pth for finetune_cbh.py (which imports Encoder / load_enc
     python mae.py                                  # embedded synthetic data, small model, 100 epochs
     python mae.py --data_path my_profiles.h5 --epochs 50 --model_size tiny
     python mae.py --resume outputs/mae_pretrain/checkpoints/latest.pth   # continue exactly (same flags)
-    torchrun --standalone --nproc_per_node 2 mae.py                     # data parallel, same losses as one process
+    torchrun --standalone --nproc_per_node 2 mae.py   # data parallel, same losses as one process
 
 Every constant below is also a command-line flag (`python mae.py -h`).
 """
@@ -35,7 +35,7 @@ data_path = ''  # unlabelled cloud-profile HDF5 file ('' = the embedded syntheti
 input = 'relative'  # relative (flat-fielded, minus the flight's sea level) | raw | contrast | both
 out_dir = 'outputs/mae_pretrain'  # checkpoints/, plots/, log.csv and the exported encoder go here
 epochs = 100  # training epochs; the cosine schedule spans all of them
-batch_size = 128  # profiles per step, all processes together (torchrun); scale lr with it: lr = 1e-3 * batch_size / 64
+batch_size = 128  # profiles per step, all processes together (torchrun); scale lr with it (1e-3 per 64)
 lr = 2e-3  # peak AdamW learning rate (for batch_size 128), reached after warmup_epochs
 min_lr = 1e-5  # learning rate at the end of the cosine decay
 warmup_epochs = 5  # linear warmup from 0 to lr over this many epochs
@@ -66,7 +66,7 @@ plot_every = 10  # reconstruction figure every this many epochs (and after the f
 n_plot = 4  # val profiles in the reconstruction figures (always the same ones)
 device = 'auto'  # auto (cuda > mps > cpu) | cpu | cuda | mps
 amp = True  # CUDA mixed precision: bf16 autocast, or fp16 + GradScaler where bf16 is unsupported
-cpu_bf16 = 'auto'  # CPU precision: on = bf16 autocast, off = fp32, auto = time a few steps of both, take the faster
+cpu_bf16 = 'auto'  # CPU precision: on = bf16 autocast, off = fp32, auto = time both, take the faster
 seed = 1337  # seeds model init, shuffling, masks and augmentations
 resume = ''  # checkpoint to continue from exactly (e.g. outputs/mae_pretrain/checkpoints/latest.pth)
 max_samples = 0  # use only the first N profiles (0 = all): quick trials and tests
@@ -75,9 +75,10 @@ num_threads = 0  # torch CPU threads (0 = torch default)
 
 CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite losses (a sync each time)
 # settings that may change on --resume: they do not alter the run's losses, only where and how it reports
-FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "save_every", "plot_every", "n_plot", "patience",
-                  "cpu_bf16")  # cpu_bf16: a resumed run keeps the precision its checkpoint stored
-CUSTOM_ONLY = ("embed_dim", "depth", "num_heads", "dec_dim", "dec_depth", "dec_heads", "patch_size", "mlp_ratio")
+FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "save_every", "plot_every", "n_plot",
+                  "patience", "cpu_bf16")  # cpu_bf16: a resumed run keeps the precision its checkpoint stored
+CUSTOM_ONLY = ("embed_dim", "depth", "num_heads", "dec_dim", "dec_depth", "dec_heads", "patch_size",
+               "mlp_ratio")
 
 MODEL_SIZES = {
     "tiny": dict(embed_dim=128, depth=3, num_heads=2, dec_dim=64, dec_depth=1, dec_heads=2, patch_size=20),
@@ -85,8 +86,9 @@ MODEL_SIZES = {
 }  # "custom" takes every number from the constants block
 
 
-def parse_args(argv=None):
-    """argparse built from the constants block of this file: one flag per constant, the comment is the help."""
+def parse_config(argv=None):
+    """argparse built from the constants block of this file: one flag per constant,
+    the comment is the help."""
     return data.parse_constants(os.path.abspath(__file__), __doc__.split("\n\n")[1], globals(), argv)
 
 
@@ -146,8 +148,8 @@ class Encoder(nn.Module):
     """ViT encoder over 1D patches of C-channel profiles. With mask_ratio > 0 it only ever sees the visible
     patches. drop_path: stochastic-depth rate of the last block, rising linearly from 0 (for fine-tuning)."""
 
-    def __init__(self, width=440, patch_size=16, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0, in_chans=1,
-                 drop_path=0.0):
+    def __init__(self, width=440, patch_size=16, embed_dim=192, depth=4, num_heads=3, mlp_ratio=4.0,
+                 in_chans=1, drop_path=0.0):
         super().__init__()
         self.width, self.patch_size, self.embed_dim, self.in_chans = width, patch_size, embed_dim, in_chans
         self.num_patches = width // patch_size  # 440 // 16 = 27
@@ -164,7 +166,8 @@ class Encoder(nn.Module):
 
     def patchify(self, x):  # (B, C, W) full-width profiles -> (B, N, C*P), a patch's channels side by side
         N, P = self.num_patches, self.patch_size
-        C = self.in_chans  # not -1: an empty batch (a process's empty slice of a global batch) has none to infer
+        # not -1: an empty batch (a process's empty slice of a global batch) has none to infer
+        C = self.in_chans
         x = x[..., self.crop:self.crop + N * P].reshape(len(x), C, N, P)  # (B, C, N, P)
         return x.transpose(1, 2).reshape(len(x), N, C * P)
 
@@ -196,7 +199,8 @@ class Encoder(nn.Module):
 
 
 class MAE(nn.Module):
-    """Encoder + light decoder: a shared mask token fills the hidden patches, a linear head predicts pixels."""
+    """Encoder + light decoder: a shared mask token fills the hidden patches,
+    a linear head predicts pixels."""
 
     def __init__(self, width=440, patch_size=16, embed_dim=192, depth=4, num_heads=3,
                  dec_dim=96, dec_depth=1, dec_heads=3, mlp_ratio=4.0, in_chans=1):
@@ -252,10 +256,12 @@ def load_encoder(path, map_location="cpu"):
         enc = build_encoder(ck["config"])
         enc.load_state_dict(ck["encoder"])
     except (TypeError, RuntimeError) as e:
-        raise data.DataError(f"{path}: encoder weights do not match its config ({type(e).__name__})") from None
+        raise data.DataError(f"{path}: encoder weights do not match its config "
+                             f"({type(e).__name__})") from None
     per_channel = lambda v: [float(s) for s in np.atleast_1d(v)]
-    return enc, dict(config=ck["config"], input=ck.get("input", "raw"), norm_mean=per_channel(ck["norm_mean"]),
-                     norm_std=per_channel(ck["norm_std"]), flat_field=ck.get("flat_field"))
+    return enc, dict(config=ck["config"], input=ck.get("input", "raw"),
+                     norm_mean=per_channel(ck["norm_mean"]), norm_std=per_channel(ck["norm_std"]),
+                     flat_field=ck.get("flat_field"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,8 +279,9 @@ def make_optimizer(model, cfg, device):
 
 
 def get_lr(step, total, warmup, peak, min_lr):
-    """Learning rate at global step `step` of `total`: linear warmup to peak over `warmup` steps, then half-cosine
-    to min_lr. A pure function of the step, so a resumed run lands on exactly the same schedule."""
+    """Learning rate at global step `step` of `total`: linear warmup to peak over `warmup` steps,
+    then half-cosine to min_lr. A pure function of the step, so a resumed run lands on exactly the
+    same schedule."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -336,22 +343,6 @@ def evaluate(model, X, cfg, dtype):
     return data.all_reduce_sum(total).item() / len(X)
 
 
-def rng_state(shuffle_gen, gen):
-    return dict(torch=torch.get_rng_state(), numpy=np.random.get_state(), python=random.getstate(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                shuffle=shuffle_gen.get_state(), device_gen=gen.get_state())
-
-
-def set_rng_state(s, shuffle_gen, gen):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    shuffle_gen.set_state(s["shuffle"])
-    gen.set_state(s["device_gen"])
-
-
 # ----------------------------------------------------------------------------------------------
 # plots
 
@@ -369,7 +360,8 @@ def plot_reconstruction(model, x, cfg, norm, path, epoch, dtype):
     target = model.encoder.patchify(x)  # (n, N, C*P)
     pred = pred.float()
     if cfg["norm_pix_loss"]:  # the model predicts per-patch normalised pixels: undo with the true stats
-        pred = pred * (target.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+        pred = (pred * (target.var(-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
+                + target.mean(-1, keepdim=True))
     hidden = mask[..., None].bool().expand_as(target)  # (n, N, C*P)
     enc = model.encoder
     n, N, C, P = len(x), enc.num_patches, enc.in_chans, enc.patch_size
@@ -427,7 +419,8 @@ def check_config(cfg, world=1):
     data.check_choice(cfg, "device", ("auto", "cpu", "cuda", "mps"))
     data.check_choice(cfg, "input", data.INPUT_MODES)
     data.check_choice(cfg, "cpu_bf16", ("auto", "on", "off"))
-    data.check_range(cfg, "mask_ratio", 0, 1, lo_open=True, hi_open=True)  # none hidden: nothing to reconstruct
+    # none hidden: nothing to reconstruct
+    data.check_range(cfg, "mask_ratio", 0, 1, lo_open=True, hi_open=True)
     data.check_range(cfg, "epochs batch_size patience embed_dim depth num_heads dec_dim dec_depth dec_heads "
                           "patch_size n_plot", 1)
     data.check_range(cfg, "val_blocks", 2)
@@ -447,7 +440,8 @@ def load_data(cfg, dev):
     indexing. Returns (X_train (N_train, C, W), X_val (N_val, C, W), per-channel (means, stds), path)."""
     path = cfg["data_path"] or data.default_cloud_paths()[0]
     d = data.load_clouds(path, labelled=False, max_samples=cfg["max_samples"])
-    # the flat field comes from this file's profiles (label-free) and travels with the encoder to finetune_cbh.py
+    # the flat field comes from this file's profiles (label-free)
+    # and travels with the encoder to finetune_cbh.py
     gain = data.flat_field(d["images"], path) if cfg["input"] == "relative" else None  # (W,) or None
     images = data.profile_channels(d["images"], cfg["input"], d["flight"], gain, path)  # (N, C, W)
     # val = the last of val_blocks contiguous time blocks of every flight, with val_gap frames removed from
@@ -459,13 +453,14 @@ def load_data(cfg, dev):
     norm = data.norm_stats(images[train_idx])  # per channel, train split only; stored with the encoder
     norm = norm + (None if gain is None else gain.tolist(),)  # (means, stds, flat field)
     mean, std = (np.array(v, np.float32)[:, None] for v in norm[:2])  # (C, 1)
-    X_train, X_val = (torch.from_numpy((images[i] - mean) / std).float().to(dev) for i in (train_idx, val_idx))
+    X_train, X_val = (torch.from_numpy((images[i] - mean) / std).float().to(dev)
+                      for i in (train_idx, val_idx))
     return X_train, X_val, norm, path
 
 
 def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen, data_hash):
-    """Load a --resume checkpoint into the model, optimizer, scaler and generators; refused if the data are not
-    those it trained on (data_hash: data.fingerprint of the train and val tensors). Returns
+    """Load a --resume checkpoint into the model, optimizer, scaler and generators; refused if the data
+    are not those it trained on (data_hash: data.fingerprint of the train and val tensors). Returns
     (epochs done, best val loss, epochs without improvement, the CPU precision the run chose: 'bf16' or
     'fp32'); (0, inf, 0, None) for a fresh run."""
     if not cfg["resume"]:
@@ -475,8 +470,9 @@ def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen, data_hash):
         raise data.DataError(f"{cfg['resume']}: not a mae.py training checkpoint")
     saved = ckpt.get("config", {})
     mine = {k: v.shape for k, v in model.state_dict().items()}
+    # e.g. 'small' before its decoder became 1 block
     same_name_other_model = saved.get("model_size") == cfg["model_size"] and {
-        k: v.shape for k, v in ckpt["model"].items()} != mine  # e.g. 'small' before its decoder became 1 block
+        k: v.shape for k, v in ckpt["model"].items()} != mine
     if same_name_other_model:
         raise data.DataError(f"{cfg['resume']}: checkpoint holds another model than --model_size "
                              f"{cfg['model_size']} builds today; resume it with the code that made it")
@@ -486,21 +482,21 @@ def maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen, data_hash):
         raise data.DataError(f"{cfg['resume']}: checkpoint was made with different settings; pass " +
                              " ".join(f"--{k} {saved.get(k)!r}" for k in diff))
     if ckpt.get("data_hash", data_hash) != data_hash:  # the same file name can hold other profiles
-        raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded dataset'} does not hold the "
-                             "profiles this checkpoint trained on (their fingerprint differs); resume with its "
-                             "data, or start a new run")
+        raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded dataset'} does not hold "
+                             "the profiles this checkpoint trained on (their fingerprint differs); "
+                             "resume with its data, or start a new run")
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
     if ckpt["scaler"]:  # empty when the run had no GradScaler (CPU, bf16)
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], shuffle_gen, gen)
+    data.set_rng_state(ckpt["rng"], dict(shuffle=shuffle_gen, device_gen=gen))
     print(f"resumed from {cfg['resume']} after epoch {ckpt['epoch']} (best val {ckpt['best_val']:.5f})")
     return ckpt["epoch"], ckpt["best_val"], ckpt["bad_epochs"], ckpt.get("cpu_autocast")
 
 
 def prepare_outputs(cfg, start_epoch):
-    """Create and lock out_dir (a fresh run's holds no log: data.check_run_folder); a resumed run's log is trimmed
-    back to its checkpoint."""
+    """Create and lock out_dir (a fresh run's holds no log: data.check_run_folder); a resumed run's log is
+    trimmed back to its checkpoint."""
     data.claim_out_dir(cfg["out_dir"])
     os.makedirs(os.path.join(cfg["out_dir"], "checkpoints"), exist_ok=True)
     log_path = os.path.join(cfg["out_dir"], "log.csv")
@@ -509,7 +505,7 @@ def prepare_outputs(cfg, start_epoch):
     return log_path
 
 
-def run_epoch(model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step, steps_per_epoch, epoch):
+def train_epoch(model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step, steps_per_epoch, epoch):
     """One pass over the shuffled training profiles. Returns (mean loss, next global step, last LR).
     Under torchrun (model wrapped in DDP) every process draws the global batch's order, augmentations and
     masks from identically seeded generators and trains on its slice, so the run does not depend on the
@@ -517,11 +513,14 @@ def run_epoch(model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step, s
     every CHECK_EVERY steps and at the end (no sync per step); the run stops (NonFiniteLoss) before anything
     of this epoch is saved. With a GradScaler (fp16) a step whose scaled gradients overflow is skipped by
     design, so only a window in which EVERY step was non-finite stops it."""
-    total = torch.zeros((), device=X_train.device)  # this process's summed losses, on the device: no sync per step
-    bad = torch.zeros(CHECK_EVERY, device=X_train.device, dtype=torch.bool)  # [k]: k-th step since the last check
+    # this process's summed losses, on the device: no sync per step
+    total = torch.zeros((), device=X_train.device)
+    # [k]: k-th step since the last check
+    bad = torch.zeros(CHECK_EVERY, device=X_train.device, dtype=torch.bool)
     checked, seen, seen_mine = step, 0, 0  # seen: profiles of the global batches; seen_mine: this process's
     progress = data.Progress(steps_per_epoch, f"epoch {epoch}")
-    for i, idx in enumerate(data.batch_indices(len(X_train), cfg["batch_size"], shuffle=True, generator=shuffle_gen)):
+    for i, idx in enumerate(data.batch_indices(len(X_train), cfg["batch_size"], shuffle=True,
+                                               generator=shuffle_gen)):
         lr = get_lr(step, cfg["epochs"] * steps_per_epoch, cfg["warmup_epochs"] * steps_per_epoch, cfg["lr"],
                     cfg["min_lr"])
         for g in opt.param_groups:
@@ -547,23 +546,15 @@ def run_epoch(model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step, s
         step, seen, seen_mine = step + 1, seen + len(x), seen_mine + len(x[mine])
         progress.update(i + 1, seen, lambda: total.item() / max(seen_mine, 1))  # live: this process's loss
         if step % CHECK_EVERY == 0:
-            check_finite(bad[:step - checked], scaler.is_enabled(), epoch, checked + 1, step)
+            data.check_finite(bad[:step - checked], scaler.is_enabled(), f"mae.py, epoch {epoch}",
+                              checked + 1, step)
             bad.zero_()
             checked = step
     progress.close()
     if step > checked:
-        check_finite(bad[:step - checked], scaler.is_enabled(), epoch, checked + 1, step)
+        data.check_finite(bad[:step - checked], scaler.is_enabled(), f"mae.py, epoch {epoch}",
+                          checked + 1, step)
     return data.all_reduce_sum(total).item() / len(X_train), step, lr
-
-
-def check_finite(bad, scaler_on, epoch, first_step, last_step):
-    """Stop on non-finite losses among the steps first_step..last_step, bad (window,) bool = which steps had
-    one on this process (with a GradScaler: only if all steps had one, on some process). Every process takes
-    the same decision."""
-    n_bad = int(data.all_reduce_max(bad.long()).sum())  # a step counts if it was non-finite on any process
-    window = len(bad)
-    if n_bad == window or (n_bad > 0 and not scaler_on):
-        raise data.NonFiniteLoss(data.nonfinite_message(f"mae.py, epoch {epoch}", first_step, last_step))
 
 
 def save_checkpoints(ckpt, model, cfg, improved, norm):
@@ -572,8 +563,9 @@ def save_checkpoints(ckpt, model, cfg, improved, norm):
     ckpt_dir = os.path.join(cfg["out_dir"], "checkpoints")
     if improved:  # best and the encoder BEFORE latest: a kill between them re-runs this epoch on resume
         data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "best.pth"))
-        data.atomic_torch_save(dict(encoder=model.encoder.state_dict(), config=encoder_config(ckpt["model_config"]),
-                                    input=cfg["input"], norm_mean=norm[0], norm_std=norm[1], flat_field=norm[2]),
+        data.atomic_torch_save(dict(encoder=model.encoder.state_dict(),
+                                    config=encoder_config(ckpt["model_config"]), input=cfg["input"],
+                                    norm_mean=norm[0], norm_std=norm[1], flat_field=norm[2]),
                                os.path.join(cfg["out_dir"], "mae_encoder_pretrained.pth"))
     data.atomic_torch_save(ckpt, os.path.join(ckpt_dir, "latest.pth"))
     if cfg["save_every"] > 0 and ckpt["epoch"] % cfg["save_every"] == 0:
@@ -591,7 +583,8 @@ def setup(cfg, rank, world):
     check_config(cfg, world)
     if rank == 0:
         data.check_out_dir(cfg["out_dir"])  # unwritable, or held by a live run: refused before any work
-        data.check_run_folder(cfg["out_dir"], cfg["resume"])  # one run per folder: never merged, never deleted
+        # one run per folder: never merged, never deleted
+        data.check_run_folder(cfg["out_dir"], cfg["resume"])
     if cfg["num_threads"] > 0:
         torch.set_num_threads(cfg["num_threads"])
     dev = data.ddp_device(data.pick_device(cfg["device"]))  # under torchrun: this process's own GPU
@@ -613,7 +606,8 @@ def setup(cfg, rank, world):
 
 def train(cfg):
     rank, world = data.rank_world()  # (0, 1) without torchrun
-    with data.fail_together():  # a bad flag, file or folder on any process stops every process; rank 0 says why
+    # a bad flag, file or folder on any process stops every process; rank 0 says why
+    with data.fail_together():
         dev, X_train, X_val, norm, path, mcfg, model = setup(cfg, rank, world)
         dtype, use_scaler = data.cuda_autocast(dev) if cfg["amp"] else (None, False)
         opt = make_optimizer(model, cfg, dev)
@@ -622,10 +616,11 @@ def train(cfg):
         shuffle_gen = torch.Generator().manual_seed(cfg["seed"])  # batch order (CPU)
         gen = torch.Generator(dev).manual_seed(cfg["seed"])  # masks and augmentations (on the device)
         data_hash = data.fingerprint(X_train, X_val)
-        start_epoch, best_val, bad_epochs, cpu_autocast = maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen,
-                                                                       data_hash)
+        start_epoch, best, bad_epochs, cpu_autocast = maybe_resume(cfg, model, opt, scaler, shuffle_gen, gen,
+                                                                   data_hash)
         msg = None
-        if dev.type == "cpu" and cpu_autocast:  # a resumed run keeps the precision it chose: its losses continue
+        # a resumed run keeps the precision it chose: its losses continue
+        if dev.type == "cpu" and cpu_autocast:
             dtype = torch.bfloat16 if cpu_autocast == "bf16" else None
         elif dev.type == "cpu":
             dtype, msg = data.choose_cpu_dtype(cfg["cpu_bf16"], step_timer(model, cfg, X_train, dev))
@@ -637,7 +632,8 @@ def train(cfg):
           (f"; {world} processes share each batch of {cfg['batch_size']}" if world > 1 else ""))
     with data.fail_together():  # only from here on is anything written, by rank 0 alone
         log_path = prepare_outputs(cfg, start_epoch) if rank == 0 else None
-    ddp_model = data.ddp_wrap(model, dev)  # trains; `model` (the same weights) is saved, evaluated and plotted
+    # trains; `model` (the same weights) is saved, evaluated and plotted
+    ddp_model = data.ddp_wrap(model, dev)
     plot_dir = os.path.join(cfg["out_dir"], "plots")
     plot_x = X_val[torch.linspace(0, len(X_val) - 1, min(cfg["n_plot"], len(X_val))).long().to(dev)]
     steps_per_epoch = math.ceil(len(X_train) / cfg["batch_size"])
@@ -647,32 +643,35 @@ def train(cfg):
             print(f"early stopping: val loss has not improved for {bad_epochs} epochs")
             break
         t0 = time.time()
-        train_loss, step, lr = run_epoch(ddp_model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype, step,
-                                         steps_per_epoch, n)
+        train_loss, step, lr = train_epoch(ddp_model, opt, scaler, X_train, cfg, shuffle_gen, gen, dtype,
+                                           step, steps_per_epoch, n)
         rate = len(X_train) / (time.time() - t0)  # training samples/s (the val pass is not counted)
         val_loss = evaluate(model, X_val, cfg, dtype)  # over all processes, like train_loss
         secs = time.time() - t0
-        improved = val_loss < best_val
-        best_val, bad_epochs = (val_loss, 0) if improved else (best_val, bad_epochs + 1)
+        improved = val_loss < best
+        best, bad_epochs = (val_loss, 0) if improved else (best, bad_epochs + 1)
         with data.fail_together():  # rank 0 writes; if that fails, every process stops, not rank 0 alone
             if rank == 0:
                 ckpt = dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                            epoch=n, best_val=best_val, bad_epochs=bad_epochs, rng=rng_state(shuffle_gen, gen),
-                            config=cfg, model_config=mcfg, norm_mean=norm[0], norm_std=norm[1], data_hash=data_hash,
+                            epoch=n, best_val=best, bad_epochs=bad_epochs,
+                            rng=data.rng_state(dict(shuffle=shuffle_gen, device_gen=gen)), config=cfg,
+                            model_config=mcfg, norm_mean=norm[0], norm_std=norm[1], data_hash=data_hash,
                             cpu_autocast=("bf16" if dtype else "fp32") if dev.type == "cpu" else None)
-                log_epoch(log_path, n, train_loss, val_loss, lr, secs, rate)  # log first: a kill between the two
-                save_checkpoints(ckpt, model, cfg, improved, norm)  # re-runs epoch n on resume, and trims its row
+                # log first: a kill between the two re-runs epoch n on resume, and trims its row
+                log_epoch(log_path, n, train_loss, val_loss, lr, secs, rate)
+                save_checkpoints(ckpt, model, cfg, improved, norm)
                 plot_losses(log_path, os.path.join(plot_dir, "loss.png"))
                 if n == 1 or n == cfg["epochs"] or (cfg["plot_every"] > 0 and n % cfg["plot_every"] == 0):
-                    plot_reconstruction(model, plot_x, cfg, norm, os.path.join(plot_dir, f"recon_epoch_{n:03d}.png"),
-                                        n, dtype)
+                    plot_reconstruction(model, plot_x, cfg, norm,
+                                        os.path.join(plot_dir, f"recon_epoch_{n:03d}.png"), n, dtype)
         print(f"epoch {n:3d}/{cfg['epochs']} | train {train_loss:.5f} | val {val_loss:.5f} | lr {lr:.2e} | "
               f"{secs:6.1f}s | {rate:7.0f} samples/s{' | new best, saved' if improved else ''}")
-    print(f"best val loss {best_val:.5f}; encoder in {os.path.join(cfg['out_dir'], 'mae_encoder_pretrained.pth')}")
+    print(f"best val loss {best:.5f}; encoder in "
+          f"{os.path.join(cfg['out_dir'], 'mae_encoder_pretrained.pth')}")
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg = parse_config(argv)
     data.run_stage(lambda: train(cfg))
 
 

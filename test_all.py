@@ -582,7 +582,7 @@ def test_mae_gradients_reach_every_parameter():
 
 def test_mae_optimizer_groups_exclude_norms_biases_embeddings():
     m = mae.MAE(**mae.MODEL_SIZES["tiny"])
-    cfg = dict(mae.parse_args([]))
+    cfg = dict(mae.parse_config([]))
     opt = mae.make_optimizer(m, cfg, torch.device("cpu"))
     names = {id(p): n for n, p in m.named_parameters()}
     decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
@@ -1517,7 +1517,7 @@ def test_ember_gradient_reaches_every_parameter_and_optimizer_holds_all(ember_fi
     for name, p in model.named_parameters():
         assert p.grad is not None, name
         assert p.grad.abs().sum() > 0, name
-    opt = em.make_optimizer(em.get_config([]), model)
+    opt = em.make_optimizer(em.parse_config([]), model)
     in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
     assert len(in_opt) == len(set(in_opt))
     assert set(in_opt) == {id(p) for p in model.parameters()}
@@ -1558,7 +1558,7 @@ def test_ember_cpu_precision_is_timed_once_and_kept_on_resume(ember_fires, capsy
              train=(torch.tensor([0, 1, 2]), torch.tensor([3, 5, 7])))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    cfg = em.get_config(["--cpu_bf16", "auto"])
+    cfg = em.parse_config(["--cpu_bf16", "auto"])
     assert em.cpu_precision(cfg, model, D, None) in (None, torch.bfloat16)
     assert "cpu_bf16 auto: fp32" in capsys.readouterr().out
     assert torch.equal(torch.get_rng_state(), rng) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
@@ -1573,7 +1573,7 @@ def test_ember_one_training_step_sets_and_steps_both_lr_groups(tmp_path):
     temporal and the spatial part moved (a group whose LR is never set, or never stepped, fails)."""
     path = tmp_path / "f.h5"
     data.write_fire(path, **data.generate_fires(n_seq=6, size=16, n_frames=3, seed=3))
-    cfg = em.get_config(["--data_path", str(path), "--batch_size", "64", "--num_threads", "1"])
+    cfg = em.parse_config(["--data_path", str(path), "--batch_size", "64", "--num_threads", "1"])
     D = em.load_data(cfg, torch.device("cpu"))
     model = em.build_model(cfg, D, torch.device("cpu"))
     opt = em.make_optimizer(cfg, model)
@@ -1592,7 +1592,7 @@ def test_ember_one_training_step_sets_and_steps_both_lr_groups(tmp_path):
 def test_ember_wind_dilation_goes_downwind():
     cur = torch.zeros(2, 5, 5, dtype=torch.bool)
     cur[:, 2, 2] = True
-    cfg = em.get_config([])  # --dil_wind 6
+    cfg = em.parse_config([])  # --dil_wind 6
     out = em.wind_dilation(cfg, cur, torch.tensor([[12.0, 0.0], [0.0, 0.0]]))  # strong east wind; calm
     assert out[0, 2, 3] and not out[0, 2, 1] and not out[0, 1, 2]  # east neighbour only (col grows east)
     assert out[1, 1:4, 1:4].all() and out[1].sum() == 9  # calm: all 8 neighbours
@@ -1762,7 +1762,7 @@ def test_ember_eval_is_deterministic_with_stochastic_depth(ember_fires):
 
 def test_ember_no_weight_decay_on_norms_and_biases_and_lrs_logged_by_name():
     model = em.EmberFormer(4, 4)
-    cfg = em.get_config([])
+    cfg = em.parse_config([])
     opt = em.make_optimizer(cfg, model)
     names = {id(p): n for n, p in model.named_parameters()}
     for g in opt.param_groups:
@@ -1783,7 +1783,7 @@ def test_ember_refuses_checkpoints_from_before_the_target_flag(tmp_path, capsys)
     path = tmp_path / "f.h5"
     data.write_fire(path, **data.generate_fires(n_seq=6, size=8, n_frames=3, seed=0))
     old = tmp_path / "old.pth"
-    cfg = em.get_config([])
+    cfg = em.parse_config([])
     del cfg["target"], cfg["test_frac"]
     torch.save(dict(model={}, optimizer={}, epoch=1, config=cfg, rng={}), old)
     with pytest.raises(SystemExit) as e:
@@ -1867,7 +1867,7 @@ def test_ember_numeric_flags_out_of_range_are_one_line_and_write_nothing(tmp_pat
 def test_ember_help_lists_constants():
     r = subprocess.run([sys.executable, "emberformer.py", "-h"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0
-    for name in em.get_config([]):
+    for name in em.parse_config([]):
         assert f"--{name}" in r.stdout, name
     assert "(default: 10)" in r.stdout and "patience" in r.stdout
 
@@ -2233,7 +2233,7 @@ def write_checkpoint(path, train_file, **settings):
     st = torch.from_numpy(data.load_fire(str(train_file))["static"]).double()
     net.static_mean.copy_(st.mean((0, 2, 3)).float())
     net.static_std.copy_(st.std((0, 2, 3)).float())
-    cfg = dict(em.get_config(["--data_path", str(train_file), "--history", "3"]), **settings)
+    cfg = dict(em.parse_config(["--data_path", str(train_file), "--history", "3"]), **settings)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(dict(model=net.state_dict(), config=cfg, channels=list(data.FIRE_CHANNELS), epoch=1,
                     arch=dataclasses.asdict(EVAL_ARCH), data_file=os.path.abspath(train_file),
@@ -2349,7 +2349,7 @@ def test_model_and_rollout_need_eval_only_and_old_checkpoints_are_refused(fire_f
         code, _, err = main_exit([*flags, "--data_path", fire_files["other"], "--out_dir", tmp_path / "out"], capsys)
         assert_one_line_error(subprocess.CompletedProcess([], code, "", err), word)
     old = tmp_path / "old.pth"  # a checkpoint from before pred_thresh was stored
-    cfg = em.get_config([])
+    cfg = em.parse_config([])
     del cfg["pred_thresh"]
     torch.save(dict(model={}, config=cfg, channels=list(data.FIRE_CHANNELS)), old)
     code, _, err = main_exit(["--eval_only", "--model", old, "--data_path", fire_files["other"],
@@ -2394,7 +2394,7 @@ def median_new_prob(net, D, s, t, history):
 
 @pytest.mark.parametrize("target", ["new", "full"])
 def test_rollout_shapes_and_lead_one_is_the_one_step_score(fire_files, target):
-    cfg = em.get_config(["--history", "3", "--batch_size", "4", "--target", target])  # several batches
+    cfg = em.parse_config(["--history", "3", "--batch_size", "4", "--target", target])  # several batches
     D, net, N = fire_dict(fire_files["other"]), tiny_model(target), 3
     S, T, H, W = D["fire"].shape
     s, t0 = em.rollout_starts(S, T, N)
@@ -2417,7 +2417,7 @@ def test_rollout_shapes_and_lead_one_is_the_one_step_score(fire_files, target):
 
 def test_rollout_feeds_the_model_its_own_forecasts_not_the_truth(fire_files):
     """Changing the true frames after t0 changes nothing in a rollout from t0; changing frame t0 does."""
-    cfg = em.get_config(["--history", "3"])
+    cfg = em.parse_config(["--history", "3"])
     D, net = fire_dict(fire_files["other"]), tiny_model()
     s, t0 = torch.tensor([1]), torch.tensor([2])
     base = em.model_rollout(cfg, net, D, s, t0, 3, None)
@@ -2431,7 +2431,7 @@ def test_rollout_feeds_the_model_its_own_forecasts_not_the_truth(fire_files):
 
 @pytest.mark.parametrize("target", ["new", "full"])
 def test_a_rollout_never_unburns_a_cell(fire_files, target):
-    cfg = em.get_config(["--history", "3", "--target", target])
+    cfg = em.parse_config(["--history", "3", "--target", target])
     D, net = fire_dict(fire_files["other"]), tiny_model(target, seed=1)
     s, t0 = em.rollout_starts(*D["fire"].shape[:2], 4)
     start = D["fire"][s, t0] > 0
@@ -2566,7 +2566,7 @@ EMBER_GRADIENT_WORKER = textwrap.dedent("""
     import sys, torch, data, losses, emberformer as em
     torch.set_num_threads(1)
     data.ddp_setup()
-    cfg = em.get_config(["--history", "4", "--target", "new"])
+    cfg = em.parse_config(["--history", "4", "--target", "new"])
     fires = data.generate_fires(n_seq=3, size=16, n_frames=6, seed=1)
     D = {k: torch.from_numpy(fires[k]) for k in ("fire", "wind", "static")}
     S, T = torch.tensor([0, 1, 2, 0, 2]), torch.tensor([4, 1, 3, 0, 2])
@@ -2631,7 +2631,7 @@ def test_one_process_loss_is_bce_dice_loss_exactly():
     """Without a process group forward_batch's loss is losses.bce_dice_loss itself, bit for bit (the shares are 1.0)."""
     model, D, S, T = tiny_model_and_batch()
     for target, pos_weight in (("new", 0.0), ("full", 3.0)):
-        cfg = em.get_config(["--history", "4", "--target", target, "--pos_weight", str(pos_weight)])
+        cfg = em.parse_config(["--history", "4", "--target", target, "--pos_weight", str(pos_weight)])
         model.target = target
         loss, s3, *_ = em.forward_batch(cfg, model, D, S, T, None)
         hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], S, T, 4)
@@ -2642,11 +2642,11 @@ def test_one_process_loss_is_bce_dice_loss_exactly():
 
 
 def test_flags_refused_under_torchrun():
-    cfg = em.get_config(["--batch_size", "1"])
+    cfg = em.parse_config(["--batch_size", "1"])
     em.check_config(cfg)  # one process: fine
     with pytest.raises(data.DataError, match="--batch_size 1 is the global batch, split over the 2 processes"):
         em.check_config(cfg, world=2)
-    cfg = em.get_config(["--eval_only", "--model", "best.pth"])
+    cfg = em.parse_config(["--eval_only", "--model", "best.pth"])
     em.check_config(cfg)
     with pytest.raises(data.DataError, match="--eval_only runs in one process: start it with python, not torchrun"):
         em.check_config(cfg, world=2)
@@ -2837,18 +2837,18 @@ def test_temperature_and_threshold_are_recovered():
 
 
 def test_eval_only_takes_the_threshold_chosen_on_val_unless_given(fire_files):
-    ckpt = dict(config=em.get_config(["--pred_thresh", "0.5"]), calibration=dict(pred_thresh=0.3, temperature=1.7))
-    assert em.eval_config(em.get_config([]), ckpt, set())["pred_thresh"] == 0.3
-    given = em.eval_config(em.get_config(["--pred_thresh", "0.6"]), ckpt, {"pred_thresh"})
+    ckpt = dict(config=em.parse_config(["--pred_thresh", "0.5"]), calibration=dict(pred_thresh=0.3, temperature=1.7))
+    assert em.eval_config(em.parse_config([]), ckpt, set())["pred_thresh"] == 0.3
+    given = em.eval_config(em.parse_config(["--pred_thresh", "0.6"]), ckpt, {"pred_thresh"})
     assert given["pred_thresh"] == 0.6
     del ckpt["calibration"]  # a checkpoint from before calibration: its training threshold
-    assert em.eval_config(em.get_config([]), ckpt, set())["pred_thresh"] == 0.5
+    assert em.eval_config(em.parse_config([]), ckpt, set())["pred_thresh"] == 0.5
 
 
 def test_rollout_strip_has_a_legend_of_its_colours(fire_files, monkeypatch):
     figs = []
     monkeypatch.setattr(data, "atomic_savefig", lambda fig, path, **kw: figs.append(fig))
-    cfg = em.get_config(["--history", "3"])
+    cfg = em.parse_config(["--history", "3"])
     em.plot_rollout_strip(cfg, tiny_model(), fire_dict(fire_files["other"]), 2, None, "strip.png")
     labels = [t.get_text() for leg in figs[0].legends for t in leg.get_texts()]
     assert labels == ["truth: burned since t0", "hit", "false alarm", "miss", "burning at t0"]
@@ -2883,7 +2883,7 @@ def test_ensemble_members_are_seeded_and_reduce_to_the_deterministic_rollout(fir
     """Every member is reproducible; members differ where probabilities are in between; with probabilities of
     exactly 0 or 1 (the model's own mask, as logits +-30) sampling is thresholding, so any number of members gives
     the deterministic rollout, and sigma 0 leaves the wind alone."""
-    cfg = em.get_config(["--history", "3", "--members", "3", "--rollout", "3", "--eval_only", "--model", "m"])
+    cfg = em.parse_config(["--history", "3", "--members", "3", "--rollout", "3", "--eval_only", "--model", "m"])
     D, net = fire_dict(fire_files["other"]), tiny_model(seed=2)
     s, t0 = em.rollout_starts(*D["fire"].shape[:2], 3)
     s, t0 = s[:4], t0[:4]
@@ -2901,7 +2901,7 @@ def test_ensemble_members_are_seeded_and_reduce_to_the_deterministic_rollout(fir
 
 
 def test_rollout_reports_whole_area_jaccard_and_brier_per_lead(fire_files):
-    cfg = em.get_config(["--history", "3", "--members", "2", "--rollout", "2", "--eval_only", "--model", "m"])
+    cfg = em.parse_config(["--history", "3", "--members", "2", "--rollout", "2", "--eval_only", "--model", "m"])
     D, net = fire_dict(fire_files["other"]), tiny_model()
     by_method, n = em.rollout_scores(cfg, net, D, 2, None)
     assert list(by_method) == [*em.ROLLOUT_METHODS, "ensemble"]
@@ -2923,4 +2923,4 @@ def test_rollout_reports_whole_area_jaccard_and_brier_per_lead(fire_files):
         assert per[k - 1]["brier"] == pytest.approx(truth[cells].float().mean().item())
     for flags in (["--members", "2"], ["--rollout", "2", "--wind_sigma", "1"]):
         with pytest.raises(data.DataError, match="--members|--wind_sigma"):
-            em.check_mode(em.get_config(["--eval_only", "--model", "m", *flags]))
+            em.check_mode(em.parse_config(["--eval_only", "--model", "m", *flags]))
