@@ -124,13 +124,9 @@ def param_groups(model, wd, decay):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        m = re.match(r"encoder\.blocks\.(\d+)\.", name)
-        if m:
-            layer = int(m.group(1)) + 1
-        elif name.startswith("encoder.") and not name.startswith("encoder.norm"):
-            layer = 0
-        else:
-            layer = top
+        block = re.match(r"encoder\.blocks\.(\d+)\.", name)
+        embedding = name.startswith("encoder.") and not name.startswith("encoder.norm")
+        layer = int(block.group(1)) + 1 if block else 0 if embedding else top
         no_wd = p.ndim < 2 or "pos" in name or "cls" in name
         g = groups.setdefault((layer, no_wd), dict(params=[], lr_scale=decay ** (top - layer),
                                                    weight_decay=0.0 if no_wd else wd))
@@ -160,8 +156,7 @@ def build_network(method, enc, cfg):
 
 def physics_feature(rel):
     """Surface-to-cloud-top contrast (N,) of relative profiles rel (N, W): the clear-sky level (or the profile's
-    own warmest pixel where that is warmer) minus the coldest pixel; the lapse rate turns it into cloud-top
-    height and, with the thickness, base height."""
+    warmest pixel, if warmer) minus the coldest pixel; through the lapse rate it tracks cloud-top height."""
     return np.maximum(rel.max(1), 0.0) - rel.min(1)
 
 
@@ -171,49 +166,32 @@ def physics_line(feature, y):
 
 
 def profile_features(rel):
-    """Per-frame tree features (N, F) of relative profiles (N, W): level statistics (mean, std, min, max,
-    percentiles, range, skewness), cross-track gradients, 4 segment means. No solar angles: they track the time
-    of day and so identify a flight. A frame's features depend on that frame (and its flight's level) only."""
+    """Tree features (N, F) of relative profiles (N, W): level statistics, cross-track gradients, 4 segment means.
+    No solar angles: they track the time of day and so identify a flight."""
     x = np.asarray(rel, np.float64)  # (N, W)
     pct = np.percentile(x, [5, 10, 25, 50, 75, 90, 95], axis=1).T  # (N, 7)
     mean, std = x.mean(1), x.std(1) + 1e-9
     skew = (((x - mean[:, None]) / std[:, None]) ** 3).mean(1)
-    g = np.diff(x, axis=1)  # (N, W-1) cross-track gradient
-    g2 = np.diff(x, 2, axis=1)
-    seg = np.stack([s.mean(1) for s in np.array_split(x, 4, axis=1)], 1)  # (N, 4) cross-track shape
-    cols = [mean, std, x.min(1), x.max(1), *pct.T, pct[:, 6] - pct[:, 0], skew,
-            np.abs(g).mean(1), g.std(1), np.abs(g).max(1), np.abs(g2).mean(1), *seg.T]
-    return np.stack(cols, 1)
-
-
-def fit_bins(X, max_bins):
-    """Bin edges per feature: the midpoints between its unique values (at most max_bins + 1 of them), else
-    between max_bins + 1 quantiles."""
-    edges = []
-    for col in X.T:
-        u = np.unique(col)
-        if len(u) > max_bins + 1:
-            u = np.unique(np.quantile(col, np.linspace(0, 1, max_bins + 1)))
-        edges.append((u[:-1] + u[1:]) / 2)
-    return edges
-
-
-def apply_bins(X, edges):
-    # bin b of a feature holds edges[b-1] <= x < edges[b], so "bin <= b" means "x < edges[b]"
-    return np.stack([np.searchsorted(e, col, side="right") for e, col in zip(edges, X.T)], 1)  # (N, F)
+    g, g2 = np.diff(x, axis=1), np.diff(x, 2, axis=1)  # (N, W-1), (N, W-2) cross-track gradients
+    seg = [s.mean(1) for s in np.array_split(x, 4, axis=1)]  # 4 x (N,) cross-track shape
+    return np.stack([mean, std, x.min(1), x.max(1), *pct.T, pct[:, 6] - pct[:, 0], skew,
+                     np.abs(g).mean(1), g.std(1), np.abs(g).max(1), np.abs(g2).mean(1), *seg], 1)
 
 
 def gbrt_fit(X, y, n_trees=100, depth=5, lr=0.1, min_leaf=1, max_bins=255):
-    """Gradient boosting, squared loss, histogram splits, grown level by level for all nodes at once. Trees are
-    complete heaps of `depth` levels (a node that cannot split sends all its samples left), so prediction is
-    `depth` vectorised steps per tree. Splits follow scikit-learn's GradientBoostingRegressor (exact splitter,
-    squared-error gain, threshold = the midpoint between the node's values either side, X rounded to float32): with
-    at most max_bins + 1 unique values per feature, held-out predictions equal scikit-learn's to float error
-    (test_all.py pins it) except where two features split a node identically (scikit-learn breaks that tie at
-    random, we by the lower feature index). More unique values get quantile bins: fewer candidate thresholds."""
+    """Gradient boosting, squared loss, histogram splits, grown level by level for all nodes at once, as complete
+    heaps of `depth` levels (a node that cannot split sends all its samples left). Splits follow scikit-learn's
+    GradientBoostingRegressor: with at most max_bins + 1 unique values per feature, held-out predictions equal its
+    to float error (test_all.py pins it) except where two features split a node identically (it breaks that tie
+    at random, we by the lower feature index). More unique values get quantile bins: fewer candidate thresholds."""
     X, y = np.asarray(X, np.float32).astype(np.float64), np.asarray(y, np.float64)
-    edges = fit_bins(X, max_bins)
-    xb = apply_bins(X, edges)  # (N, F)
+    edges = []  # per feature: midpoints between its unique values, or between max_bins + 1 quantiles
+    for col in X.T:
+        u = np.unique(col)
+        u = np.unique(np.quantile(col, np.linspace(0, 1, max_bins + 1))) if len(u) > max_bins + 1 else u
+        edges.append((u[:-1] + u[1:]) / 2)
+    # bin b of a feature holds edges[b-1] <= x < edges[b], so "bin <= b" means "x < edges[b]"
+    xb = np.stack([np.searchsorted(e, col, side="right") for e, col in zip(edges, X.T)], 1)  # (N, F)
     n, nf = xb.shape
     nb = max(len(e) for e in edges) + 1  # bins per feature (fewer than max_bins + 1 on small data)
     flat = xb + np.arange(nf) * nb  # (N, F) positions in one node's (F, nb) histogram
@@ -284,10 +262,10 @@ def make_folds(d, cfg):
     if cfg["split"] == "blocked":
         folds = []
         for k in range(cfg["n_folds"]):
-            train0 = data.split_blocked(flight, frame, cfg["n_folds"], k, 0)[0]
-            gap = data.decorrelation_lag(d["cbh_km"][train0], flight[train0], frame[train0], ACF_THRESHOLD)
-            train, test = data.split_blocked(flight, frame, cfg["n_folds"], k, gap)
-            folds.append(dict(name=f"block {k} (gap {gap})", train=train, test=test))
+            tr = data.split_blocked(flight, frame, cfg["n_folds"], k, 0)[0]
+            gap = data.decorrelation_lag(d["cbh_km"][tr], flight[tr], frame[tr], ACF_THRESHOLD)
+            folds.append(dict(zip(("train", "test"), data.split_blocked(flight, frame, cfg["n_folds"], k, gap)),
+                              name=f"block {k} (gap {gap})"))
         return folds
     print("warning: --split random puts neighbouring, strongly correlated frames in train and test; its "
           "scores are optimistic (kept only to compare with the seed's protocol)")
@@ -302,16 +280,14 @@ def budget_frames(train, flight, frame, budget):
     keep = []
     for fl in np.unique(flight[train]):
         idx = train[flight[train] == fl]
-        idx = idx[np.argsort(frame[idx], kind="stable")]
-        k = max(1, int(round(budget * len(idx))))
-        start = (len(idx) - k) // 2
-        keep.append(idx[start:start + k])
+        idx, k = idx[np.argsort(frame[idx], kind="stable")], max(1, int(round(budget * len(idx))))
+        keep.append(idx[(len(idx) - k) // 2:][:k])
     return np.sort(np.concatenate(keep))
 
 
 def stopping_split(labelled, flight, fold_index, seed):
-    """(fit, val): the network trains on `fit` and stops on `val`, one whole training flight (held out in
-    turn: fold k, seed s takes training flight (k + s) mod n), so stopping rewards what transfers to a new flight."""
+    """(fit, val): the network stops on one whole training flight, (k + s) mod n for fold k and seed s, so
+    stopping rewards what transfers to a new flight."""
     flights = np.unique(flight[labelled])
     val_fl = flights[(fold_index + seed) % len(flights)]
     return labelled[flight[labelled] != val_fl], labelled[flight[labelled] == val_fl]
@@ -364,17 +340,14 @@ def predict_std(net, x, line, idx, amp_dtype, feats=None):
     net.eval()
     with torch.no_grad(), torch.autocast(x.device.type, amp_dtype, enabled=amp_dtype is not None):
         if feats is not None:
-            out = net.from_features(feats[0][idx], line[idx])
-        else:
-            out = torch.cat([net(x[idx[i:i + 4096]], line[idx[i:i + 4096]]) for i in range(0, len(idx), 4096)])
-    return out.float()
+            return net.from_features(feats[0][idx], line[idx]).float()
+        return torch.cat([net(x[idx[i:i + 4096]], line[idx[i:i + 4096]]) for i in range(0, len(idx), 4096)]).float()
 
 
 def train_epoch(net, opt, scaler, batch, fit, cfg, gen, amp_dtype, lr_at, where):
-    """One epoch over the fit frames (a tensor of indices). batch(idx, flip) -> (predictions, targets) runs the
-    model (stage 1 on cached features, stage 2 end to end). A non-finite loss stops the run before its step is
-    taken (with fp16's GradScaler, only 20 in a row: the scaler skips single overflowing steps by design).
-    Returns the mean training loss."""
+    """One epoch over the fit frames (a tensor of indices) -> the mean training loss. batch(idx, flip) ->
+    (predictions, targets). A non-finite loss stops the run before its step is taken (with fp16's GradScaler,
+    only 20 in a row: the scaler skips single overflowing steps by design)."""
     total, bad_run, batches = 0.0, 0, epoch_batches(len(fit), cfg, gen)
     for i, b in enumerate(batches):
         for g in opt.param_groups:
@@ -421,9 +394,9 @@ def train_network(method, fit, val, t, enc, cfg, amp, unit_seed, log):
             if feats is None:
                 return net(torch.where(flip[:, None, None], t["x"][idx].flip(-1), t["x"][idx]), line[idx]), target[idx]
             return net.from_features(torch.where(flip[:, None], feats[1][idx], feats[0][idx]), line[idx]), target[idx]
-        bad = 0
+        bad_epochs = 0
         for epoch in range(n_epochs):
-            if bad >= cfg["patience"]:
+            if bad_epochs >= cfg["patience"]:
                 break
             t0, where = time.time(), f"{method} seed {unit_seed} stage {si + 1} epoch {epoch + 1}"
             lr_at = lambda i: get_lr(epoch * n_steps + i, n_epochs * n_steps, WARMUP_EPOCHS * n_steps, peak,
@@ -436,7 +409,7 @@ def train_network(method, fit, val, t, enc, cfg, amp, unit_seed, log):
             if not math.isfinite(mse):
                 raise data.NonFiniteLoss(f"finetune_cbh.py, {where}: the held-out error is not finite; lower --lr "
                                          "or --ft_lr, or keep --grad_clip on")
-            bad = 0 if mse < best["mse"] else bad + 1
+            bad_epochs = 0 if mse < best["mse"] else bad_epochs + 1
             if mse < best["mse"]:
                 best = dict(mse=mse, state={k: v.detach().clone() for k, v in net.state_dict().items()})
             log(dict(stage=si + 1, epoch=epoch + 1, train_loss=train_loss, val_mse_km2=mse, lr=lr_at(n_steps - 1),
@@ -454,9 +427,8 @@ def network_km(net, stats, t, idx, amp_dtype):
 
 
 def amp_policy(dev, cfg, t, enc, stored=None):
-    """(autocast dtype or None, use GradScaler): data.cuda_autocast on CUDA; on the CPU `stored` ('bf16'/'fp32',
-    what a resumed run or a saved model chose), else data.choose_cpu_dtype(cpu_bf16), which under auto times a few
-    end-to-end training steps of the network both ways."""
+    """(autocast dtype or None, use GradScaler): CUDA's policy; on the CPU `stored` ('bf16'/'fp32', what a resumed
+    run or a saved model chose), else data.choose_cpu_dtype timing training steps of the network."""
     if dev.type != "cpu":
         return data.cuda_autocast(dev)
     if stored:
@@ -494,11 +466,11 @@ def parse_list(cfg):
 
 
 def load_encoder_source(cfg, width):
-    """dict(config, state, norm_mean, norm_std, flat_field) of the encoder the networks start from; state None =
+    """dict(config, state, norm (mean, std), flat_field) of the encoder the networks start from; state None =
     --pretrained none (scratch builds SCRATCH_SIZE, normalised with the labelled file's own statistics)."""
     if cfg["pretrained"] == "none":
         enc_cfg = mae.encoder_config(dict(mae.MODEL_SIZES[SCRATCH_SIZE], width=width, in_chans=1))
-        return dict(config=enc_cfg, state=None, norm_mean=None, norm_std=None, flat_field=None)
+        return dict(config=enc_cfg, state=None, norm=None, flat_field=None)
     encoder, meta = mae.load_encoder(cfg["pretrained"])
     if meta["config"].get("width", width) != width:
         raise data.DataError(f"{cfg['pretrained']}: encoder expects profiles of width {meta['config']['width']}, "
@@ -506,7 +478,8 @@ def load_encoder_source(cfg, width):
     if meta["input"] != "relative":
         raise data.DataError(f"{cfg['pretrained']}: encoder was pre-trained on --input {meta['input']}; CBH needs "
                              "--input relative (mae.py's default): pre-train again")
-    return dict(meta, state=encoder.state_dict())
+    norm = tuple(float(np.ravel(meta[k])[0]) for k in ("norm_mean", "norm_std"))
+    return dict(meta, state=encoder.state_dict(), norm=norm)
 
 
 def preprocess(d, gain, where):
@@ -517,15 +490,14 @@ def preprocess(d, gain, where):
     return dict(rel=rel, phys=physics_feature(rel), features=profile_features(rel), gain=gain)
 
 
-def network_tensors(prep, d, enc, dev):
-    """What every network unit shares, resident on dev: x (N, 1, W) normalised relative profiles (the encoder's
-    statistics, from unlabelled profiles), y (N,) CBH in km, phys (N,) the physics feature."""
+def network_tensors(prep, norm, dev, y=None):
+    """What every network shares, resident on dev: x (N, 1, W) relative profiles normalised with norm = (mean,
+    std) (the encoder's, from unlabelled profiles; None: these profiles' own), phys (N,) and y (N,) CBH in km."""
     x = prep["rel"][:, None]  # (N, 1, W)
-    mean, std = (enc["norm_mean"][0], enc["norm_std"][0]) if enc["state"] is not None else data.norm_stats(x)
-    mean, std = np.ravel(mean)[0], np.ravel(std)[0]
-    return dict(x=torch.as_tensor((x - mean) / std, dtype=torch.float32, device=dev), norm=(float(mean), float(std)),
-                y=torch.as_tensor(d["cbh_km"], dtype=torch.float32, device=dev),
-                phys=torch.as_tensor(prep["phys"], dtype=torch.float32, device=dev))
+    norm = norm or tuple(float(np.ravel(v)[0]) for v in data.norm_stats(x))
+    as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)
+    return dict(x=as_tensor((x - norm[0]) / norm[1]), norm=norm, phys=as_tensor(prep["phys"]),
+                y=None if y is None else as_tensor(y))
 
 
 def load_inputs(cfg, dev):
@@ -539,7 +511,7 @@ def load_inputs(cfg, dev):
         print("note: --pretrained none: skipping finetune and probe (they need a pre-trained encoder)")
         names = [m for m in names if m not in ("finetune", "probe")]
     prep = preprocess(d, enc["flat_field"], path)  # the encoder's flat field (from unlabelled profiles) if any
-    t = network_tensors(prep, d, enc, dev) if set(names) & set(NETWORKS) else None
+    t = network_tensors(prep, enc["norm"], dev, d["cbh_km"]) if set(names) & set(NETWORKS) else None
     print(f"{len(d['cbh_km'])} labelled profiles from {path}, {len(np.unique(d['flight']))} flights; split "
           f"{cfg['split']} ({len(folds)} folds); budgets {', '.join(f'{b:g}' for b in budgets)}; methods "
           f"{', '.join(names)}; device {dev}")
@@ -575,9 +547,8 @@ def run_unit(unit, folds, budgets, d, prep, t, enc, cfg, amp, log):
 
 
 def load_resume(cfg, log_path, data_hash):
-    """The checkpoint of an interrupted comparison with these settings and data (data_hash: data.fingerprint of the
-    labelled file's arrays); None for a fresh run (its folder holds no log: data.check_run_folder). The log is
-    trimmed back to the rows the checkpoint accounts for, so no epoch is logged twice."""
+    """The checkpoint of an interrupted comparison with these settings and data (data_hash), or None for a fresh
+    run; the log is trimmed back to the rows the checkpoint accounts for, so no epoch is logged twice."""
     if not cfg["resume"]:
         return None
     ck = data.load_checkpoint(cfg["resume"])
@@ -596,8 +567,7 @@ def load_resume(cfg, log_path, data_hash):
 # outputs: tables, csv files, plots
 
 def pooled(done, folds, m, b, seed=None):
-    """All test indices of method m at budget index b over the folds and its predictions there: one seed's, or
-    (seed=None) the mean over its seeds."""
+    """(test indices, predictions) of method m at budget index b over the folds: one seed's or the seed mean."""
     tests, preds = [], []
     for k, f in enumerate(folds):
         p = [u["pred"] for u in done
@@ -609,8 +579,8 @@ def pooled(done, folds, m, b, seed=None):
 
 
 def method_row(done, folds, d, m, b):
-    """Pooled scores of method m at budget b: mean and std over seeds, the seed-mean predictions' R2 (committee),
-    and the mean inner-validation MSE (what stopped the networks: not a test score)."""
+    """Pooled scores of method m at budget b: mean and std over seeds, the seed-mean predictions' R2 (committee) and
+    the mean inner-validation MSE (what stopped the networks: not a test score)."""
     y = d["cbh_km"]
     seeds = sorted({u["seed"] for u in done if (u["method"], u["budget"]) == (m, b)})
     per_seed = [losses.regression_metrics(p, y[test]) for s in seeds for test, p in [pooled(done, folds, m, b, s)]]
@@ -656,18 +626,13 @@ def efficiency_rows(done, folds, budgets, d, names):
 
 
 def print_table(rows):
-    for budget in dict.fromkeys(r["budget"] for r in rows):
-        at = [r for r in rows if r["budget"] == budget]
-        print(f"budget {budget:g} ({at[0]['labelled_frames']} labelled training frames per fold):")
-        for r in at:
-            if " - " not in r["method"]:
-                inner = f"{r['inner_val_mse_km2']:.4f}" if r["inner_val_mse_km2"] != "" else "-"
-                print(f"  {r['method']:<9} pooled R2 {r['r2']:.3f} +- {r['r2_std']:.3f}  MAE {r['mae_km']:.3f} km  "
-                      f"committee R2 {r['committee_r2']:.3f}  inner-val MSE {inner} km^2")
-            else:
-                print(f"  {r['method']:<19} {r['r2']:+.3f} (these flights {r['r2_lo']:+.3f} .. {r['r2_hi']:+.3f}; "
-                      f"flights resampled {r['r2_lo_flights']:+.3f} .. {r['r2_hi_flights']:+.3f}); better on "
-                      f"{r['flights_better']}, worse on {r['flights_worse']} flights")
+    for r in rows:
+        if " - " not in r["method"]:
+            print(f"budget {r['budget']:g} ({r['labelled_frames']} labels) {r['method']:<9} pooled R2 {r['r2']:.3f} "
+                  f"+- {r['r2_std']:.3f}  MAE {r['mae_km']:.3f} km  committee R2 {r['committee_r2']:.3f}")
+        else:
+            print(f"  {r['method']:<19} {r['r2']:+.3f} (95%, flights resampled {r['r2_lo_flights']:+.3f} .. "
+                  f"{r['r2_hi_flights']:+.3f}); better on {r['flights_better']}, worse on {r['flights_worse']} flights")
 
 
 def unit_rows(done, folds, budgets, d):
@@ -765,8 +730,8 @@ def report(done, folds, budgets, d, names, out_dir):
 def compare(cfg, dev):
     t_start = time.time()
     d, prep, folds, names, budgets, enc, t = load_inputs(cfg, dev)
-    ckpt_path, log_path = os.path.join(cfg["out_dir"], "checkpoints", "latest.pth"), os.path.join(cfg["out_dir"],
-                                                                                                   "log.csv")
+    ckpt_path = os.path.join(cfg["out_dir"], "checkpoints", "latest.pth")
+    log_path = os.path.join(cfg["out_dir"], "log.csv")
     data_hash = data.fingerprint(d["images"], d["metadata"], d["cbh_km"])
     ck = load_resume(cfg, log_path, data_hash)
     data.claim_out_dir(cfg["out_dir"])
@@ -803,9 +768,8 @@ FINAL_KEYS = ("data_path", "pretrained", "head_hidden", "head_epochs", "epochs",
 
 
 def cross_validated(cfg, method):
-    """The method's full-label pooled scores from the COMPLETED comparison in out_dir, if it used these settings
-    (paths compared as absolute paths); else 'not cross-validated'. An incomplete comparison there is refused: its
-    results.csv may be an older run's."""
+    """The method's full-label pooled scores from the COMPLETED comparison in out_dir if it used these settings,
+    else 'not cross-validated'; an incomplete comparison there is refused (its results may be an older run's)."""
     path = os.path.join(cfg["out_dir"], "checkpoints", "latest.pth")
     ck = data.load_checkpoint(path) if os.path.isfile(path) else {}
     if ck.get("kind") != "cbh_comparison":
@@ -844,10 +808,9 @@ def train_final(cfg, dev):
         if len(np.unique(d["flight"])) < 2:
             raise data.DataError(f"--final {method} needs at least 2 flights (the last one stops the training)")
         last = d["flight"] == d["flight"].max()
-        t = network_tensors(prep, d, enc, dev)
+        t = network_tensors(prep, enc["norm"], dev, y)
         amp = amp_policy(dev, cfg, t, enc)
-        log = lambda r: print(f"  {method} stage {r['stage']} epoch {r['epoch']} stopping-flight MSE "
-                              f"{r['val_mse_km2']:.4f} km^2")
+        log = lambda r: print(f"  {method} stage {r['stage']} epoch {r['epoch']} MSE {r['val_mse_km2']:.4f} km^2")
         net, stats, _ = train_network(method, np.flatnonzero(~last), np.flatnonzero(last), t, enc, cfg, amp,
                                       cfg["seed"], log)
         saved.update(state=net.state_dict(), stats=stats, encoder_config=enc["config"], norm=t["norm"],
@@ -878,9 +841,7 @@ def predict_km(m, d, dev, where):
     else:
         net = CBHNet(mae.build_encoder(m["encoder_config"]), m["head_hidden"]).to(dev)
         net.load_state_dict(m["state"])
-        mean, std = m["norm"]
-        t = dict(x=torch.as_tensor((prep["rel"][:, None] - mean) / std, dtype=torch.float32, device=dev),
-                 phys=torch.as_tensor(prep["phys"], dtype=torch.float32, device=dev))
+        t = network_tensors(prep, m["norm"], dev)
         amp = amp_policy(dev, None, None, None, stored=m["cpu_autocast"])[0]  # as it trained (CUDA: bf16/fp16)
         pred = network_km(net, m["stats"], t, np.arange(len(prep["phys"])), amp)
     return np.clip(pred, 0.0, data.MAX_CBH_KM).astype(np.float32)
@@ -919,24 +880,23 @@ def plot_flights(d, pred, m, stem, plot_dir):
     """Predicted CBH along each flight (frame index), lidar CBH where the file has it, and the model's
     cross-validated MAE as a band, so nobody reads the final model as better than its LOFO score."""
     os.makedirs(plot_dir, exist_ok=True)
-    cv = m["cv"]
-    band = cv["mae_km"] if isinstance(cv, dict) else None
+    cv = m["cv"] if isinstance(m["cv"], dict) else None
+    score = f"{cv['split']} cross-validated R2 {cv['r2']:.2f}, MAE {cv['mae_km']:.3f} km" if cv else "not cross-validated"
     for fl in np.unique(d["flight"]):
         sel = np.flatnonzero(d["flight"] == fl)
         sel = sel[np.argsort(d["frame"][sel], kind="stable")]
         fig, ax = plt.subplots(figsize=(10, 3.5))
         ax.plot(d["frame"][sel], pred[sel], lw=0.8, color="tab:blue", label=f"predicted ({m['method']})")
-        if band is not None:
+        if cv:
+            band = cv["mae_km"]
             ax.fill_between(d["frame"][sel], pred[sel] - band, pred[sel] + band, color="tab:blue", alpha=0.2,
                             lw=0, label=f"+- cross-validated MAE {band:.3f} km")
         if "cbh_km" in d:
             ax.plot(d["frame"][sel], d["cbh_km"][sel], ".", ms=3, color="k", label="lidar CBH")
-        score = (f"{cv['split']} cross-validated R2 {cv['r2']:.2f}, MAE {cv['mae_km']:.3f} km" if band is not None
-                 else "not cross-validated")
         ax.set(xlabel="frame", ylabel="cloud base height (km)", title=f"{stem}, flight {fl}: {score}")
         ax.legend(fontsize=7, loc="upper right")
         fig.tight_layout()
-        fig.savefig(os.path.join(plot_dir, f"cbh_{stem}_flight_{fl}.png"), dpi=100)
+        data.atomic_savefig(fig, os.path.join(plot_dir, f"cbh_{stem}_flight_{fl}.png"), dpi=100)
         plt.close(fig)
 
 
