@@ -15,6 +15,7 @@ import csv
 import errno
 import gc
 import hashlib
+import json
 import math
 import os
 import random
@@ -437,6 +438,13 @@ def atomic_write_csv(path, rows):
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
+    _atomic_write(path, write)
+
+
+def atomic_write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
     _atomic_write(path, write)
 
 

@@ -29,7 +29,6 @@ import copy
 import csv
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import random
@@ -800,23 +799,28 @@ def calibration_data(cfg, model, D, amp, split):
 
 
 def fit_calibration(cfg, model, D, amp):
-    """After training, on the VALIDATION fires only: one temperature for the probabilities and the
-    decision threshold with the highest new-burn F1 (as a raw-model probability, what --pred_thresh
-    means) -> dict for best.pth."""
+    """After training, on the VALIDATION fires only: a monotone map from the model's logit to a calibrated
+    probability near the fire (losses.fit_reliability; None without such cells) and the decision threshold
+    with the highest new-burn F1 (a raw-model probability, what --pred_thresh means) -> dict for best.pth."""
     logits, y, _, hist = calibration_data(cfg, model, D, amp, "val")
-    temperature = losses.fit_temperature(logits, y) if len(y) else 1.0
     cut, f1 = losses.best_f1_threshold(hist)
-    return dict(temperature=temperature, pred_thresh=float(torch.sigmoid(torch.tensor(cut))), val_new_f1=f1,
-                val_cells=len(y))
+    return dict(reliability=losses.fit_reliability(logits, y) if len(y) else None, val_new_f1=f1,
+                pred_thresh=float(torch.sigmoid(torch.tensor(cut))), val_cells=len(y))
 
 
-def calibration_report(cfg, model, D, amp, split, temperature):
+def calibrated(logits, reliability):
+    """Probabilities of logits through the run's reliability map (raw sigmoid when it has none)."""
+    return torch.sigmoid(logits) if reliability is None else losses.apply_reliability(logits, reliability)
+
+
+def calibration_report(cfg, model, D, amp, split, reliability):
     """Brier score (with its climatological skill) and ECE on the split's cells near the fire, of the raw and
-    the temperature-scaled probabilities, and of wind dilation's 0/1 forecast on the same cells."""
+    the calibrated probabilities (the val map), and of wind dilation's 0/1 forecast on the same cells."""
     logits, y, dilated, _ = calibration_data(cfg, model, D, amp, split)
     return dict(raw=losses.calibration(torch.sigmoid(logits), y),
-                calibrated=losses.calibration(torch.sigmoid(logits / temperature), y),
-                dilation=losses.calibration(dilated, y), temperature=temperature, near_cells=NEAR_CELLS)
+                calibrated=losses.calibration(calibrated(logits, reliability), y),
+                dilation=losses.calibration(dilated, y), mapped=reliability is not None,
+                near_cells=NEAR_CELLS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -834,8 +838,8 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
     last `history` frames in all), the true static channels and the OBSERVED wind of each frame (a perfect
     wind forecast). A forecast is the probability thresholded at pred_thresh OR the previous frame, so no
     cell un-burns (a 'full' target model could). An ensemble member (gen, a seeded CPU generator)
-    instead burns the cells whose temperature-scaled probability exceeds one uniform draw per
-    fire and step, and sees the wind plus N(0, wind_sigma^2) m/s noise per frame and component.
+    instead burns the cells within NEAR_CELLS of its fire whose calibrated probability exceeds one uniform
+    draw per fire and step, and sees the wind plus N(0, wind_sigma^2) m/s noise per frame and component.
     s, t0 (B,) -> (B, n_steps, H, W) bool."""
     model.eval()
     dev = D["fire"].device
@@ -848,14 +852,19 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
         wind = wind + (wind_sigma * torch.randn(wind.shape, generator=gen)).to(dev)
     for k in range(n_steps):  # fire_batch reads frames <= t0 + k only: the truth to t0, forecasts after
         hist, w, lengths, _ = data.fire_batch(seq, wind, rows, t0 + k, cfg["history"])
-        prob = torch.sigmoid(model_logits(model, hist, w, lengths, static, amp))  # (B, H, W)
-        if gen is not None:  # a member draws from the calibrated probability (the run's temperature, if any)
-            prob = torch.sigmoid(torch.logit(prob, eps=1e-7) / cfg.get("temperature", 1.0))
-        # a member draws ONE uniform per fire and step and burns the cells whose probability exceeds it:
-        # each cell still burns with its probability, but a member stays one coherent front (independent
-        # draws per cell would light far cells of small probability all over a large grid)
-        draw = cfg["pred_thresh"] if gen is None else torch.rand(len(s), 1, 1, generator=gen).to(dev)
-        seq[rows, t0 + k + 1] = ((prob > draw) | (seq[rows, t0 + k] > 0)).to(seq.dtype)
+        logits = model_logits(model, hist, w, lengths, static, amp)  # (B, H, W)
+        burning = seq[rows, t0 + k] > 0  # (B, H, W)
+        if gen is None:
+            new = torch.sigmoid(logits) > cfg["pred_thresh"]
+        else:
+            # a member draws ONE uniform per fire and step and burns the cells whose calibrated probability
+            # exceeds it: each cell burns with its probability, but the member stays one coherent front.
+            # Only cells near its fire may burn, where the map was fitted: a low draw must not light the
+            # far field, whose probabilities it never saw
+            near = F.max_pool2d(burning[:, None].float(), 2 * NEAR_CELLS + 1, 1, NEAR_CELLS)[:, 0] > 0.5
+            draw = torch.rand(len(s), 1, 1, generator=gen).to(dev)
+            new = near & (calibrated(logits, cfg.get("reliability")) > draw)
+        seq[rows, t0 + k + 1] = (new | burning).to(seq.dtype)
     return seq[rows[:, None], t0[:, None] + 1 + torch.arange(n_steps, device=dev)] > 0
 
 
@@ -1050,14 +1059,15 @@ def plot_curves(log_path, base, path):
 def print_calibration(report, where):
     raw, cal, dil = report["raw"], report["calibrated"], report["dilation"]
     print(f"calibration ({where}; {raw['n_cells']} cells within {report['near_cells']} of the fire, "
-          f"base rate {raw['base_rate']:.3f}): Brier {raw['brier']:.4f} -> {cal['brier']:.4f} with "
-          f"temperature {report['temperature']:.2f} (skill vs climatology {raw['brier_skill']:.3f} -> "
+          f"base rate {raw['base_rate']:.3f}): Brier {raw['brier']:.4f} -> {cal['brier']:.4f} "
+          f"{'calibrated on val' if report['mapped'] else '(no map stored)'} (skill vs climatology "
+          f"{raw['brier_skill']:.3f} -> "
           f"{cal['brier_skill']:.3f}; dilation's 0/1 forecast {dil['brier']:.4f}), "
           f"ECE {raw['ece']:.4f} -> {cal['ece']:.4f}")
 
 
 def plot_reliability(report, path, title):
-    """Predicted probability against observed frequency per bin, raw and temperature-scaled, with each bin's
+    """Predicted probability against observed frequency per bin, raw and calibrated on val, with each bin's
     cell count: a calibrated forecast lies on the diagonal."""
     import matplotlib
     matplotlib.use("Agg")
@@ -1068,8 +1078,8 @@ def plot_reliability(report, path, title):
     for name, style in (("raw", "o-"), ("calibrated", "s-")):
         r = report[name]
         pts = [(p, o, c) for c, p, o in r["bins"] if c]
-        label = (f"{name}{' (T = %.2f)' % report['temperature'] if name == 'calibrated' else ''}: "
-                 f"ECE {r['ece']:.3f}, Brier {r['brier']:.4f}")
+        label = (f"{name}{' (val map)' if name == 'calibrated' else ''}: ECE {r['ece']:.3f}, "
+                 f"Brier {r['brier']:.4f}")
         ax.plot([p for p, _, _ in pts], [o for _, o, _ in pts], style, ms=4, label=label)
         ax2.bar(np.arange(n_bins) + (0.2 if name == "calibrated" else -0.2), [c for c, _, _ in r["bins"]],
                 0.4, label=name)
@@ -1332,7 +1342,7 @@ def report_test(cfg, D, dev, amp):
     weights, best_epoch = data.broadcast_object((ckpt["model"], ckpt["epoch"]) if ckpt else None)
     model = build_model(cfg, D, dev)
     model.load_state_dict(weights)
-    # temperature and threshold from the val fires, stored in best.pth for --eval_only
+    # reliability map and threshold from the val fires, stored in best.pth for --eval_only
     with data.fail_together():
         if data.is_rank0():
             ckpt["calibration"] = fit_calibration(cfg, model, D, amp)
@@ -1341,7 +1351,7 @@ def report_test(cfg, D, dev, amp):
     scores_ = evaluate(dict(cfg, pred_thresh=cal["pred_thresh"]), model, D, amp, "test")  # over all processes
     with data.fail_together():
         if data.is_rank0():
-            report = calibration_report(cfg, model, D, amp, "test", cal["temperature"])
+            report = calibration_report(cfg, model, D, amp, "test", cal["reliability"])
             plot_reliability(report, os.path.join(cfg["out_dir"], "plots", "reliability.png"), "test fires")
             write_test_report(cfg, scores_, D, best_epoch, dict(cal, test=report))
 
@@ -1352,8 +1362,7 @@ def write_test_report(cfg, scores_, D, best_epoch, cal):
                   note="new_ap of the baselines = precision x recall at their single operating point; the "
                        "model's = average precision over new-burn cells; the model's hard-mask metrics use "
                        "the threshold chosen on val")
-    with open(os.path.join(cfg["out_dir"], "test_metrics.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    data.atomic_write_json(os.path.join(cfg["out_dir"], "test_metrics.json"), result)
     m, dil, per = result["model"], result["dilation"], result["persistence"]
     print(f"test ({result['test_samples']} samples, best.pth epoch {best_epoch}): new_f1 {m['new_f1']:.3f} "
           f"new_ap {m['new_ap']:.3f} f1 {m['f1']:.3f} | wind dilation new_f1 {dil['new_f1']:.3f} new_ap* "
@@ -1551,7 +1560,7 @@ def eval_config(cfg, ckpt, given):
     if "calibration" in ckpt and "pred_thresh" not in given:  # the threshold chosen on the run's val fires
         cfg["pred_thresh"] = ckpt["calibration"]["pred_thresh"]
     # not a flag: the run's, for members
-    cfg["temperature"] = ckpt.get("calibration", {}).get("temperature", 1.0)
+    cfg["reliability"] = ckpt.get("calibration", {}).get("reliability")  # None: a checkpoint without one
     return cfg
 
 
@@ -1575,7 +1584,7 @@ def evaluate_file(cfg, given):
           f"history {cfg['history']}, patch {cfg['patch_size']}, "
           f"pred_thresh {cfg['pred_thresh']}) -> {eval_dir}")
     report_one_step(cfg, net, D, amp, eval_dir)
-    report_calibration(cfg, net, D, amp, eval_dir, cfg["temperature"])
+    report_calibration(cfg, net, D, amp, eval_dir, cfg["reliability"])
     if cfg["rollout"]:
         report_rollout(cfg, net, D, amp, eval_dir)
 
@@ -1592,12 +1601,11 @@ def report_one_step(cfg, net, D, amp, eval_dir):
     print(f"  {n_pairs} pairs in {time.time() - t0:.1f}s")
 
 
-def report_calibration(cfg, net, D, amp, eval_dir, temperature):
-    """Brier, ECE and reliability of the probabilities near the fire, raw and with the run's temperature
-    (1.0 for a checkpoint without one) -> calibration.json, reliability.png, one line."""
-    report = calibration_report(cfg, net, D, amp, "eval", temperature)
-    with open(os.path.join(eval_dir, "calibration.json"), "w") as f:
-        json.dump(report, f, indent=1)
+def report_calibration(cfg, net, D, amp, eval_dir, reliability):
+    """Brier, ECE and reliability of the probabilities near the fire, raw and through the run's map (raw again
+    for a checkpoint without one) -> calibration.json, reliability.png, one line."""
+    report = calibration_report(cfg, net, D, amp, "eval", reliability)
+    data.atomic_write_json(os.path.join(eval_dir, "calibration.json"), report)
     plot_reliability(report, os.path.join(eval_dir, "reliability.png"), os.path.basename(D["path"]))
     print_calibration(report, os.path.basename(D["path"]))
 

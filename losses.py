@@ -1,7 +1,6 @@
 """
 Losses and metrics shared by the stages. Torch in, torch out for losses; metrics return floats.
 """
-import math
 
 import numpy as np
 import torch
@@ -102,17 +101,33 @@ def calibration(prob, target, n_bins=10):
                       for c, sp, sy in zip(count, sum_p, sum_y)])
 
 
-def fit_temperature(logits, target):
-    """The one temperature T > 0 that minimises the mean BCE of sigmoid(logits / T) against target (Guo et al.
-    2017): a log-spaced grid over 0.05..20, then a finer one around its best point. T > 1 softens
-    probabilities that overstate, T < 1 sharpens timid ones; the ranking, and so any threshold's set
-    of cells, is unchanged."""
+def fit_reliability(logits, target, n_bins=50):
+    """A monotone map logit -> probability fitted on (logits, target) (N,): isotonic regression on n_bins bins
+    of equal count (Zadrozny & Elkan 2002): each bin's mean logit and observed frequency, adjacent bins pooled
+    while the frequency would fall as the logit rises. One temperature only rescales the logits; this also
+    fixes probabilities that overstate in every bin. -> dict(logit=[...], prob=[...]), both increasing."""
     z, y = logits.detach().double().flatten(), target.detach().double().flatten()
-    nll = lambda ts: torch.stack([F.binary_cross_entropy_with_logits(z / t, y) for t in ts])
-    grid = torch.logspace(math.log10(0.05), math.log10(20), 61, dtype=torch.float64)
-    best = grid[int(nll(grid).argmin())]
-    fine = best * torch.logspace(-0.05, 0.05, 41, dtype=torch.float64)
-    return float(fine[int(nll(fine).argmin())])
+    order = z.argsort()
+    blocks = []  # [sum of logits, sum of outcomes, count] per pooled bin
+    for idx in torch.tensor_split(order, min(n_bins, len(z))):
+        blocks.append([float(z[idx].sum()), float(y[idx].sum()), len(idx)])
+        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] >= blocks[-1][1] / blocks[-1][2]:
+            last = blocks.pop()
+            blocks[-1] = [a + b for a, b in zip(blocks[-1], last)]
+    return dict(logit=[s / n for s, _, n in blocks], prob=[k / n for _, k, n in blocks])
+
+
+def apply_reliability(logits, m):
+    """Probabilities of logits (any shape) through a fit_reliability map: linear between its points, its end
+    values beyond them."""
+    x = torch.tensor(m["logit"], dtype=torch.float64, device=logits.device)
+    p = torch.tensor(m["prob"], dtype=torch.float64, device=logits.device)
+    if len(x) == 1:
+        return torch.full_like(logits, float(p[0]), dtype=torch.float32)
+    z = logits.double().clamp(float(x[0]), float(x[-1]))
+    i = torch.searchsorted(x, z.contiguous()).clamp(1, len(x) - 1)  # x[i - 1] <= z <= x[i]
+    w = (z - x[i - 1]) / (x[i] - x[i - 1])
+    return (p[i - 1] + w * (p[i] - p[i - 1])).float()
 
 
 def regression_metrics(pred, true):
