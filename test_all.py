@@ -262,7 +262,8 @@ def _centroid(m):
 
 def test_fire_generator_deterministic_monotone_downwind():
     d = data.generate_fires(n_seq=60, size=48, n_frames=16, seed=5)
-    np.testing.assert_array_equal(d["fire"], data.generate_fires(n_seq=60, size=48, n_frames=16, seed=5)["fire"])
+    np.testing.assert_array_equal(d["fire"],
+                                  data.generate_fires(n_seq=60, size=48, n_frames=16, seed=5)["fire"])
     f = d["fire"]
     assert set(np.unique(f)) <= {0, 1} and f[:, -1].sum() > f[:, 0].sum() * 20
     assert (np.diff(f.astype(int), axis=1) >= 0).all()  # cumulative burned area never shrinks
@@ -302,7 +303,8 @@ def test_default_datasets_use_real_schema(monkeypatch, tmp_path):
     """The embedded default is generated once into DATA_DIR and read back by the validating readers."""
     real = data.generate_clouds
     monkeypatch.setattr(data, "DATA_DIR", str(tmp_path))
-    monkeypatch.setattr(data, "generate_clouds", lambda: real(n_flights=2, frames_per_flight=300, n_labelled=40))
+    monkeypatch.setattr(data, "generate_clouds",
+                        lambda: real(n_flights=2, frames_per_flight=300, n_labelled=40))
     u, l = data.default_cloud_paths()
     assert os.path.dirname(u) == str(tmp_path)
     assert len(data.load_clouds(u)["images"]) == 600
@@ -353,7 +355,8 @@ def test_augment_profiles():
     ramp = torch.linspace(0, 1, 440).repeat(32, 1)
     c = data.augment_profiles(ramp, generator=g, flip=False, crop=True, jitter=False)
     span = c[:, -1] - c[:, 0]  # a crop keeps 80-100% of the ramp, resized back to 440 px
-    assert c.shape == ramp.shape and (span > 0.79).all() and (span <= 1.0 + 1e-6).all() and (span < 0.99).any()
+    assert (c.shape == ramp.shape and (span > 0.79).all() and (span <= 1.0 + 1e-6).all()
+            and (span < 0.99).any())
     assert torch.all(torch.diff(c, dim=1) >= -1e-6)  # linear interpolation keeps it monotone
     j = data.augment_profiles(x, generator=g, flip=False, crop=False, jitter=True)
     ratio = j.std(1) / x.std(1)
@@ -370,7 +373,8 @@ def test_fire_batch_right_pads_history():
     hist, wh, L, target = data.fire_batch(fire, wind, torch.tensor([0, 0, 1]), torch.tensor([0, 4, 2]), K=3)
     assert hist.shape == (3, 3, H, W) and wh.shape == (3, 3, 2) and target.shape == (3, H, W)
     assert L.tolist() == [1, 3, 3]
-    assert hist[0].sum((1, 2)).tolist() == [0, 0, 0] and (wh[0, 1:] == 0).all() and wh[0, 0].tolist() == [0, 1]
+    assert (hist[0].sum((1, 2)).tolist() == [0, 0, 0] and (wh[0, 1:] == 0).all()
+            and wh[0, 0].tolist() == [0, 1])
     assert hist[1].sum((1, 2)).tolist() == [2, 3, 0]  # frames 2, 3, 4 oldest first
     assert wh[1, :, 0].tolist() == [4, 6, 8]
     assert torch.equal(target[1], fire[0, 5].float())
@@ -410,7 +414,8 @@ def test_bce_dice_hand_values():
     assert loss.item() == pytest.approx(0.5 * np.log(2) + 0.5 * 0.5)
     # weights, and BCE positive-class weight: only the positive pixel's term is scaled
     loss2, bce2, _ = losses.bce_dice_loss(logits, target, bce_weight=1.0, dice_weight=0.0, pos_weight=3.0)
-    assert bce2.item() == pytest.approx((3 * np.log(2) + np.log(2)) / 2) and loss2.item() == pytest.approx(bce2.item())
+    assert (bce2.item() == pytest.approx((3 * np.log(2) + np.log(2)) / 2)
+            and loss2.item() == pytest.approx(bce2.item()))
     # empty target and (near) empty prediction: Dice loss ~0, not 0/0
     _, _, d_empty = losses.bce_dice_loss(torch.full((2, 4, 4), -30.0), torch.zeros(2, 4, 4))
     assert d_empty.item() == pytest.approx(0.0, abs=1e-6)
@@ -438,17 +443,19 @@ def test_seg_metrics_edge_cases_and_accumulation():
     assert c.tolist() == [2, 1, 1, 1]
     m = losses.seg_metrics(c)
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
-    assert m["f1"] == pytest.approx(2 / 3) and m["iou"] == pytest.approx(0.5) and m["accuracy"] == pytest.approx(0.6)
+    assert (m["f1"] == pytest.approx(2 / 3) and m["iou"] == pytest.approx(0.5)
+            and m["accuracy"] == pytest.approx(0.6))
     # mask restricts the counted pixels
-    assert losses.confusion_counts(p, t, mask=torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)).tolist() == [1, 1, 0, 0]
+    assert losses.confusion_counts(
+        p, t, mask=torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)).tolist() == [1, 1, 0, 0]
     # empty: nothing to find and nothing found is perfect
     z = torch.zeros(4, dtype=torch.bool)
-    assert losses.seg_metrics(losses.confusion_counts(z, z)) == dict(precision=1.0, recall=1.0, f1=1.0, iou=1.0,
-                                                                     accuracy=1.0)
+    assert losses.seg_metrics(losses.confusion_counts(z, z)) == dict(precision=1.0, recall=1.0, f1=1.0,
+                                                                     iou=1.0, accuracy=1.0)
     # all wrong
     o = torch.ones(4, dtype=torch.bool)
-    assert losses.seg_metrics(losses.confusion_counts(o, z)) == dict(precision=0.0, recall=0.0, f1=0.0, iou=0.0,
-                                                                     accuracy=0.0)
+    assert losses.seg_metrics(losses.confusion_counts(o, z)) == dict(precision=0.0, recall=0.0, f1=0.0,
+                                                                     iou=0.0, accuracy=0.0)
     assert losses.seg_metrics(losses.confusion_counts(z, o))["precision"] == 0.0
     # summing counts over batches equals counting the whole epoch at once
     g = torch.Generator().manual_seed(0)
@@ -460,16 +467,17 @@ def test_seg_metrics_edge_cases_and_accumulation():
 # ==============================================================================================
 # mae.py: masked-autoencoder pre-training
 
+# fixed precision: runs compare exactly
 MAE_TINY = ["--model_size", "tiny", "--batch_size", "32", "--lr", "2e-3", "--warmup_epochs", "1",
-            "--num_threads", "1", "--n_plot", "2", "--cpu_bf16", "off"]  # fixed precision: runs compare exactly
+            "--num_threads", "1", "--n_plot", "2", "--cpu_bf16", "off"]
 
 
 @pytest.fixture(scope="module")
 def mae_run4(tiny_clouds, tmp_path_factory):
     """An uninterrupted 4-epoch tiny run, shared by the tests below."""
     out = str(tmp_path_factory.mktemp("mae_run4"))
-    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2",
-                   *MAE_TINY)
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4",
+                   "--save_every", "2", *MAE_TINY)
     assert r.returncode == 0, r.stderr
     return out
 
@@ -510,7 +518,8 @@ def test_profile_channels_contrast_drops_the_absolute_level():
     raw, con, both = (data.profile_channels(x, m) for m in ("raw", "contrast", "both"))
     assert raw.shape == con.shape == (4, 1, 440) and both.shape == (4, 2, 440)
     np.testing.assert_array_equal(raw[:, 0], x)
-    np.testing.assert_allclose(data.profile_channels(x + 700.0, "contrast"), con, atol=1e-2)  # warmer sea: same
+    # warmer sea: same
+    np.testing.assert_allclose(data.profile_channels(x + 700.0, "contrast"), con, atol=1e-2)
     assert np.allclose(np.percentile(con[:, 0], data.WARM_PERCENTILE, axis=1), 0, atol=1e-2)
     np.testing.assert_array_equal(both[:, 0], x)
     np.testing.assert_array_equal(both[:, 1], con[:, 0])
@@ -595,8 +604,8 @@ def test_mae_optimizer_groups_exclude_norms_biases_embeddings():
 
 @pytest.mark.parametrize("stage", [mae, ft, em])
 def test_lr_schedule_is_one_pure_function_in_every_stage(stage):
-    """get_lr(step, total, warmup, peak, min_lr) in all three stages: linear warmup over 10 steps, then half-cosine
-    from the peak to min_lr at step 50 (exact values: a flat or linear schedule fails them)."""
+    """get_lr(step, total, warmup, peak, min_lr) in all three stages: linear warmup over 10 steps, then
+    half-cosine from the peak to min_lr at step 50 (exact values: a flat or linear schedule fails them)."""
     lrs = [stage.get_lr(s, 50, 10, 1e-3, 1e-5) for s in range(51)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)
     assert lrs[30] == pytest.approx((1e-3 + 1e-5) / 2)
@@ -639,7 +648,8 @@ def test_cpu_precision_choice_times_both_and_obeys_on_off():
     dtype, msg = data.choose_cpu_dtype("auto", no_bf16)
     assert dtype is None and "failed" in msg and "fp32" in msg
     ran.clear()
-    assert data.choose_cpu_dtype("on", step)[0] is torch.bfloat16 and data.choose_cpu_dtype("off", step)[0] is None
+    assert (data.choose_cpu_dtype("on", step)[0] is torch.bfloat16
+            and data.choose_cpu_dtype("off", step)[0] is None)
     assert ran == []  # on/off never time anything
 
 
@@ -698,27 +708,29 @@ def test_mae_resume_of_a_checkpoint_holding_another_model_is_refused(mae_run4, t
     """A checkpoint whose model differs from what today's preset builds (as 'small' with its former 2-block
     decoder) stops with one line, not a load_state_dict traceback, and writes nothing."""
     ckpt = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
-    extra = {k.replace("dec_blocks.0.", "dec_blocks.1."): v for k, v in ckpt["model"].items() if "dec_blocks.0." in k}
+    extra = {k.replace("dec_blocks.0.", "dec_blocks.1."): v for k, v in ckpt["model"].items()
+             if "dec_blocks.0." in k}
     ckpt["model"].update(extra)  # a second decoder block
     path = tmp_path / "two_block_decoder.pth"
     torch.save(ckpt, path)
     out = tmp_path / "out"
-    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2",
-                   *MAE_TINY, "--resume", path)
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4",
+                   "--save_every", "2", *MAE_TINY, "--resume", path)
     assert_one_line_error(r, str(path), "another model", "--model_size tiny")
     assert not os.path.exists(out / "log.csv")
     # another --model_size is a setting to name, not a changed preset
     flags = [f if f != "tiny" else "small" for f in MAE_TINY]
-    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2",
-                   *flags, "--resume", os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4",
+                   "--save_every", "2", *flags,
+                   "--resume", os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
     assert_one_line_error(r, "different settings", "--model_size 'tiny'")
     assert not os.path.exists(out / "log.csv")
     # the custom-only sizes of a preset run are not settings of its model: a change of them does not block
     # its resume (the constants block's dec_depth was 2 when 'small' had 2 decoder blocks)
     ckpt = data.load_checkpoint(os.path.join(mae_run4, "checkpoints/epoch_002.pth"))
     torch.save(dict(ckpt, config=dict(ckpt["config"], dec_depth=2, embed_dim=7)), path)
-    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4", "--save_every", "2",
-                   *MAE_TINY, "--resume", path)
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", out, "--epochs", "4",
+                   "--save_every", "2", *MAE_TINY, "--resume", path)
     assert r.returncode == 0, r.stderr
 
 
@@ -751,8 +763,10 @@ def test_mae_export_and_reload_encoder(mae_run4, tmp_path):
     assert torch.equal(enc.eval().features(x), m.encoder.eval().features(x))
     assert meta["config"] == mae.encoder_config(ck["model_config"]) and meta["config"]["width"] == 440
     assert meta["input"] == "relative" and meta["config"]["in_chans"] == 1  # mae.py's default input
-    assert len(meta["flat_field"]) == 440 and abs(np.mean(meta["flat_field"]) - 1) < 1e-9  # its file's flat field
-    assert meta["norm_mean"] == ck["norm_mean"] and meta["norm_std"] == ck["norm_std"] and min(meta["norm_std"]) > 0
+    # its file's flat field
+    assert len(meta["flat_field"]) == 440 and abs(np.mean(meta["flat_field"]) - 1) < 1e-9
+    assert (meta["norm_mean"] == ck["norm_mean"] and meta["norm_std"] == ck["norm_std"]
+            and min(meta["norm_std"]) > 0)
     assert len(enc.blocks) == 3 and enc.embed_dim == 128 and enc.num_patches == 22 and enc.patch_size == 20
     with pytest.raises(data.DataError, match="python mae.py"):
         mae.load_encoder(str(tmp_path / "missing.pth"))
@@ -769,7 +783,8 @@ def test_mae_bad_inputs_give_one_line_error(tiny_clouds, tmp_path):
              (["--data_path", tiny_clouds[0], "--resume", str(tmp_path / "nope.pth")], "nope.pth")]
     for i, (flags, words) in enumerate(cases):
         out = tmp_path / f"out{i}"
-        r = run_script("mae.py", "--out_dir", str(out), "--epochs", "1", *MAE_TINY, *flags)  # flags last: they win
+        # flags last: they win
+        r = run_script("mae.py", "--out_dir", str(out), "--epochs", "1", *MAE_TINY, *flags)
         assert_one_line_error(r, words)
         assert not out.exists()  # nothing written on bad input
 
@@ -788,15 +803,15 @@ def test_mae_flags_out_of_range_are_one_line_and_write_nothing(tmp_path, flags, 
 
 
 def test_resume_refuses_a_data_file_that_changed_under_the_same_name(tmp_path):
-    """Every stage stores a fingerprint of its data: a resumed run on other data (same path) is refused with one
-    line naming the file."""
+    """Every stage stores a fingerprint of its data: a resumed run on other data (same path) is refused with
+    one line naming the file."""
     u, l = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120, seed=0)
     u2, l2 = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120, seed=1)
     data.write_clouds(tmp_path / "unlab.h5", **u)
     data.write_clouds(tmp_path / "lab.h5", **l)
     mae_args = ["mae.py", "--data_path", tmp_path / "unlab.h5", "--out_dir", tmp_path / "m", *MAE_TINY]
-    ft_args = ["finetune_cbh.py", "--data_path", tmp_path / "lab.h5", "--out_dir", tmp_path / "f", "--pretrained",
-               "none", "--methods", "physics", "--budgets", "1"]
+    ft_args = ["finetune_cbh.py", "--data_path", tmp_path / "lab.h5", "--out_dir", tmp_path / "f",
+               "--pretrained", "none", "--methods", "physics", "--budgets", "1"]
     assert run_script(*mae_args, "--epochs", "1").returncode == 0
     assert run_script(*ft_args).returncode == 0
     data.write_clouds(tmp_path / "unlab.h5", **u2)  # the same names, other profiles and labels
@@ -805,8 +820,8 @@ def test_resume_refuses_a_data_file_that_changed_under_the_same_name(tmp_path):
     assert_one_line_error(r, "unlab.h5", "fingerprint")
     r = run_script(*ft_args, "--resume", tmp_path / "f/checkpoints/latest.pth")
     assert_one_line_error(r, "lab.h5", "fingerprint")
-    em_args = ["emberformer.py", "--data_path", tmp_path / "fires.h5", "--out_dir", tmp_path / "e", "--patch_size",
-               "4", "--history", "3", "--batch_size", "8", "--num_threads", "1"]
+    em_args = ["emberformer.py", "--data_path", tmp_path / "fires.h5", "--out_dir", tmp_path / "e",
+               "--patch_size", "4", "--history", "3", "--batch_size", "8", "--num_threads", "1"]
     data.write_fire(tmp_path / "fires.h5", **data.generate_fires(n_seq=6, size=16, n_frames=5, seed=0))
     assert run_script(*em_args, "--epochs", "1").returncode == 0
     data.write_fire(tmp_path / "fires.h5", **data.generate_fires(n_seq=6, size=16, n_frames=5, seed=1))
@@ -834,7 +849,8 @@ def test_mae_resume_survives_a_partial_last_log_line(tmp_path):
     log.write_text("epoch,train_loss\n1,0.5\n\n")
     data.trim_log(str(log), 3)
     assert log.read_text() == "epoch,train_loss\n1,0.5\n"
-    log.write_text("step,epoch,loss\n1,1,0.5\n2,1,0.4\n3,2,0.")  # emberformer's log_steps.csv: epoch not first
+    # emberformer's log_steps.csv: epoch not first
+    log.write_text("step,epoch,loss\n1,1,0.5\n2,1,0.4\n3,2,0.")
     data.trim_log(str(log), 2)
     assert log.read_text() == "step,epoch,loss\n1,1,0.5\n2,1,0.4\n"
     log.write_text("epo")  # a kill while writing the header: nothing to keep
@@ -883,7 +899,8 @@ def test_mae_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint
         ckpt = data.load_checkpoint(out / "checkpoints" / name)
         assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert [r["epoch"] for r in read_csv(out / "log.csv")] == ["1"]
-    assert int((out / ".lock").read_text().split()[0]) == os.getpid()  # in-process: this process holds it until exit
+    # in-process: this process holds it until exit
+    assert int((out / ".lock").read_text().split()[0]) == os.getpid()
 
 
 def test_progress_lines_in_a_file_every_minute_and_in_place_in_a_terminal():
@@ -909,12 +926,14 @@ def test_progress_lines_in_a_file_every_minute_and_in_place_in_a_terminal():
 
 
 def test_out_dir_unwritable_or_held_by_a_live_run_is_refused(tiny_clouds, tmp_path):
-    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", "/proc/nope", "--epochs", "1", *MAE_TINY)
+    r = run_script("mae.py", "--data_path", tiny_clouds[0], "--out_dir", "/proc/nope", "--epochs", "1",
+                   *MAE_TINY)
     assert_one_line_error(r, "/proc/nope", "not a writable folder")
     out = tmp_path / "held"
     out.mkdir()
     (out / ".lock").write_text(str(os.getpid()))  # this test process is alive: the folder is taken
-    for script, extra in (("mae.py", MAE_TINY), ("finetune_cbh.py", ["--methods", "physics", "--pretrained", "none"])):
+    for script, extra in (("mae.py", MAE_TINY),
+                          ("finetune_cbh.py", ["--methods", "physics", "--pretrained", "none"])):
         r = run_script(script, "--data_path", tiny_clouds[int(script != "mae.py")], "--out_dir", out, *extra)
         assert_one_line_error(r, f"in use by process {os.getpid()}")
     assert sorted(os.listdir(out)) == [".lock"]
@@ -950,14 +969,15 @@ def test_mae_import_runs_no_training(tmp_path):
 # ==============================================================================================
 # finetune_cbh.py: label efficiency of the fine-tuned encoder vs scratch and baselines
 
-FT_TINY = ["--head_epochs", "1", "--epochs", "1", "--num_threads", "1", "--n_trees", "10", "--batch_size", "16",
-           "--seeds", "1", "--budgets", "1", "--cpu_bf16", "off"]
+FT_TINY = ["--head_epochs", "1", "--epochs", "1", "--num_threads", "1", "--n_trees", "10",
+           "--batch_size", "16", "--seeds", "1", "--budgets", "1", "--cpu_bf16", "off"]
 
 
 @pytest.fixture(scope="module")
 def ft_tiny(tmp_path_factory):
-    """Tiny labelled file (3 flights x 40 labels) and a tiny random encoder exported in mae.py's format (input
-    relative, with its flat field and normalisation from the unlabelled profiles); enc_raw: one pre-trained on raw."""
+    """Tiny labelled file (3 flights x 40 labels) and a tiny random encoder exported in mae.py's format
+    (input relative, with its flat field and normalisation from the unlabelled profiles); enc_raw: one
+    pre-trained on raw."""
     root = tmp_path_factory.mktemp("cbh")
     unlab, lab = data.generate_clouds(n_flights=3, frames_per_flight=400, n_labelled=120)
     data.write_clouds(root / "lab.h5", **lab)
@@ -971,8 +991,9 @@ def ft_tiny(tmp_path_factory):
                                 flat_field=gain.tolist()), root / "enc.pth")
     data.atomic_torch_save(dict(encoder=state, config=enc_cfg, input="raw", norm_mean=mean, norm_std=std),
                            root / "enc_raw.pth")
-    return dict(root=root, lab=str(root / "lab.h5"), enc=str(root / "enc.pth"), enc_raw=str(root / "enc_raw.pth"),
-                d=data.load_clouds(str(root / "lab.h5"), labelled=True), gain=gain)
+    return dict(root=root, lab=str(root / "lab.h5"), enc=str(root / "enc.pth"),
+                enc_raw=str(root / "enc_raw.pth"), d=data.load_clouds(str(root / "lab.h5"), labelled=True),
+                gain=gain)
 
 
 def ft_cfg(ft_tiny, *argv):
@@ -1006,14 +1027,17 @@ def test_ft_budgets_are_one_nested_contiguous_stretch_per_flight_and_never_cut_t
         assert np.array_equal(ft.budget_frames(fold["train"], d["flight"], d["frame"], 1.0), fold["train"])
 
 
-def test_ft_every_method_and_seed_sees_the_same_budgeted_labels_and_tests_on_the_whole_flight(ft_tiny, monkeypatch):
+def test_ft_every_method_and_seed_sees_the_same_budgeted_labels_and_tests_on_the_whole_flight(ft_tiny,
+                                                                                              monkeypatch):
     cfg, d, prep, folds, names, budgets, enc, t = ft_setup(ft_tiny, "--budgets", "0.25,1")
     seen = {}
-    monkeypatch.setattr(ft, "train_network", lambda m, fit, val, *a: seen.setdefault(("net", m, a[-2]), (fit, val))
+    monkeypatch.setattr(ft, "train_network",
+                        lambda m, fit, val, *a: seen.setdefault(("net", m, a[-2]), (fit, val))
                         and (None, None, 0.0))
     monkeypatch.setattr(ft, "network_km", lambda net, stats, t, idx, amp: np.zeros(len(idx)))
     real_fit = ft.gbrt_fit
-    monkeypatch.setattr(ft, "gbrt_fit", lambda X, y, *a: seen.setdefault("trees", X) is not None and real_fit(X, y, *a))
+    monkeypatch.setattr(ft, "gbrt_fit",
+                        lambda X, y, *a: seen.setdefault("trees", X) is not None and real_fit(X, y, *a))
     want = ft.budget_frames(folds[1]["train"], d["flight"], d["frame"], 0.25)
     units = [ft.run_unit((m, 0, 1, s), folds, budgets, d, prep, t, enc, cfg, (None, False), lambda r: None)
              for m, s in (("finetune", 0), ("finetune", 1), ("scratch", 0), ("trees", 0), ("physics", 0))]
@@ -1021,10 +1045,12 @@ def test_ft_every_method_and_seed_sees_the_same_budgeted_labels_and_tests_on_the
     np.testing.assert_array_equal(seen["trees"], prep["features"][want])
     stopping = set()
     for key, (fit, val) in ((k, v) for k, v in seen.items() if k != "trees"):
-        np.testing.assert_array_equal(np.sort(np.concatenate([fit, val])), want)  # fit + stopping = the budget
+        # fit + stopping = the budget
+        np.testing.assert_array_equal(np.sort(np.concatenate([fit, val])), want)
         assert len(np.unique(d["flight"][val])) == 1 and not np.isin(d["flight"][fit], d["flight"][val]).any()
         stopping.add((key[1], int(d["flight"][val][0])))
-    assert len({fl for m, fl in stopping if m == "finetune"}) == 2  # each seed stops on another training flight
+    # each seed stops on another training flight
+    assert len({fl for m, fl in stopping if m == "finetune"}) == 2
 
 
 def test_ft_trees_see_no_absolute_level_and_no_angles():
@@ -1102,7 +1128,8 @@ def test_ft_stage1_trains_only_the_head_and_stage2_the_encoder(ft_tiny):
 def test_ft_small_budgets_still_take_steps_and_a_tiny_run_learns(ft_tiny):
     cfg, d, prep, folds, names, budgets, enc, t = ft_setup(ft_tiny, "--head_epochs", "0", "--epochs", "6",
                                                            "--patience", "100", "--pretrained", "none")
-    assert len(ft.epoch_batches(5, cfg, torch.Generator())) == math.ceil(math.ceil(ft.MIN_EPOCH_SAMPLES / 5) * 5 / 16)
+    assert len(ft.epoch_batches(5, cfg, torch.Generator())) == math.ceil(
+        math.ceil(ft.MIN_EPOCH_SAMPLES / 5) * 5 / 16)
     assert len(ft.epoch_batches(1000, cfg, torch.Generator())) == math.ceil(1000 / 16)
     fit, val = ft.stopping_split(folds[0]["train"], d["flight"], 0, 0)
     rows = []
@@ -1141,8 +1168,8 @@ def test_ft_test_labels_never_reach_training(ft_tiny):
 
 def test_ft_end_to_end_two_budgets(ft_tiny, tmp_path):
     out = tmp_path / "out"
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
-                   *FT_TINY, "--seeds", "2", "--budgets", "0.5,1")
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
+                   "--out_dir", out, *FT_TINY, "--seeds", "2", "--budgets", "0.5,1")
     assert r.returncode == 0, r.stderr
     eff = read_csv(out / "label_efficiency.csv")
     assert [(x["budget"], x["method"]) for x in eff if " - " not in x["method"]] == [
@@ -1156,15 +1183,18 @@ def test_ft_end_to_end_two_budgets(ft_tiny, tmp_path):
         if " - " not in x["method"]:
             mine = [p for p in at if p["method"] == x["method"]]
             true, pred = (np.array([float(p[c]) for p in mine]) for c in ("cbh_km", "pred_km"))
-            assert float(x["committee_r2"]) == pytest.approx(losses.regression_metrics(pred, true)["r2"], abs=1e-6)
+            assert float(x["committee_r2"]) == pytest.approx(losses.regression_metrics(pred, true)["r2"],
+                                                             abs=1e-6)
             assert float(x["r2_std"]) >= 0 and (x["inner_val_mse_km2"] != "") == (x["method"] in ft.NETWORKS)
             continue
         a, c = x["method"].split(" - ")
         mse = lambda m, f: np.mean([(float(p["pred_km"]) - float(p["cbh_km"])) ** 2 for p in at
                                     if p["method"] == m and p["flight"] == str(f)])
         gain = np.array([mse(c, f) - mse(a, f) for f in range(3)])  # > 0: a wins on flight f
-        tie = np.isclose([mse(a, f) for f in range(3)], [mse(c, f) for f in range(3)], rtol=ft.TIE_RTOL, atol=0)
-        assert (int(x["flights_better"]), int(x["flights_worse"])) == (sum((gain > 0) & ~tie), sum((gain < 0) & ~tie))
+        tie = np.isclose([mse(a, f) for f in range(3)], [mse(c, f) for f in range(3)],
+                         rtol=ft.TIE_RTOL, atol=0)
+        assert (int(x["flights_better"]), int(x["flights_worse"])) == (sum((gain > 0) & ~tie),
+                                                                       sum((gain < 0) & ~tie))
         assert float(x["r2_lo"]) <= float(x["r2"]) <= float(x["r2_hi"])
         assert float(x["r2_lo_flights"]) <= float(x["r2"]) <= float(x["r2_hi_flights"])
     for p in ("label_efficiency.png", "pred_vs_true.png", "per_flight_error.png"):
@@ -1173,7 +1203,8 @@ def test_ft_end_to_end_two_budgets(ft_tiny, tmp_path):
 
 
 def test_ft_resume_skips_finished_units_and_reproduces_the_uninterrupted_run(ft_tiny, tmp_path, monkeypatch):
-    args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], *FT_TINY, "--methods", "finetune,trees"]
+    args = ["--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], *FT_TINY,
+            "--methods", "finetune,trees"]
     ft.main(args + ["--out_dir", str(tmp_path / "a")])
     real, calls = ft.run_unit, []
 
@@ -1195,8 +1226,8 @@ def test_ft_resume_skips_finished_units_and_reproduces_the_uninterrupted_run(ft_
 
 def test_ft_resume_with_other_settings_is_refused(ft_tiny, tmp_path):
     out = tmp_path / "out"
-    args = ["finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--methods", "trees",
-            "--out_dir", out, "--budgets", "1"]
+    args = ["finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
+            "--methods", "trees", "--out_dir", out, "--budgets", "1"]
     assert run_script(*args, "--n_trees", "5").returncode == 0
     r = run_script(*args, "--n_trees", "6", "--resume", out / "checkpoints" / "latest.pth")
     assert_one_line_error(r, "latest.pth", "settings")
@@ -1223,14 +1254,15 @@ def test_ft_final_takes_its_scores_from_the_completed_comparison_only(ft_tiny, t
     assert run_script(*base, "--final", "physics", "--n_trees", "7").returncode == 0  # other settings
     assert ft.load_cbh_model(out / "cbh_model.pth")["cv"] == "not cross-validated"
     ck = data.load_checkpoint(out / "checkpoints" / "latest.pth")
-    data.atomic_torch_save(dict(ck, complete=False), out / "checkpoints" / "latest.pth")  # a newer run, interrupted
+    # a newer run, interrupted
+    data.atomic_torch_save(dict(ck, complete=False), out / "checkpoints" / "latest.pth")
     assert_one_line_error(run_script(*base, "--final", "physics"), "incomplete", "--resume")
 
 
 def test_ft_final_model_predicts_like_its_own_forward_pass_and_needs_no_labels(ft_tiny, tmp_path):
     out = tmp_path / "out"
-    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], "--out_dir", out,
-                   "--final", "finetune", *FT_TINY)
+    r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"],
+                   "--out_dir", out, "--final", "finetune", *FT_TINY)
     assert r.returncode == 0, r.stderr
     m = ft.load_cbh_model(out / "cbh_model.pth")
     assert m["method"] == "finetune" and m["flights"] == [0, 1, 2] and m["cpu_autocast"] == "fp32"
@@ -1239,7 +1271,8 @@ def test_ft_final_model_predicts_like_its_own_forward_pass_and_needs_no_labels(f
     data.write_clouds(nolabel, d["images"], d["metadata"])
     with h5py.File(nolabel, "a") as f:
         f.create_dataset("cbh_km", data=np.full(len(d["images"]), np.nan, np.float32))
-    r = run_script("finetune_cbh.py", "--predict", nolabel, "--model", out / "cbh_model.pth", "--out_dir", out)
+    r = run_script("finetune_cbh.py", "--predict", nolabel, "--model", out / "cbh_model.pth",
+                   "--out_dir", out)
     assert r.returncode == 0, r.stderr
     with h5py.File(out / "cbh_pred_day1.h5") as f:
         pred, meta = f["cbh_pred_km"][:], f["metadata"][:]
@@ -1260,8 +1293,8 @@ def test_ft_final_model_predicts_like_its_own_forward_pass_and_needs_no_labels(f
 
 def test_ft_predict_bad_inputs_fail_with_one_line_and_write_nothing(ft_tiny, tmp_path):
     out = tmp_path / "model"
-    assert run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--final", "physics", "--out_dir", out,
-                      "--pretrained", "none").returncode == 0
+    assert run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--final", "physics",
+                      "--out_dir", out, "--pretrained", "none").returncode == 0
     narrow = tmp_path / "narrow.h5"
     data.write_clouds(narrow, ft_tiny["d"]["images"][:, :400], ft_tiny["d"]["metadata"])
     cases = [(narrow, out / "cbh_model.pth", ["narrow.h5", "400 px", "440"]),
@@ -1308,14 +1341,14 @@ def test_ft_pretrained_none_skips_finetune_and_probe(ft_tiny, tmp_path):
 
 
 def test_ft_frames_without_a_cloud_base_are_left_out_with_a_count(ft_tiny, tmp_path):
-    """Real lidar files mark "no cloud base" with NaN or a fill value: a comparison leaves those frames out and
-    says how many, instead of refusing the file."""
+    """Real lidar files mark "no cloud base" with NaN or a fill value: a comparison leaves those frames out
+    and says how many, instead of refusing the file."""
     d = ft_tiny["d"]
     cbh = d["cbh_km"].copy()
     cbh[[3, 50, 90]], cbh[[7, 8]] = np.nan, -9999.0
     data.write_clouds(tmp_path / "gaps.h5", d["images"], d["metadata"], cbh)
-    r = run_script("finetune_cbh.py", "--data_path", tmp_path / "gaps.h5", "--pretrained", "none", "--methods",
-                   "physics", "--budgets", "1", "--out_dir", tmp_path / "out")
+    r = run_script("finetune_cbh.py", "--data_path", tmp_path / "gaps.h5", "--pretrained", "none",
+                   "--methods", "physics", "--budgets", "1", "--out_dir", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert "5 of 120 frames have no cloud base" in r.stdout
     assert len(read_csv(tmp_path / "out" / "predictions.csv")) == 115
@@ -1339,14 +1372,16 @@ def test_ft_bad_label_files_fail_with_one_line(ft_tiny, tmp_path, problem, cbh, 
 @pytest.mark.parametrize("flags,words", [
     (["--pretrained", "nope.pth"], ["nope.pth", "python mae.py", "--pretrained none"]),
     (["--pretrained", "RAW"], ["enc_raw.pth", "--input raw", "relative"]),
-    (["--lr", "nan"], ["--lr nan"]), (["--tree_lr", "nan"], ["--tree_lr"]), (["--head_hidden", "-4"], ["--head_hidden"]),
-    (["--weight_decay", "-1"], ["--weight_decay"]), (["--layer_decay", "0"], ["--layer_decay"]),
-    (["--drop_path", "1"], ["--drop_path"]), (["--budgets", "0,1"], ["--budgets"]), (["--budgets", "x"], ["--budgets"]),
+    (["--lr", "nan"], ["--lr nan"]), (["--tree_lr", "nan"], ["--tree_lr"]),
+    (["--head_hidden", "-4"], ["--head_hidden"]), (["--weight_decay", "-1"], ["--weight_decay"]),
+    (["--layer_decay", "0"], ["--layer_decay"]), (["--drop_path", "1"], ["--drop_path"]),
+    (["--budgets", "0,1"], ["--budgets"]), (["--budgets", "x"], ["--budgets"]),
     (["--methods", "finetune,svm"], ["--methods"]), (["--split", "time"], ["--split"]),
     (["--batch_size", "0"], ["--batch_size"]), (["--n_folds", "1"], ["--n_folds"]),
 ])
 def test_ft_bad_flags_one_line_and_nothing_written(ft_tiny, tmp_path, flags, words):
-    flags = [ft_tiny["enc_raw"] if f == "RAW" else str(tmp_path / f) if f.endswith(".pth") else f for f in flags]
+    flags = [ft_tiny["enc_raw"] if f == "RAW" else str(tmp_path / f) if f.endswith(".pth") else f
+             for f in flags]
     r = run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--pretrained", ft_tiny["enc"], *flags,
                    "--out_dir", tmp_path / "out")
     assert_one_line_error(r, *words)
@@ -1356,7 +1391,8 @@ def test_ft_bad_flags_one_line_and_nothing_written(ft_tiny, tmp_path, flags, wor
 def test_ft_help_lists_every_constant_on_two_screens():
     r = run_script("finetune_cbh.py", "-h")
     assert r.returncode == 0
-    src = open(os.path.join(REPO, "finetune_cbh.py")).read().split("# --- config ---")[1].split("# --- end")[0]
+    src = (open(os.path.join(REPO, "finetune_cbh.py")).read()
+           .split("# --- config ---")[1].split("# --- end")[0])
     names = [line.split(" = ")[0] for line in src.strip().splitlines()]
     assert 20 < len(names) <= 30 and all(f"--{n}" in r.stdout for n in names)
     assert len(r.stdout.splitlines()) <= 100  # two screens of 50 lines
@@ -1381,8 +1417,8 @@ def test_ft_trees_fit_known_function_and_match_sklearn():
     X = np.round(X / 0.02) * 0.02
     assert max(len(np.unique(c)) for c in X[:700].T) <= 256
     m = ft.gbrt_fit(X[:700], y[:700], n_trees=100, depth=5, lr=0.1, min_leaf=10)
-    sk = sklearn.GradientBoostingRegressor(n_estimators=100, max_depth=5, learning_rate=0.1, min_samples_leaf=10,
-                                           random_state=0).fit(X[:700], y[:700])
+    sk = sklearn.GradientBoostingRegressor(n_estimators=100, max_depth=5, learning_rate=0.1,
+                                           min_samples_leaf=10, random_state=0).fit(X[:700], y[:700])
     np.testing.assert_allclose(ft.gbrt_predict(m, X[700:]), sk.predict(X[700:]), rtol=0, atol=1e-6)
 
 
@@ -1561,8 +1597,10 @@ def test_ember_cpu_precision_is_timed_once_and_kept_on_resume(ember_fires, capsy
     cfg = em.parse_config(["--cpu_bf16", "auto"])
     assert em.cpu_precision(cfg, model, D, None) in (None, torch.bfloat16)
     assert "cpu_bf16 auto: fp32" in capsys.readouterr().out
-    assert torch.equal(torch.get_rng_state(), rng) and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
-    assert em.cpu_precision(cfg, model, D, "bf16") is torch.bfloat16 and em.cpu_precision(cfg, model, D, "fp32") is None
+    assert (torch.equal(torch.get_rng_state(), rng)
+            and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()))
+    assert (em.cpu_precision(cfg, model, D, "bf16") is torch.bfloat16
+            and em.cpu_precision(cfg, model, D, "fp32") is None)
     assert capsys.readouterr().out == ""  # a stored choice is not timed again
     assert em.cpu_precision(dict(cfg, cpu_bf16="off"), model, D, None) is None
     assert em.cpu_precision(dict(cfg, cpu_bf16="on"), model, D, None) is torch.bfloat16
@@ -1579,7 +1617,8 @@ def test_ember_one_training_step_sets_and_steps_both_lr_groups(tmp_path):
     opt = em.make_optimizer(cfg, model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    _, step = em.train_epoch(cfg, model, opt, scaler, D, torch.Generator().manual_seed(0), 0, 100, None, [], 1)
+    _, step = em.train_epoch(cfg, model, opt, scaler, D, torch.Generator().manual_seed(0),
+                             0, 100, None, [], 1)
     assert step == 1  # 4 training fires x 2 samples fit one batch
     mult = em.get_lr(0, 100, 5, 1.0, cfg["min_lr_frac"])  # warmup: --warmup_frac 0.05 of 100 steps
     assert em.group_lr(opt, "temporal") == pytest.approx(cfg["lr_temporal"] * mult)
@@ -1600,7 +1639,8 @@ def test_ember_wind_dilation_goes_downwind():
     assert north[0, 1, 2] and not north[0, 3, 2]  # v north -> row 0 side
 
 
-# one thread: on a busy 2-core box, torch's default 2 threads made this run ~20x slower (thread oversubscription)
+# one thread: on a busy 2-core box, torch's default 2 threads made this run ~20x slower
+# (thread oversubscription)
 EMBER_TINY = ["--epochs", "10", "--patch_size", "8", "--history", "4", "--lr", "2e-3", "--batch_size", "16",
               "--num_threads", "1"]
 
@@ -1634,20 +1674,23 @@ def test_ember_exact_resume(tmp_path):
     r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "b", "--stop_after", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert len(read_csv(tmp_path / "b" / "log.csv")) == 2
-    assert not (tmp_path / "b" / "test_metrics.json").exists()  # a paused run reports the test split at its end
+    # a paused run reports the test split at its end
+    assert not (tmp_path / "b" / "test_metrics.json").exists()
     r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "b",
                    "--resume", tmp_path / "b" / "checkpoints" / "latest.pth")
     assert r.returncode == 0, r.stderr[-2000:]
     assert any(line.startswith("test (") for line in r.stdout.strip().splitlines()[-2:])  # then calibration
     a, b = read_csv(tmp_path / "a" / "log.csv"), read_csv(tmp_path / "b" / "log.csv")
     assert len(a) == len(b) == 4
-    keys = [k for k in a[0] if k.endswith(("loss", "bce", "dice", "f1", "new_ap"))] + ["lr_temporal", "lr_spatial"]
+    keys = ([k for k in a[0] if k.endswith(("loss", "bce", "dice", "f1", "new_ap"))]
+            + ["lr_temporal", "lr_spatial"])
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
     assert a[1]["train_loss"] != a[2]["train_loss"]
     test_a, test_b = [json.loads((tmp_path / d / "test_metrics.json").read_text()) for d in "ab"]
     assert test_a == test_b and {"model", "persistence", "dilation"} <= set(test_a)
     # SIGKILL as soon as the first latest.pth exists (an event, not a clock), then resume: same losses
-    proc = subprocess.Popen([sys.executable, "emberformer.py", *map(str, flags), "--out_dir", str(tmp_path / "c")],
+    proc = subprocess.Popen([sys.executable, "emberformer.py", *map(str, flags),
+                             "--out_dir", str(tmp_path / "c")],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "c" / "checkpoints" / "latest.pth"
     while not latest.exists() and proc.poll() is None:
@@ -1662,7 +1705,8 @@ def test_ember_exact_resume(tmp_path):
     assert test_a["test_samples"] == 4  # round(0.1 * 8) = 1 test fire x 4 samples
 
 
-def test_ember_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_ember_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                                   capsys):
     """A NaN loss in the 2nd epoch (5 fires x 4 samples / batch 8 = 3 steps an epoch; NaN at training step 4)
     stops with one line and exit 3; latest.pth stays epoch 1's, finite, and the log holds epoch 1 only."""
     path = tmp_path / "f.h5"
@@ -1696,7 +1740,8 @@ def test_ember_new_target_keeps_burning_cells_burning_with_no_loss_on_them(ember
     current = hist[torch.arange(3), lengths - 1] > 0.5
     assert current.any() and (~current).any()
     logits = model(hist, w, lengths, st)
-    assert (torch.sigmoid(logits[current]) == 1).all()  # burning at t -> burning at t+1, probability exactly 1
+    # burning at t -> burning at t+1, probability exactly 1
+    assert (torch.sigmoid(logits[current]) == 1).all()
     logits.retain_grad()
     loss, _, _ = losses.bce_dice_loss(logits, target, mask=~current)
     loss.backward()
@@ -1721,13 +1766,16 @@ def test_ember_average_precision_hand_values():
     assert ap([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == 1.0  # perfect ranking
     assert abs(ap([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) - (1 / 3 + 2 / 4) / 2) < 1e-9  # worst ranking
     assert abs(ap([0.5, 0.5, 0.5, 0.5], [1, 0, 0, 0]) - 0.25) < 1e-9  # ties are one threshold: the base rate
-    assert ap([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0], mask=[True, False, True, True]) == 1.0  # masked cells ignored
+    # masked cells ignored
+    assert ap([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0], mask=[True, False, True, True]) == 1.0
     assert ap([0.9, 0.1], [0, 0]) == 1.0  # nothing to find
     # histograms add up over batches: two halves give the AP of the whole
     logits, labels = torch.tensor([2.0, 1.0, 0.5, -3.0]), torch.tensor([1.0, 0.0, 1.0, 0.0])
     keep = torch.ones(4, dtype=torch.bool)
-    halves = losses.pr_histogram(logits[:2], labels[:2], keep[:2]) + losses.pr_histogram(logits[2:], labels[2:], keep[2:])
-    assert losses.average_precision(halves) == losses.average_precision(losses.pr_histogram(logits, labels, keep))
+    halves = (losses.pr_histogram(logits[:2], labels[:2], keep[:2])
+              + losses.pr_histogram(logits[2:], labels[2:], keep[2:]))
+    assert losses.average_precision(halves) == losses.average_precision(
+        losses.pr_histogram(logits, labels, keep))
     # a hard mask (the baselines): AP is precision x recall at its one operating point
     counts = torch.stack([torch.tensor([3, 1, 1, 5]), torch.tensor([1, 1, 3, 5])])  # new burn: tp 1 fp 1 fn 3
     assert abs(em.scores(counts)["new_ap"] - 0.5 * 0.25) < 1e-9
@@ -1738,7 +1786,8 @@ def test_ember_splits_whole_fires_and_keep_val_fixed():
     train, val, test = em.split_fires(cfg, 50, "f.h5")
     assert (len(train), len(val), len(test)) == (35, 10, 5)
     assert set(train) | set(val) | set(test) == set(range(50)) and not set(train) & set(test)
-    assert list(em.split_fires(dict(cfg, test_frac=0.0), 50, "f.h5")[1]) == list(val)  # val ignores --test_frac
+    # val ignores --test_frac
+    assert list(em.split_fires(dict(cfg, test_frac=0.0), 50, "f.h5")[1]) == list(val)
     assert list(data.split_sequences(50, 0.2, 0)[1]) == list(val)  # ...and is the pre-test-split val
     with pytest.raises(data.DataError, match="no training fire"):
         em.split_fires(dict(cfg, val_frac=0.5, test_frac=0.5), 4, "f.h5")
@@ -1757,7 +1806,8 @@ def test_ember_eval_is_deterministic_with_stochastic_depth(ember_fires):
     drop = em.DropPath(0.5).train()
     x = torch.ones(1000, 3)
     y = drop(x)
-    assert set(y[:, 0].tolist()) == {0.0, 2.0} and (y == y[:, :1]).all()  # whole samples dropped, rest rescaled
+    # whole samples dropped, rest rescaled
+    assert set(y[:, 0].tolist()) == {0.0, 2.0} and (y == y[:, :1]).all()
 
 
 def test_ember_no_weight_decay_on_norms_and_biases_and_lrs_logged_by_name():
@@ -1769,7 +1819,8 @@ def test_ember_no_weight_decay_on_norms_and_biases_and_lrs_logged_by_name():
         for p in g["params"]:
             decayed = g["weight_decay"] > 0
             assert decayed == (p.ndim > 1), (g["name"], names[id(p)])
-    assert any("norm" in names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"])
+    assert any("norm" in names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0
+               for p in g["params"])
     for g in opt.param_groups:  # as train_epoch sets them
         g["lr"] = g["base_lr"] * 0.5
     assert em.group_lr(opt, "temporal") == cfg["lr_temporal"] * 0.5
@@ -1797,7 +1848,8 @@ def test_ember_unburning_file_names_the_sequence_and_frame(tmp_path):
     write_bad_fire(path, unburning_fire())
     with pytest.raises(data.DataError) as e:
         data.load_fire(str(path))
-    assert "'fire'" in str(e.value) and "sequence 1" in str(e.value) and "frame 2 and not at frame 3" in str(e.value)
+    assert ("'fire'" in str(e.value) and "sequence 1" in str(e.value)
+            and "frame 2 and not at frame 3" in str(e.value))
 
 
 def write_bad_fire(path, fire, static=None, wind=None):
@@ -1826,7 +1878,8 @@ def bad_nan_wind():
 EMBER_BAD = {"dtype": lambda: dict(fire=np.zeros((3, 5, 8, 8), np.float32)),
        "nonbinary": lambda: dict(fire=np.full((3, 5, 8, 8), 2, np.uint8)),
        "one_frame": lambda: dict(fire=np.zeros((3, 1, 8, 8), np.uint8)),
-       "static_shape": lambda: dict(fire=np.zeros((3, 5, 8, 8), np.uint8), static=np.zeros((3, 4, 8, 6), np.float32)),
+       "static_shape": lambda: dict(fire=np.zeros((3, 5, 8, 8), np.uint8),
+                                    static=np.zeros((3, 4, 8, 6), np.float32)),
        "nan_wind": bad_nan_wind, "unburns": lambda: dict(fire=unburning_fire())}
 
 
@@ -1836,27 +1889,31 @@ def test_ember_bad_fire_file_one_line_error(kind, tmp_path, capsys):
     write_bad_fire(path, **EMBER_BAD[kind]())
     with pytest.raises(SystemExit) as e:
         em.main(["--data_path", str(path), "--out_dir", str(tmp_path / "out"), "--epochs", "1"])
-    assert_one_line_error(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err), str(path))
+    assert_one_line_error(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err),
+                          str(path))
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_ember_bad_flag_and_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         em.main(["--monitor", "val/acc", "--out_dir", str(tmp_path / "o")])
-    assert_one_line_error(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err), "--monitor")
+    assert_one_line_error(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err),
+                          "--monitor")
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
     path = tmp_path / "f.h5"
     data.write_fire(path, **data.generate_fires(n_seq=3, size=8, n_frames=3, seed=0))
     with pytest.raises(SystemExit) as e:
         em.main(["--data_path", str(path), "--resume", str(junk), "--out_dir", str(tmp_path / "o")])
-    assert_one_line_error(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err), "junk.pth")
+    assert_one_line_error(subprocess.CompletedProcess([], e.value.code, "", capsys.readouterr().err),
+                          "junk.pth")
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("flag,value,words", [
-    ("--lr_temporal", "-1", "must be finite and > 0"), ("--lr", "nan", "--lr nan"), ("--pos_weight", "-2", ">= 0"),
-    ("--dil_wind", "0", "--dil_wind 0.0"), ("--weight_decay", "-1", "--weight_decay"), ("--lr_spatial", "inf", "inf"),
+    ("--lr_temporal", "-1", "must be finite and > 0"), ("--lr", "nan", "--lr nan"),
+    ("--pos_weight", "-2", ">= 0"), ("--dil_wind", "0", "--dil_wind 0.0"),
+    ("--weight_decay", "-1", "--weight_decay"), ("--lr_spatial", "inf", "inf"),
 ])
 def test_ember_numeric_flags_out_of_range_are_one_line_and_write_nothing(tmp_path, flag, value, words):
     r = run_script("emberformer.py", flag, value, "--out_dir", tmp_path / "out")
@@ -1879,8 +1936,9 @@ def test_ember_resume_trims_logs_and_bad_flags_write_nothing(tmp_path, capsys):
     assert [int(r["epoch"]) for r in read_csv(log)] == [1, 2]
     data.trim_log(str(log), 0)
     assert read_csv(log) == []
-    for flags in (["--val_frac", "1.0"], ["--pred_thresh", "0"], ["--wind_scale", "0"], ["--test_frac", "1.0"],
-                  ["--target", "burned"], ["--monitor", "val/ap"], ["--cpu_bf16", "maybe"]):
+    for flags in (["--val_frac", "1.0"], ["--pred_thresh", "0"], ["--wind_scale", "0"],
+                  ["--test_frac", "1.0"], ["--target", "burned"], ["--monitor", "val/ap"],
+                  ["--cpu_bf16", "maybe"]):
         with pytest.raises(SystemExit) as e:
             em.main([*flags, "--out_dir", str(tmp_path / "out")])
         assert e.value.code == 2 and capsys.readouterr().err.startswith(f"error: {flags[0]}")
@@ -1932,8 +1990,9 @@ def launch(n, argv_of_rank, tmp_path, timeout=DDP_TIMEOUT):
     process `rank` running `python *argv_of_rank(rank)` in the repo. Returns [(exit code, stdout, stderr)]."""
     port, procs, files = _free_port(), [], []
     for rank in range(n):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
-                   GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n),
+                   LOCAL_WORLD_SIZE=str(n), GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1")
         out, err = open(tmp_path / f"rank{rank}.out", "w+"), open(tmp_path / f"rank{rank}.err", "w+")
         files.append((out, err))
         procs.append(subprocess.Popen([sys.executable, *map(str, argv_of_rank(rank))], cwd=REPO, env=env,
@@ -1949,8 +2008,9 @@ def launch(n, argv_of_rank, tmp_path, timeout=DDP_TIMEOUT):
 
 def torchrun(n, *args, timeout=DDP_TIMEOUT, script="mae.py"):
     """`torchrun --standalone --nproc_per_node n script *args`; -> (exit code, stdout, stderr)."""
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                          script, *map(str, args)], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", str(n), script, *map(str, args)],
+                         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -2015,14 +2075,17 @@ def test_rank_slices_partition_a_batch_and_weights_give_its_mean(world, monkeypa
             mine = data.rank_slice(n)
             slices.append(mine)
             part = per_sample[mine]
-            mean = part.mean() if len(part) else torch.zeros((), dtype=torch.float64)  # an empty slice's loss is 0
-            averaged += data.rank_loss_weight(n) * mean / world  # what DDP's average of the weighted losses gives
+            # an empty slice's loss is 0
+            mean = part.mean() if len(part) else torch.zeros((), dtype=torch.float64)
+            # what DDP's average of the weighted losses gives
+            averaged += data.rank_loss_weight(n) * mean / world
         assert [i for s in slices for i in range(n)[s]] == list(range(n))
         sizes = [s.stop - s.start for s in slices]
         assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
         assert averaged.item() == pytest.approx(per_sample.mean().item(), rel=1e-12)
     monkeypatch.undo()
-    assert data.rank_world() == (0, 1) and data.rank_slice(7) == slice(0, 7) and data.rank_loss_weight(7) == 1.0
+    assert (data.rank_world() == (0, 1) and data.rank_slice(7) == slice(0, 7)
+            and data.rank_loss_weight(7) == 1.0)
 
 
 def test_device_per_process_refuses_fewer_gpus_than_processes(monkeypatch):
@@ -2040,8 +2103,8 @@ def test_device_per_process_refuses_fewer_gpus_than_processes(monkeypatch):
 
 
 def test_lock_names_host_and_pid_under_torchrun(tmp_path, monkeypatch):
-    """Every lock says "pid host" (one process too: on a shared filesystem a live run on another node must not be
-    taken over), and a lock naming another host is refused (its process cannot be seen from here)."""
+    """Every lock says "pid host" (one process too: on a shared filesystem a live run on another node must not
+    be taken over), and a lock naming another host is refused (its process cannot be seen from here)."""
     data.claim_out_dir(tmp_path / "single")
     assert (tmp_path / "single/.lock").read_text().split() == [str(os.getpid()), socket.gethostname()]
     monkeypatch.setattr(data, "_distributed", lambda: True)
@@ -2106,7 +2169,8 @@ def test_two_process_gradient_of_uneven_slices_equals_the_full_batch_gradient(tm
 
 @pytest.fixture(scope="module")
 def ddp_runs(ddp_clouds, tmp_path_factory):
-    """The same 2-epoch tiny run with 1 process and with 2 (torchrun); -> dict(one=out_dir, two=out_dir, stdout2=)."""
+    """The same 2-epoch tiny run with 1 process and with 2 (torchrun);
+    -> dict(one=out_dir, two=out_dir, stdout2=)."""
     base = tmp_path_factory.mktemp("ddp_runs")
     flags = ["--data_path", ddp_clouds, "--epochs", "2", "--save_every", "1", *DDP_MAE_TINY]
     rc, out, err = one_process(*flags, "--out_dir", base / "one")
@@ -2124,10 +2188,12 @@ def test_two_processes_reproduce_the_one_process_run(ddp_runs):
     assert sorted(one) == sorted(two) == [1, 2]
     assert_same_losses(one, two, [1, 2])
     assert float(two[2]["train_loss"]) < float(two[1]["train_loss"])
-    assert ddp_listing(ddp_runs["one"]) == ddp_listing(ddp_runs["two"])  # no .lock left, no temp files, nothing per rank
+    # no .lock left, no temp files, nothing per rank
+    assert ddp_listing(ddp_runs["one"]) == ddp_listing(ddp_runs["two"])
     assert ddp_runs["stdout2"].count("epoch   1/2 |") == 1 and ddp_runs["stdout2"].count("best val loss") == 1
     assert "2 processes share each batch of 29" in ddp_runs["stdout2"]
-    ck1, ck2 = (data.load_checkpoint(os.path.join(ddp_runs[k], "checkpoints/latest.pth")) for k in ("one", "two"))
+    ck1, ck2 = (data.load_checkpoint(os.path.join(ddp_runs[k], "checkpoints/latest.pth"))
+                for k in ("one", "two"))
     assert ck1["model"].keys() == ck2["model"].keys()  # no DDP "module." prefix
     for k, w1 in ck1["model"].items():
         w2 = ck2["model"][k]
@@ -2144,7 +2210,8 @@ def test_resume_across_process_counts(ddp_runs, tmp_path):
     uninterrupted runs."""
     flags = ddp_runs["flags"]
     results = launch(2, lambda rank: ["mae.py", *flags, "--out_dir", tmp_path / "one_then_two",
-                                      "--resume", os.path.join(ddp_runs["one"], "checkpoints/epoch_001.pth")], tmp_path)
+                                      "--resume", os.path.join(ddp_runs["one"], "checkpoints/epoch_001.pth")],
+                     tmp_path)
     assert [r[0] for r in results] == [0, 0], results
     assert "resumed from" in results[0][1] and results[1][1] == ""  # only rank 0 prints
     assert_same_losses(ddp_read_log(tmp_path / "one_then_two"), ddp_read_log(ddp_runs["one"]), [2])
@@ -2157,21 +2224,23 @@ def test_resume_across_process_counts(ddp_runs, tmp_path):
 def assert_one_line_on_rank0_and_exit_everywhere(results, code, *words):
     assert [r[0] for r in results] == [code] * len(results), results
     lines = results[0][2].strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in words), results[0][2]
+    assert (len(lines) == 1 and lines[0].startswith("error:")
+            and all(w in lines[0] for w in words)), results[0][2]
     assert all(r[2].strip() == "" for r in results[1:]), results  # the other ranks say nothing
 
 
 @pytest.mark.parametrize("script", ["mae.py", "emberformer.py"])
 def test_bad_combinations_and_one_rank_failing_stop_every_rank_with_one_line(script, request, tmp_path):
-    """A global batch smaller than the number of processes: one line from rank 0, exit 2 on every rank, nothing
-    written. A problem seen by one rank only (here its data file) stops the others too, with that rank's
-    message, without a hang."""
+    """A global batch smaller than the number of processes: one line from rank 0, exit 2 on every rank,
+    nothing written. A problem seen by one rank only (here its data file) stops the others too, with that
+    rank's message, without a hang."""
     path, flags = ((request.getfixturevalue("ddp_clouds"), DDP_MAE_TINY) if script == "mae.py" else
                    (request.getfixturevalue("fire_file"), EMBER_DDP))
     out = tmp_path / "out"
-    results = launch(2, lambda rank: [script, "--data_path", path, "--out_dir", out, *flags, "--batch_size", "1"],
-                     tmp_path)
-    assert_one_line_on_rank0_and_exit_everywhere(results, 2, "--batch_size 1 is the global batch", "at least 2")
+    results = launch(2, lambda rank: [script, "--data_path", path, "--out_dir", out, *flags,
+                                      "--batch_size", "1"], tmp_path)
+    assert_one_line_on_rank0_and_exit_everywhere(results, 2, "--batch_size 1 is the global batch",
+                                                 "at least 2")
     assert not out.exists()
     results = launch(2, lambda rank: [script, "--data_path", path if rank == 0 else tmp_path / "missing.h5",
                                       "--out_dir", out, *flags], tmp_path)
@@ -2182,7 +2251,8 @@ def test_bad_combinations_and_one_rank_failing_stop_every_rank_with_one_line(scr
 NAN_ON_RANK1 = textwrap.dedent("""
     import sys, data, mae
     real, steps = mae.loss_fn, []
-    def nan_on_rank1_last_step(model, x, cfg, masks, dtype):  # rank 1's loss at the 11th (last) step of epoch 2
+    def nan_on_rank1_last_step(model, x, cfg, masks, dtype):  # rank 1's loss at the 11th (last) """
+    """step of epoch 2
         loss = real(model, x, cfg, masks, dtype)
         steps.append(model.training)
         nan = data.rank_world()[0] == 1 and sum(steps) == 22 and model.training
@@ -2196,8 +2266,8 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank_with_exit_3(ddp_clouds, tmp
     """A NaN loss on rank 1 alone, at the last step of epoch 2 (rank 0's own losses stay finite): every rank
     stops with exit 3 after the all-reduced check, rank 0 says so once, and epoch 1's checkpoint stays."""
     out = tmp_path / "out"
-    results = launch(2, lambda rank: ["-c", NAN_ON_RANK1, "--data_path", ddp_clouds, "--out_dir", out, "--epochs", "3",
-                                      *DDP_MAE_TINY], tmp_path)
+    results = launch(2, lambda rank: ["-c", NAN_ON_RANK1, "--data_path", ddp_clouds, "--out_dir", out,
+                                      "--epochs", "3", *DDP_MAE_TINY], tmp_path)
     assert_one_line_on_rank0_and_exit_everywhere(results, 3, "non-finite loss", "epoch 2")
     assert data.load_checkpoint(out / "checkpoints/latest.pth")["epoch"] == 1
     assert list(ddp_read_log(out)) == [1]
@@ -2206,19 +2276,22 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank_with_exit_3(ddp_clouds, tmp
 # ==============================================================================================
 # emberformer.py as a forecasting tool (--eval_only --model, --rollout): tiny fire files (16x16) and, except
 # in the one real training run, a tiny Arch, so each test takes seconds.
-EVAL_ARCH = em.Arch(dim=16, heads=2, layers=2, ffn=32, mit_dims=(8, 16, 16, 16), mit_heads=(1, 1, 1, 1), decode_dim=16,
-               refine_dim=8)  # the checkpoint stores its Arch, so --model rebuilds these sizes
+# the checkpoint stores its Arch, so --model rebuilds these sizes
+EVAL_ARCH = em.Arch(dim=16, heads=2, layers=2, ffn=32, mit_dims=(8, 16, 16, 16), mit_heads=(1, 1, 1, 1),
+                    decode_dim=16, refine_dim=8)
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def fire_files(tmp_path_factory):
-    """train.h5 (the checkpoint's training file), other.h5 (another seed, other T), three.h5 (3 static channels)."""
+    """train.h5 (the checkpoint's training file), other.h5 (another seed, other T),
+    three.h5 (3 static channels)."""
     d = tmp_path_factory.mktemp("fires")
     data.write_fire(d / "train.h5", **data.generate_fires(n_seq=4, size=16, n_frames=6, seed=1))
     data.write_fire(d / "other.h5", **data.generate_fires(n_seq=3, size=16, n_frames=7, seed=2))
     three = data.generate_fires(n_seq=2, size=16, n_frames=4, seed=3)
-    data.write_fire(d / "three.h5", three["fire"], three["static"][:, :3], three["channels"][:3], three["wind"])
+    data.write_fire(d / "three.h5", three["fire"], three["static"][:, :3], three["channels"][:3],
+                    three["wind"])
     return {k: d / f"{k}.h5" for k in ("train", "other", "three")}
 
 
@@ -2260,7 +2333,8 @@ def dir_tree(path):
 
 
 def one_step_direct(net, path, K):
-    """The model's one-step scores over EVERY pair of the file in one batch, computed here without em's loops."""
+    """The model's one-step scores over EVERY pair of the file in one batch, computed here without
+    em's loops."""
     d = data.load_fire(str(path))
     fire, wind, static = (torch.from_numpy(d[k]) for k in ("fire", "wind", "static"))
     s, t = data.fire_sample_index(np.arange(fire.shape[0]), fire.shape[1])
@@ -2268,7 +2342,8 @@ def one_step_direct(net, path, K):
     with torch.no_grad():
         logits = net(hist, w, lengths, static[s])
     cur = hist[torch.arange(len(s)), lengths - 1] > 0.5
-    return em.scores(em.batch_counts(torch.sigmoid(logits) > 0.5, nxt, cur), losses.pr_histogram(logits, nxt, ~cur))
+    return em.scores(em.batch_counts(torch.sigmoid(logits) > 0.5, nxt, cur),
+                     losses.pr_histogram(logits, nxt, ~cur))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2293,19 +2368,22 @@ def test_eval_only_scores_every_pair_of_another_file(fire_files, tmp_path, capsy
     net = write_checkpoint(run / "checkpoints" / "best.pth", fire_files["train"])
     (run / "log.csv").write_text("epoch\n1\n")
     before = dir_tree(run)
-    code, out, err = main_exit(["--eval_only", "--model", run / "checkpoints" / "best.pth", "--data_path",
-                                fire_files["other"], "--out_dir", run, "--batch_size", "64", "--rollout", "2"], capsys)
+    code, out, err = main_exit(["--eval_only", "--model", run / "checkpoints" / "best.pth",
+                                "--data_path", fire_files["other"], "--out_dir", run, "--batch_size", "64",
+                                "--rollout", "2"], capsys)
     assert code == 0, err
     assert "warning" not in err  # other.h5 holds no training fire
     after = dir_tree(run)
-    assert {k: v for k, v in after.items() if not k.startswith("eval_other" + os.sep)} == before  # run untouched
+    # run untouched
+    assert {k: v for k, v in after.items() if not k.startswith("eval_other" + os.sep)} == before
     written = sorted(k for k in after if k not in before and not k.endswith(".lock"))  # the lock goes at exit
-    assert written == [os.path.join("eval_other", f) for f in ("calibration.json", "eval.csv", "input.txt",
-                                                               "preview.png", "reliability.png", "rollout.csv",
-                                                               "rollout.png", "rollout_strip.png")]
+    assert written == [os.path.join("eval_other", f)
+                       for f in ("calibration.json", "eval.csv", "input.txt", "preview.png",
+                                 "reliability.png", "rollout.csv", "rollout.png", "rollout_strip.png")]
     rows = {r["method"]: r for r in read_csv(run / "eval_other" / "eval.csv")}
     assert set(rows) == {"model", "dilation", "persistence"}
-    assert all(int(r["pairs"]) == 3 * 6 and int(r["fires"]) == 3 for r in rows.values())  # every t -> t+1 pair
+    # every t -> t+1 pair
+    assert all(int(r["pairs"]) == 3 * 6 and int(r["fires"]) == 3 for r in rows.values())
     # history 3 (the checkpoint's, not the default 8) over all 18 pairs: the same numbers as computed directly
     want = one_step_direct(net, fire_files["other"], K=3)
     for k in ("new_f1", "new_iou", "new_ap", "f1", "precision"):
@@ -2323,8 +2401,9 @@ def test_eval_only_refuses_mismatched_static_channels_in_one_line(fire_files, tm
     before = dir_tree(tmp_path)
     code, _, err = main_exit(["--eval_only", "--model", ckpt, "--data_path", fire_files["three"],
                               "--out_dir", tmp_path / "run", "--rollout", "2"], capsys)
-    assert_one_line_error(subprocess.CompletedProcess([], code, "", err), str(fire_files["three"]), "'static'",
-                          "['elevation_m', 'slope_deg', 'fuel_type']", str(list(data.FIRE_CHANNELS)))
+    assert_one_line_error(subprocess.CompletedProcess([], code, "", err), str(fire_files["three"]),
+                          "'static'", "['elevation_m', 'slope_deg', 'fuel_type']",
+                          str(list(data.FIRE_CHANNELS)))
     assert dir_tree(tmp_path) == before  # nothing written: no eval_three/, no lock
 
 
@@ -2346,7 +2425,8 @@ def test_eval_only_bad_flags_one_line(fire_files, tmp_path, capsys, flags, words
 def test_model_and_rollout_need_eval_only_and_old_checkpoints_are_refused(fire_files, tmp_path, capsys):
     for flags, word in ((["--model", "m.pth"], "--model"), (["--rollout", "3"], "--rollout"),
                         (["--eval_only"], "--eval_only needs --model")):
-        code, _, err = main_exit([*flags, "--data_path", fire_files["other"], "--out_dir", tmp_path / "out"], capsys)
+        code, _, err = main_exit([*flags, "--data_path", fire_files["other"], "--out_dir", tmp_path / "out"],
+                                 capsys)
         assert_one_line_error(subprocess.CompletedProcess([], code, "", err), word)
     old = tmp_path / "old.pth"  # a checkpoint from before pred_thresh was stored
     cfg = em.parse_config([])
@@ -2358,23 +2438,28 @@ def test_model_and_rollout_need_eval_only_and_old_checkpoints_are_refused(fire_f
     assert not (tmp_path / "out").exists()
 
 
-def test_a_trained_checkpoint_evaluates_warns_on_training_fires_and_leaves_the_run_alone(fire_files, tmp_path, capsys):
-    """The real path: train() writes the checkpoint (default Arch, 1 epoch), --eval_only --rollout reads it."""
+def test_a_trained_checkpoint_evaluates_warns_on_training_fires_and_leaves_the_run_alone(fire_files, tmp_path,
+                                                                                         capsys):
+    """The real path: train() writes the checkpoint (default Arch, 1 epoch),
+    --eval_only --rollout reads it."""
     run = tmp_path / "run"
-    code, _, err = main_exit(["--data_path", fire_files["train"], "--out_dir", run, "--epochs", "1", "--history", "3",
-                              "--batch_size", "8", "--val_frac", "0.25", "--test_frac", "0"], capsys)
+    code, _, err = main_exit(["--data_path", fire_files["train"], "--out_dir", run, "--epochs", "1",
+                              "--history", "3", "--batch_size", "8", "--val_frac", "0.25",
+                              "--test_frac", "0"], capsys)
     assert code == 0, err
     before = dir_tree(run)
     best = run / "checkpoints" / "best.pth"
     copy = tmp_path / "copy.h5"  # the same fires under another name: recognised by their hashes
     shutil.copy(fire_files["train"], copy)
     for path, warning in ((fire_files["train"], "is the file --model"), (copy, "holds 3 of 4 fires")):
-        code, out, err = main_exit(["--eval_only", "--model", best, "--data_path", path, "--out_dir", run], capsys)
+        code, out, err = main_exit(["--eval_only", "--model", best, "--data_path", path, "--out_dir", run],
+                                   capsys)
         assert code == 0, err
         assert err.startswith("warning: ") and warning in err and "seen in training" in err, err
         assert "history 3" in out  # the checkpoint's, not the default 8
     after = dir_tree(run)
-    assert {k: v for k, v in after.items() if not k.startswith("eval_")} == before  # logs and checkpoints untouched
+    # logs and checkpoints untouched
+    assert {k: v for k, v in after.items() if not k.startswith("eval_")} == before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2445,16 +2530,18 @@ def test_a_rollout_never_unburns_a_cell(fire_files, target):
 
 
 # ==============================================================================================
-# emberformer.py under torchrun (gloo on the CPU). EmberFormer cannot repeat a 1-process run exactly with several
-# processes: its dropout masks and, on the CPU, its BatchNorm batch statistics are per process. The runs here check
-# what must hold anyway: every sample is counted once (the logged val metrics and the test report equal a 1-process
-# evaluation of the saved checkpoint), rank 0 alone writes one set of files, and --resume works across process
-# counts. The gradient test runs the model in eval mode (no dropout, BatchNorm's running statistics), where 2
-# processes must give the 1-process gradient of the global batch. Tiny data (16x16 fires), 1 thread per process.
-# 8 fires x 5 samples: 2 val fires (10 samples), 1 test fire (5), 22 of the 25 training samples. A global batch of 7
-# splits 4/3 over 2 processes; the last of each epoch (22 = 3 * 7 + 1) holds one sample, so rank 1's slice is empty
-EMBER_DDP = ["--epochs", "2", "--batch_size", "7", "--max_samples", "22", "--num_threads", "1", "--cpu_bf16", "off",
-             "--log_every", "1"]
+# emberformer.py under torchrun (gloo on the CPU). EmberFormer cannot repeat a 1-process run exactly with
+# several processes: its dropout masks and, on the CPU, its BatchNorm batch statistics are per process. The
+# runs here check what must hold anyway: every sample is counted once (the logged val metrics and the test
+# report equal a 1-process evaluation of the saved checkpoint), rank 0 alone writes one set of files, and
+# --resume works across process counts. The gradient test runs the model in eval mode (no dropout,
+# BatchNorm's running statistics), where 2 processes must give the 1-process gradient of the global batch.
+# Tiny data (16x16 fires), 1 thread per process.
+# 8 fires x 5 samples: 2 val fires (10 samples), 1 test fire (5), 22 of the 25 training samples. A global
+# batch of 7 splits 4/3 over 2 processes; the last of each epoch (22 = 3 * 7 + 1) holds one sample, so
+# rank 1's slice is empty
+EMBER_DDP = ["--epochs", "2", "--batch_size", "7", "--max_samples", "22", "--num_threads", "1",
+             "--cpu_bf16", "off", "--log_every", "1"]
 STEPS_PER_EPOCH = 4
 
 
@@ -2474,10 +2561,12 @@ def ember_one_process(*args, timeout=DDP_TIMEOUT):
 
 
 def evaluate_checkpoint(path, split):
-    """A saved checkpoint scored on a split in this one process (no process group) -> metrics dict; the test split
-    with the threshold chosen on val (as the test report), others with the training threshold (as the log)."""
+    """A saved checkpoint scored on a split in this one process (no process group) -> metrics dict; the
+    test split with the threshold chosen on val (as the test report), others with the training threshold
+    (as the log)."""
     ckpt = data.load_checkpoint(path)
-    cfg = dict(ckpt["config"], **({"pred_thresh": ckpt["calibration"]["pred_thresh"]} if split == "test" else {}))
+    cfg = dict(ckpt["config"],
+               **({"pred_thresh": ckpt["calibration"]["pred_thresh"]} if split == "test" else {}))
     D = em.load_data(cfg, torch.device("cpu"))
     model = em.EmberFormer(len(D["channels"]), cfg["patch_size"], cfg["wind_scale"], cfg["target"],
                            em.Arch(**ckpt["arch"]))
@@ -2494,7 +2583,8 @@ def assert_same_metrics(logged, scores, prefix=""):
 def first_epochs(fire_file, tmp_path_factory):
     """Epoch 1 of the same run with 1 process and with 2 (real torchrun), each paused with --stop_after 1."""
     base = tmp_path_factory.mktemp("ember_ddp_runs")
-    flags = ["--data_path", fire_file, *EMBER_DDP]  # --stop_after may change on --resume: the resumed runs finish
+    # --stop_after may change on --resume: the resumed runs finish
+    flags = ["--data_path", fire_file, *EMBER_DDP]
     rc, out1, err = ember_one_process(*flags, "--stop_after", "1", "--out_dir", base / "one")
     assert rc == 0, err
     rc, out2, err = ember_torchrun(2, *flags, "--stop_after", "1", "--out_dir", base / "two")
@@ -2504,15 +2594,16 @@ def first_epochs(fire_file, tmp_path_factory):
 
 def test_two_processes_train_write_once_and_count_every_sample_once(first_epochs):
     one, two = first_epochs["one"], first_epochs["two"]
-    assert ddp_listing(one) == ddp_listing(two)  # the same files, written once: no lock left, nothing per rank
+    # the same files, written once: no lock left, nothing per rank
+    assert ddp_listing(one) == ddp_listing(two)
     out = first_epochs["stdout2"]
     assert "train 22 / val 10 / test 5 samples" in out and "2 processes share each batch of 7" in out
     assert out.count("[Epoch 1/2]") == 1 and out.count("stopping after 1 epoch") == 1
     (row1,), (row2,) = read_csv(one / "log.csv"), read_csv(two / "log.csv")
     assert row1["step"] == row2["step"] == str(STEPS_PER_EPOCH)
     assert (row1["lr_temporal"], row1["lr_spatial"]) == (row2["lr_temporal"], row2["lr_spatial"])
-    # the same start and batches; only dropout masks and per-process BatchNorm statistics differ. A sample counted
-    # twice, or only rank 0's, would put the train loss near 2x or 0.5x
+    # the same start and batches; only dropout masks and per-process BatchNorm statistics differ. A sample
+    # counted twice, or only rank 0's, would put the train loss near 2x or 0.5x
     assert float(row2["train_loss"]) == pytest.approx(float(row1["train_loss"]), rel=0.05)
     steps1, steps2 = read_csv(one / "log_steps.csv"), read_csv(two / "log_steps.csv")
     assert [r["step"] for r in steps1] == [r["step"] for r in steps2] == ["1", "2", "3", "4"]
@@ -2527,28 +2618,33 @@ def test_two_processes_train_write_once_and_count_every_sample_once(first_epochs
 
 
 def test_ember_resume_across_process_counts(first_epochs, tmp_path):
-    """Epoch 1 of 1 process resumed with 2, and epoch 1 of 2 processes resumed with 1: each finishes the run (the
-    optimizer, schedule and shuffling continue) and reports the test split once, over every test sample."""
+    """Epoch 1 of 1 process resumed with 2, and epoch 1 of 2 processes resumed with 1: each finishes
+    the run (the optimizer, schedule and shuffling continue) and reports the test split once, over every
+    test sample."""
     for src, dst in (("one", "one_then_two"), ("two", "two_then_one")):
         shutil.copytree(first_epochs[src], tmp_path / dst)
-    resume = ["--resume", tmp_path / "one_then_two/checkpoints/latest.pth", "--out_dir", tmp_path / "one_then_two"]
+    resume = ["--resume", tmp_path / "one_then_two/checkpoints/latest.pth",
+              "--out_dir", tmp_path / "one_then_two"]
     results = launch(2, lambda rank: ["emberformer.py", *first_epochs["flags"], *resume], tmp_path)
     assert [r[0] for r in results] == [0, 0], results
     assert "test (5 samples" in results[0][1] and results[1][1] == ""  # only rank 0 prints
-    rc, out, err = ember_one_process(*first_epochs["flags"], "--resume", tmp_path / "two_then_one/checkpoints/latest.pth",
-                               "--out_dir", tmp_path / "two_then_one")
+    rc, out, err = ember_one_process(*first_epochs["flags"],
+                                     "--resume", tmp_path / "two_then_one/checkpoints/latest.pth",
+                                     "--out_dir", tmp_path / "two_then_one")
     assert rc == 0, err
     ckpts = {}
     for src, dst in (("one", "one_then_two"), ("two", "two_then_one")):
         rows = read_csv(tmp_path / dst / "log.csv")
-        assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0] == read_csv(first_epochs[src] / "log.csv")[0]
+        assert ([r["epoch"] for r in rows] == ["1", "2"]
+                and rows[0] == read_csv(first_epochs[src] / "log.csv")[0])
         assert len(read_csv(tmp_path / dst / "log_steps.csv")) == 2 * STEPS_PER_EPOCH
         ckpts[dst] = ckpt = data.load_checkpoint(tmp_path / dst / "checkpoints/latest.pth")
         assert ckpt["epoch"] == 2 and ckpt["optimizer"]["state"][0]["step"] == 2 * STEPS_PER_EPOCH
         report = json.loads((tmp_path / dst / "test_metrics.json").read_text())
         assert report["test_samples"] == 5 and report["best_epoch"] == data.load_checkpoint(
             tmp_path / dst / "checkpoints/best.pth")["epoch"]
-        assert_same_metrics(report["model"], evaluate_checkpoint(tmp_path / dst / "checkpoints/best.pth", "test"))
+        assert_same_metrics(report["model"],
+                            evaluate_checkpoint(tmp_path / dst / "checkpoints/best.pth", "test"))
         assert not (tmp_path / dst / ".lock").exists()
     a, b = ckpts.values()
     assert torch.equal(a["rng"]["gen"], b["rng"]["gen"])
@@ -2557,11 +2653,12 @@ def test_ember_resume_across_process_counts(first_epochs, tmp_path):
            [(r["step"], r["lr_temporal"], r["lr_spatial"]) for r in rows_b]
 
 
-# A tiny model in eval mode (no dropout; BatchNorm uses its running statistics), so the split is the only difference
-# between 1 and 2 processes. The global batches: 5 samples split 3/2 and 1 sample split 1/0 (rank 1 runs an empty
-# slice and still joins the all-reduce). Each of its samples has another number of cells burning at t, so the pixel
-# weighting of the BCE matters: weighting each process by its share of the SAMPLES (data.rank_loss_weight, right
-# for a mean over samples) gives another gradient, and so does DDP's plain average of the slices' mean losses.
+# A tiny model in eval mode (no dropout; BatchNorm uses its running statistics), so the split is the only
+# difference between 1 and 2 processes. The global batches: 5 samples split 3/2 and 1 sample split 1/0 (rank 1
+# runs an empty slice and still joins the all-reduce). Each of its samples has another number of cells burning
+# at t, so the pixel weighting of the BCE matters: weighting each process by its share of the SAMPLES
+# (data.rank_loss_weight, right for a mean over samples) gives another gradient, and so does DDP's plain
+# average of the slices' mean losses.
 EMBER_GRADIENT_WORKER = textwrap.dedent("""
     import sys, torch, data, losses, emberformer as em
     torch.set_num_threads(1)
@@ -2571,7 +2668,8 @@ EMBER_GRADIENT_WORKER = textwrap.dedent("""
     D = {k: torch.from_numpy(fires[k]) for k in ("fire", "wind", "static")}
     S, T = torch.tensor([0, 1, 2, 0, 2]), torch.tensor([4, 1, 3, 0, 2])
     torch.manual_seed(0)
-    arch = em.Arch(dim=16, heads=2, layers=2, ffn=32, mit_dims=(8, 16, 16, 16), mit_heads=(1, 1, 1, 1), decode_dim=16,
+    arch = em.Arch(dim=16, heads=2, layers=2, ffn=32, mit_dims=(8, 16, 16, 16), mit_heads=(1, 1, 1, 1), """
+    """decode_dim=16,
                    refine_dim=8)  # test_all.EVAL_ARCH
     model = em.EmberFormer(4, 4, target="new", arch=arch).eval()
     ddp_model = data.ddp_wrap(model, torch.device("cpu"))
@@ -2628,7 +2726,8 @@ def test_ember_two_process_gradient_of_uneven_slices_equals_the_full_batch_gradi
 
 
 def test_one_process_loss_is_bce_dice_loss_exactly():
-    """Without a process group forward_batch's loss is losses.bce_dice_loss itself, bit for bit (the shares are 1.0)."""
+    """Without a process group forward_batch's loss is losses.bce_dice_loss itself, bit for bit
+    (the shares are 1.0)."""
     model, D, S, T = tiny_model_and_batch()
     for target, pos_weight in (("new", 0.0), ("full", 3.0)):
         cfg = em.parse_config(["--history", "4", "--target", target, "--pos_weight", str(pos_weight)])
@@ -2636,24 +2735,27 @@ def test_one_process_loss_is_bce_dice_loss_exactly():
         loss, s3, *_ = em.forward_batch(cfg, model, D, S, T, None)
         hist, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], S, T, 4)
         current = hist[torch.arange(5), lengths - 1] > 0.5
-        want = losses.bce_dice_loss(model(hist, wind, lengths, D["static"][S]), nxt, 0.5, 0.5, pos_weight or None,
-                                    mask=~current if target == "new" else None)
+        want = losses.bce_dice_loss(model(hist, wind, lengths, D["static"][S]), nxt, 0.5, 0.5,
+                                    pos_weight or None, mask=~current if target == "new" else None)
         assert torch.equal(loss, want[0]) and torch.equal(s3, torch.stack(want) * 5)
 
 
 def test_flags_refused_under_torchrun():
     cfg = em.parse_config(["--batch_size", "1"])
     em.check_config(cfg)  # one process: fine
-    with pytest.raises(data.DataError, match="--batch_size 1 is the global batch, split over the 2 processes"):
+    with pytest.raises(data.DataError,
+                       match="--batch_size 1 is the global batch, split over the 2 processes"):
         em.check_config(cfg, world=2)
     cfg = em.parse_config(["--eval_only", "--model", "best.pth"])
     em.check_config(cfg)
-    with pytest.raises(data.DataError, match="--eval_only runs in one process: start it with python, not torchrun"):
+    with pytest.raises(data.DataError,
+                       match="--eval_only runs in one process: start it with python, not torchrun"):
         em.check_config(cfg, world=2)
 
 
-# rank 1's loss turns NaN at the last step of epoch 1, where its slice is empty: rank 0's own losses and weights stay
-# finite, so only the all-reduced check can stop it. Rank 0 also copies the out_dir lock while it trains.
+# rank 1's loss turns NaN at the last step of epoch 1, where its slice is empty: rank 0's own losses and
+# weights stay finite, so only the all-reduced check can stop it. Rank 0 also copies the out_dir lock
+# while it trains.
 EMBER_NAN_ON_RANK1 = textwrap.dedent("""
     import os, shutil, sys, data, emberformer as em
     real, calls = em.forward_batch, [0]
@@ -2662,7 +2764,8 @@ EMBER_NAN_ON_RANK1 = textwrap.dedent("""
         if model.training:
             calls[0] += 1
             if calls[0] == 1 and data.is_rank0():
-                shutil.copy(os.path.join(cfg["out_dir"], ".lock"), os.path.join(cfg["out_dir"], "..", "lock_seen"))
+                shutil.copy(os.path.join(cfg["out_dir"], ".lock"), """
+    """os.path.join(cfg["out_dir"], "..", "lock_seen"))
             if calls[0] == %d and not data.is_rank0():
                 return (out[0] * float("nan"), out[1] * float("nan"), *out[2:])
         return out
@@ -2673,8 +2776,8 @@ EMBER_NAN_ON_RANK1 = textwrap.dedent("""
 
 def test_ember_nonfinite_loss_on_one_rank_stops_every_rank_with_exit_3(fire_file, tmp_path):
     out = tmp_path / "out"
-    results = launch(2, lambda rank: ["-c", EMBER_NAN_ON_RANK1, "--data_path", fire_file, "--out_dir", out, *EMBER_DDP],
-                     tmp_path)
+    results = launch(2, lambda rank: ["-c", EMBER_NAN_ON_RANK1, "--data_path", fire_file, "--out_dir", out,
+                                      *EMBER_DDP], tmp_path)
     assert_one_line_on_rank0_and_exit_everywhere(results, 3, "non-finite loss", "epoch 1")
     assert not (out / "checkpoints").exists() and not (out / "log.csv").exists()  # nothing of epoch 1 saved
     pid, host = (tmp_path / "lock_seen").read_text().split()  # rank 0 took the lock: "pid host"
@@ -2686,20 +2789,23 @@ def test_ember_nonfinite_loss_on_one_rank_stops_every_rank_with_exit_3(fire_file
 # bench_gpu.sh: the prepared GPU measurement script must parse and skip cleanly without a GPU
 
 def test_bench_gpu_script_skips_cuda_parts_cleanly_on_a_cpu_machine(tmp_path):
-    """bench_gpu.sh with CUDA hidden: exit 0, one `skip: <step> (no CUDA device)` line for every step function,
-    and nothing under OUT that claims a result (no ok/result/capped/FAIL line, no CSV, checkpoint or data file)."""
+    """bench_gpu.sh with CUDA hidden: exit 0, one `skip: <step> (no CUDA device)` line for every step
+    function, and nothing under OUT that claims a result (no ok/result/capped/FAIL line, no CSV,
+    checkpoint or data file)."""
     env = dict(os.environ, OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
-    r = subprocess.run(["bash", "bench_gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(["bash", "bench_gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     with open(os.path.join(REPO, "bench_gpu.sh")) as f:
         steps = set(re.findall(r"^step_(\w+)\(\)", f.read(), re.M)) - {"info"}
-    assert {"mae_tiny", "mae_resume", "cbh_tiny", "cbh_predict", "ember_tiny", "ember_eval", "bench_ember_400",
-            "mae_full", "cbh_default"} <= steps  # the parse found the steps
+    assert {"mae_tiny", "mae_resume", "cbh_tiny", "cbh_predict", "ember_tiny", "ember_eval",
+            "bench_ember_400", "mae_full", "cbh_default"} <= steps  # the parse found the steps
     skipped = set(re.findall(r"^skip: (\w+) \(no CUDA device\)$", r.stdout, re.M))
     assert skipped == steps, r.stdout
     claims = re.compile(r"^(ok|result|capped|FAIL):", re.M)
     assert not claims.search(r.stdout), r.stdout
-    files = [os.path.relpath(os.path.join(d, n), tmp_path) for d, _, names in os.walk(tmp_path) for n in names]
+    files = [os.path.relpath(os.path.join(d, n), tmp_path) for d, _, names in os.walk(tmp_path)
+             for n in names]
     assert files == ["summary.log"], files  # no work folder, steps.log, CSV, checkpoint or data file
     with open(tmp_path / "summary.log") as f:
         summary = f.read()
@@ -2711,11 +2817,13 @@ def test_bench_gpu_script_skips_cuda_parts_cleanly_on_a_cpu_machine(tmp_path):
 
 def test_a_run_folder_holds_one_run(tiny_clouds, tmp_path):
     """A fresh run refuses a finished run's folder instead of deleting its log; --resume refuses another run's
-    folder (the two logs would merge), but continues its own folder and branches into a folder without a run."""
+    folder (the two logs would merge), but continues its own folder and branches into a folder without
+    a run."""
     flags = ["--data_path", tiny_clouds[0], "--epochs", "1", *MAE_TINY]
     assert run_script("mae.py", *flags, "--out_dir", tmp_path / "a").returncode == 0
     log_a = (tmp_path / "a" / "log.csv").read_text()
-    assert_one_line_error(run_script("mae.py", *flags, "--out_dir", tmp_path / "a"), "holds a previous run", "--resume")
+    assert_one_line_error(run_script("mae.py", *flags, "--out_dir", tmp_path / "a"), "holds a previous run",
+                          "--resume")
     assert (tmp_path / "a" / "log.csv").read_text() == log_a
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     ckpt_a = tmp_path / "a" / "checkpoints" / "latest.pth"
@@ -2733,8 +2841,8 @@ def test_outputs_named_after_an_input_belong_to_that_input(ft_tiny, tmp_path):
     """--predict a/day1.h5 then b/day1.h5 into one out_dir: the second is refused in one line, the first's
     predictions stay; predicting a/day1.h5 again is fine."""
     out = tmp_path / "model"
-    assert run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--final", "physics", "--out_dir", out,
-                      "--pretrained", "none").returncode == 0
+    assert run_script("finetune_cbh.py", "--data_path", ft_tiny["lab"], "--final", "physics",
+                      "--out_dir", out, "--pretrained", "none").returncode == 0
     for sub in ("a", "b"):
         os.makedirs(tmp_path / sub)
         shutil.copy(ft_tiny["lab"], tmp_path / sub / "day1.h5")
@@ -2768,8 +2876,8 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_complete_file(tmp_path, monk
 
     def full(obj, f):  # what torch's zip writer says when the disk fills mid-write
         open(f, "wb").write(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
-                           "data/0: unexpected pos 64 vs 0")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed "
+                           "writing file data/0: unexpected pos 64 vs 0")
     monkeypatch.setattr(torch, "save", full)
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 100, 0))
     with pytest.raises(data.DataError, match="no space left") as e:
@@ -2791,7 +2899,8 @@ def test_fire_file_without_static_channels_trains_and_plots(tmp_path):
     r = run_script("emberformer.py", "--data_path", path, "--out_dir", tmp_path / "out", "--epochs", "1",
                    "--patch_size", "4", "--history", "3", "--batch_size", "8", "--num_threads", "1")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (tmp_path / "out" / "checkpoints" / "latest.pth").exists() and list((tmp_path / "out").glob("plots/*.png"))
+    assert ((tmp_path / "out" / "checkpoints" / "latest.pth").exists()
+            and list((tmp_path / "out").glob("plots/*.png")))
 
 
 def test_messages_say_what_is_wrong(mae_run4, tmp_path, capsys):
@@ -2803,13 +2912,15 @@ def test_messages_say_what_is_wrong(mae_run4, tmp_path, capsys):
         data.load_clouds(str(tmp_path / "dup.h5"))
     path = tmp_path / "f.h5"
     data.write_fire(path, **data.generate_fires(n_seq=3, size=8, n_frames=3, seed=0))
-    code, _, err = main_exit(["--data_path", path, "--resume", os.path.join(mae_run4, "checkpoints/latest.pth"),
+    code, _, err = main_exit(["--data_path", path,
+                              "--resume", os.path.join(mae_run4, "checkpoints/latest.pth"),
                               "--out_dir", tmp_path / "o"], capsys)
     assert_one_line_error(subprocess.CompletedProcess([], code, "", err), "a mae.py checkpoint")
 
 
 # ==============================================================================================
-# emberformer.py forecasts: calibrated probabilities, a val-chosen threshold, the strip's legend, a non-64 grid
+# emberformer.py forecasts: calibrated probabilities, a val-chosen threshold, the strip's legend,
+# a non-64 grid
 
 def test_calibration_scores_by_hand():
     prob = torch.tensor([0.05, 0.05, 0.95, 0.95, 0.55, 0.55, 0.55, 0.55])
@@ -2820,15 +2931,25 @@ def test_calibration_scores_by_hand():
     assert c["brier"] == pytest.approx((4 * 0.05 ** 2 + 2 * 0.45 ** 2 + 2 * 0.55 ** 2) / 8)
     assert c["brier_clim"] == pytest.approx(0.25) and c["brier_skill"] == pytest.approx(1 - c["brier"] / 0.25)
     assert c["ece"] == pytest.approx((2 * 0.05 + 4 * 0.05 + 2 * 0.05) / 8)  # |0.05-0|, |0.55-0.5|, |0.95-1|
-    assert losses.calibration(torch.tensor([1.0]), torch.tensor([1.0]))["bins"][-1][0] == 1  # p = 1 in the top bin
+    # p = 1 in the top bin
+    assert losses.calibration(torch.tensor([1.0]), torch.tensor([1.0]))["bins"][-1][0] == 1
 
 
-def test_temperature_and_threshold_are_recovered():
+def test_reliability_map_calibrates_and_threshold_is_recovered():
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(200_000, generator=gen) * 4
-    y = (torch.rand(200_000, generator=gen) < torch.sigmoid(z / 2.5)).float()  # true temperature 2.5
-    assert losses.fit_temperature(z, y) == pytest.approx(2.5, rel=0.03)
-    assert losses.fit_temperature(z / 2.5, y) == pytest.approx(1.0, rel=0.03)
+    true = torch.sigmoid(z / 2.5 - 1.0)  # overstated in every bin: one temperature cannot fix that
+    y = (torch.rand(200_000, generator=gen) < true).float()
+    m = losses.fit_reliability(z, y)
+    assert all(a < b for a, b in zip(m["logit"], m["logit"][1:]))
+    assert all(a < b for a, b in zip(m["prob"], m["prob"][1:]))  # monotone: the ranking is kept
+    p = losses.apply_reliability(z, m)
+    assert losses.calibration(p, y)["ece"] < 0.01 < 0.1 < losses.calibration(torch.sigmoid(z), y)["ece"]
+    assert (p - true).abs().mean() < 0.02
+    # by hand: bins (0, 0) (1, 1) (2, 0) (3, 1); the middle two violate the order and are pooled
+    m = losses.fit_reliability(torch.tensor([0.0, 1, 2, 3]), torch.tensor([0.0, 1, 0, 1]), n_bins=4)
+    assert m == dict(logit=[0.0, 1.5, 3.0], prob=[0.0, 0.5, 1.0])
+    assert losses.apply_reliability(torch.tensor([-5.0, 0.75, 2.25, 9.0]), m).tolist() == [0, 0.25, 0.75, 1]
     # positives above logit 1, negatives below: the best cut lies between them, F1 1
     logits = torch.tensor([-3.0, -2.0, 0.5, 1.5, 2.0, 3.0])
     hist = losses.pr_histogram(logits, (logits > 1).float(), torch.ones(6, dtype=torch.bool))
@@ -2837,10 +2958,14 @@ def test_temperature_and_threshold_are_recovered():
 
 
 def test_eval_only_takes_the_threshold_chosen_on_val_unless_given(fire_files):
-    ckpt = dict(config=em.parse_config(["--pred_thresh", "0.5"]), calibration=dict(pred_thresh=0.3, temperature=1.7))
-    assert em.eval_config(em.parse_config([]), ckpt, set())["pred_thresh"] == 0.3
+    ckpt = dict(config=em.parse_config(["--pred_thresh", "0.5"]),
+                calibration=dict(pred_thresh=0.3, reliability=dict(logit=[0.0], prob=[0.2])))
+    cfg = em.eval_config(em.parse_config([]), ckpt, set())
+    assert cfg["pred_thresh"] == 0.3 and cfg["reliability"] == dict(logit=[0.0], prob=[0.2])
     given = em.eval_config(em.parse_config(["--pred_thresh", "0.6"]), ckpt, {"pred_thresh"})
     assert given["pred_thresh"] == 0.6
+    ckpt["calibration"] = dict(pred_thresh=0.3, temperature=1.7)  # an older run's: raw probabilities
+    assert em.eval_config(em.parse_config([]), ckpt, set())["reliability"] is None
     del ckpt["calibration"]  # a checkpoint from before calibration: its training threshold
     assert em.eval_config(em.parse_config([]), ckpt, set())["pred_thresh"] == 0.5
 
@@ -2855,8 +2980,9 @@ def test_rollout_strip_has_a_legend_of_its_colours(fire_files, monkeypatch):
 
 
 def test_a_non_square_non_64_grid_trains_and_evaluates_end_to_end(tmp_path):
-    """48 x 80 cells, patch 8 (the seed's grids are 400 x 400 with 16-px patches): training, the test report with
-    its calibration (temperature and threshold from val, stored in best.pth) and --eval_only --rollout."""
+    """48 x 80 cells, patch 8 (the seed's grids are 400 x 400 with 16-px patches): training, the test
+    report with its calibration (reliability map and threshold from val, stored in best.pth) and
+    --eval_only --rollout."""
     g = data.generate_fires(n_seq=8, size=80, n_frames=6, seed=0)
     path = tmp_path / "f.h5"
     data.write_fire(path, g["fire"][:, :, 16:64], g["static"][:, :, 16:64], g["channels"], g["wind"])
@@ -2865,25 +2991,27 @@ def test_a_non_square_non_64_grid_trains_and_evaluates_end_to_end(tmp_path):
     r = run_script("emberformer.py", "--data_path", path, "--out_dir", out, "--epochs", "1", *flags)
     assert r.returncode == 0, r.stderr[-2000:]
     cal = data.load_checkpoint(out / "checkpoints" / "best.pth")["calibration"]
-    assert cal["temperature"] > 0 and 0 < cal["pred_thresh"] < 1
+    assert 0 < cal["pred_thresh"] < 1 and cal["reliability"]["prob"] == sorted(cal["reliability"]["prob"])
     report = json.loads((out / "test_metrics.json").read_text())["calibration"]
     assert report["pred_thresh"] == cal["pred_thresh"]
     test = report["test"]["raw"]
-    assert sum(b[0] for b in test["bins"]) == test["n_cells"] > 0 and (out / "plots" / "reliability.png").exists()
-    r = run_script("emberformer.py", "--eval_only", "--model", out / "checkpoints" / "best.pth", "--data_path", path,
-                   "--out_dir", out, "--rollout", "2", "--num_threads", "1")
+    assert (sum(b[0] for b in test["bins"]) == test["n_cells"] > 0
+            and (out / "plots" / "reliability.png").exists())
+    r = run_script("emberformer.py", "--eval_only", "--model", out / "checkpoints" / "best.pth",
+                   "--data_path", path, "--out_dir", out, "--rollout", "2", "--num_threads", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"pred_thresh {cal['pred_thresh']}" in r.stdout and "calibration (f.h5" in r.stdout
     ev = json.loads((out / "eval_f" / "calibration.json").read_text())
-    assert ev["temperature"] == cal["temperature"] and ev["raw"]["n_cells"] > 0
+    assert ev["mapped"] and ev["calibrated"]["n_cells"] == ev["raw"]["n_cells"] > 0
     assert {"reliability.png", "rollout_strip.png", "eval.csv"} <= set(os.listdir(out / "eval_f"))
 
 
 def test_ensemble_members_are_seeded_and_reduce_to_the_deterministic_rollout(fire_files, monkeypatch):
     """Every member is reproducible; members differ where probabilities are in between; with probabilities of
-    exactly 0 or 1 (the model's own mask, as logits +-30) sampling is thresholding, so any number of members gives
-    the deterministic rollout, and sigma 0 leaves the wind alone."""
-    cfg = em.parse_config(["--history", "3", "--members", "3", "--rollout", "3", "--eval_only", "--model", "m"])
+    exactly 0 or 1 (the model's own mask, as logits +-30) sampling is thresholding, so any number of members
+    gives the deterministic rollout, and sigma 0 leaves the wind alone."""
+    cfg = em.parse_config(["--history", "3", "--members", "3", "--rollout", "3", "--eval_only",
+                           "--model", "m"])
     D, net = fire_dict(fire_files["other"]), tiny_model(seed=2)
     s, t0 = em.rollout_starts(*D["fire"].shape[:2], 3)
     s, t0 = s[:4], t0[:4]
@@ -2893,15 +3021,37 @@ def test_ensemble_members_are_seeded_and_reduce_to_the_deterministic_rollout(fir
     noisy = em.ensemble_rollout(dict(cfg, wind_sigma=2.0), net, D, s, t0, 3, None)
     assert not torch.equal(noisy, a)  # the wind noise reaches the members
     real = em.model_logits
-    hard = lambda model, *args: (real(model, *args) > math.log(cfg["pred_thresh"] / (1 - cfg["pred_thresh"]))) * 60.0 - 30
+    hard = lambda model, *args: (real(model, *args)
+                                 > math.log(cfg["pred_thresh"] / (1 - cfg["pred_thresh"]))) * 60.0 - 30
     monkeypatch.setattr(em, "model_logits", hard)
+    monkeypatch.setattr(em, "NEAR_CELLS", 100)  # members may burn anywhere, as the deterministic rollout
     want = em.model_rollout(cfg, net, D, s, t0, 3, None).float()
     for m in (1, 3):
         assert torch.equal(em.ensemble_rollout(dict(cfg, members=m), net, D, s, t0, 3, None), want)
 
 
+def test_members_burn_only_near_their_fire(fire_files, monkeypatch):
+    """A model sure that every cell burns: the deterministic rollout burns the whole grid at once, a member
+    only the cells within NEAR_CELLS of its fire, so a low draw never lights the far field."""
+    cfg = em.parse_config(["--history", "3", "--members", "1", "--rollout", "2", "--eval_only",
+                           "--model", "m"])
+    D, net = fire_dict(fire_files["other"]), tiny_model()
+    s, t0 = em.rollout_starts(*D["fire"].shape[:2], 2)
+    s, t0 = s[:4], t0[:4]
+    sure = lambda model, hist, *rest: torch.full((len(hist), *hist.shape[-2:]), 30.0)  # (B, H, W)
+    monkeypatch.setattr(em, "model_logits", sure)
+    assert em.model_rollout(cfg, net, D, s, t0, 2, None).all()
+    member = em.ensemble_rollout(cfg, net, D, s, t0, 2, None) > 0  # (B, 2, H, W)
+    ring = lambda m: torch.nn.functional.max_pool2d(m[:, None].float(), 2 * em.NEAR_CELLS + 1, 1,
+                                                    em.NEAR_CELLS)[:, 0] > 0.5
+    start = D["fire"][s, t0] > 0
+    assert start.any() and not member[:, 1].all()
+    assert torch.equal(member[:, 0], ring(start)) and torch.equal(member[:, 1], ring(member[:, 0]))
+
+
 def test_rollout_reports_whole_area_jaccard_and_brier_per_lead(fire_files):
-    cfg = em.parse_config(["--history", "3", "--members", "2", "--rollout", "2", "--eval_only", "--model", "m"])
+    cfg = em.parse_config(["--history", "3", "--members", "2", "--rollout", "2", "--eval_only",
+                           "--model", "m"])
     D, net = fire_dict(fire_files["other"]), tiny_model()
     by_method, n = em.rollout_scores(cfg, net, D, 2, None)
     assert list(by_method) == [*em.ROLLOUT_METHODS, "ensemble"]
