@@ -429,7 +429,7 @@ class EmberFormer(nn.Module):
         last real frame (before the static tokens and the norm). Only patches with fire somewhere in their
         history run the transformer, plus ONE all-zero history per sample standing for all its never-burned
         patches: their tokens are identical (no static in the token), so this is the same function at a
-        fraction of the cost (~89% of the default data's (sample, patch) histories never burned)."""
+        fraction of the cost (most patches of a fire never burn; docs/performance.md measures it)."""
         B = hist.shape[0]
         patches = to_patches(hist, self.patch)  # (B, N, K, P*P)
         frame = self.embed.frame_tokens(wind, lengths)  # (B, K, D)

@@ -1,25 +1,24 @@
 """
-Cloud base height (km) from 1D IR profiles: does pre-training on many unlabelled profiles help when labels are few?
+Cloud base height (km) from 1D IR profiles, few labels: does pre-training on many unlabelled profiles help?
 
 Compares on identical folds, at several label budgets:
-  finetune  the MAE encoder from mae.py + an MLP head: stage 1 trains the head (encoder frozen), stage 2 everything
+  finetune  mae.py's MAE encoder + an MLP head: stage 1 trains the head (encoder frozen), stage 2 everything
             at a lower LR (layer-wise LR decay, stochastic depth)
   scratch   the same network and schedule from a random init (what pre-training buys)
   probe     a linear head on the frozen pre-trained encoder (what the features already know)
   trees     gradient-boosted regression trees (numpy) on per-profile features
   physics   a straight line on the surface-to-cloud-top contrast (the reference)
-All see the same label-free preprocessing (data.relative_profiles: flat-fielded, minus the flight's clear-sky
-level). The networks learn a correction to the physics line (head starts at zero: untrained, a network IS the line).
-A budget keeps ONE contiguous middle stretch of each training flight's labels (5 % inside 10 % inside ...), the same
-for every method and seed; test flights (leave one flight out) are always scored in full. Networks stop on a
-held-out TRAINING flight (another per seed); trees and physics fit on every training flight. Protocol and results:
-docs/cbh.md.
+All share one label-free preprocessing (data.relative_profiles: flat-fielded, minus the flight's clear-sky
+level). Networks learn a correction to the physics line (zeroed head: untrained, a network IS the line). A
+budget keeps ONE contiguous middle stretch of each training flight's labels (5 % in 10 % in ...), the same for
+every method and seed; test flights (leave one flight out) are scored in full. Networks stop on a held-out
+TRAINING flight (another per seed); trees and physics fit on all training flights. Details: docs/cbh.md.
 
   python finetune_cbh.py                      # label-efficiency study (needs `python mae.py` first)
   python finetune_cbh.py --budgets 1          # the full-label comparison only
   python finetune_cbh.py --final finetune     # one model to use: out_dir/cbh_model.pth
   python finetune_cbh.py --predict flights.h5 --model outputs/finetune_cbh/cbh_model.pth   # CBH per frame
-Outputs in out_dir: label_efficiency.csv, results.csv, predictions.csv, log.csv, plots/, checkpoints/latest.pth
+Outputs (out_dir): label_efficiency.csv, results.csv, predictions.csv, log.csv, plots/, checkpoints/latest.pth
 (after every finished unit; --resume it: finished units are skipped, each unit is seeded on its own).
 """
 import math
@@ -41,15 +40,15 @@ import mae
 
 # --- config ---
 data_path = ''  # labelled HDF5 (images, metadata, cbh_km); '' = the embedded synthetic labelled file
-out_dir = 'outputs/finetune_cbh'  # label_efficiency.csv, results.csv, predictions.csv, log.csv, plots/, checkpoints/
+out_dir = 'outputs/finetune_cbh'  # label_efficiency, results, predictions and log .csv, plots/, checkpoints/
 pretrained = 'outputs/mae_pretrain/mae_encoder_pretrained.pth'  # encoder exported by mae.py, or 'none'
 methods = 'finetune,scratch,probe,trees,physics'  # comma list of the methods to compare on identical folds
 budgets = '0.05,0.1,0.25,1'  # label budgets: fractions of each training flight's labelled frames (comma list)
-split = 'lofo'  # lofo (leave one flight out) | blocked (time blocks, gap) | random (leaky: the seed's protocol)
+split = 'lofo'  # lofo (leave one flight out) | blocked (time blocks, gap) | random (leaky; seed's protocol)
 n_folds = 5  # blocked: time blocks per flight (one fold each); random: number of folds
 seeds = 3  # repeats of every network (method, budget, fold); seed s stops on another training flight
 final = ''  # train ONE model of this method on every labelled flight and write out_dir/cbh_model.pth
-predict = ''  # HDF5 cloud file (labels not needed): out_dir/cbh_pred_<stem>.h5 + per-flight plots (with --model)
+predict = ''  # HDF5 cloud file (unlabelled OK): out_dir/cbh_pred_<stem>.h5 + per-flight plots (with --model)
 model = ''  # a cbh_model.pth written by --final, for --predict
 head_hidden = 128  # hidden units of the MLP head (finetune, scratch); the probe's head is linear
 head_epochs = 10  # stage 1 epochs: head only, encoder frozen (the probe gets head_epochs + epochs of this)
@@ -66,8 +65,8 @@ n_trees = 100  # trees: boosting rounds (scikit-learn's default)
 tree_depth = 5  # trees: depth of every tree
 tree_lr = 0.1  # trees: shrinkage per tree
 device = 'auto'  # auto (cuda > mps > cpu) | cpu | cuda | mps
-cpu_bf16 = 'auto'  # CPU precision: on = bf16 autocast, off = fp32, auto = time a few steps of both, take the faster
-seed = 1337  # every unit (method, budget, fold, seed) is seeded from this alone, so units do not depend on order
+cpu_bf16 = 'auto'  # CPU precision: on = bf16 autocast, off = fp32, auto = time both briefly, take the faster
+seed = 1337  # every unit (method, budget, fold, seed) is seeded from this alone: order-independent
 resume = ''  # out_dir/checkpoints/latest.pth of an interrupted comparison with the same settings
 num_threads = 0  # torch CPU threads (0 = torch default)
 # --- end config ---
@@ -76,15 +75,14 @@ NETWORKS = ("finetune", "scratch", "probe")  # trained once per seed; trees and 
 PAIRS = (("finetune", "scratch"), ("probe", "scratch"), ("finetune", "trees"), ("finetune", "physics"),
          ("probe", "trees"), ("probe", "physics"), ("scratch", "physics"))  # paired differences reported
 FREE_ON_RESUME = ("resume", "device", "num_threads", "out_dir", "cpu_bf16")  # do not change a unit's result
-MIN_EPOCH_SAMPLES = 256  # an epoch repeats shuffled passes up to this many profiles: small budgets still take steps
+MIN_EPOCH_SAMPLES = 256  # an epoch repeats shuffled passes to >= this many profiles: small budgets still step
 WARMUP_EPOCHS = 1  # linear warmup at the start of each stage
 MIN_LR_FRAC = 0.01  # the cosine decays to this fraction of the peak LR
 HEAD_DROPOUT = 0.1  # dropout in the MLP head
 SCRATCH_SIZE = "small"  # --pretrained none: the encoder size scratch builds (a key of mae.MODEL_SIZES)
 TIE_RTOL = 1e-4  # per-flight MSEs closer than this (relative) are a tie, not a win: float32 rounding is ~1e-7
-RESIDUAL = True  # networks predict a correction to the physics line (False: CBH directly); docs/cbh.md: chosen by
-# the inner validation (stopping flights only) of both at every budget
-ACF_THRESHOLD = 0.2  # blocked split: the gap is the lag where the labels' autocorrelation first falls below this
+RESIDUAL = True  # correct the physics line (False: CBH directly); chosen by inner validation (docs/cbh.md)
+ACF_THRESHOLD = 0.2  # blocked split: gap = the lag where the labels' autocorrelation first falls below this
 
 
 def parse_config(argv=None):
@@ -100,10 +98,10 @@ class CBHNet(nn.Module):
         super().__init__()
         self.encoder = encoder
         d = encoder.embed_dim
-        self.head = (nn.Linear(d, 1) if hidden == 0 else
-                     nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Dropout(HEAD_DROPOUT), nn.Linear(hidden, 1)))
+        self.head = nn.Linear(d, 1) if hidden == 0 else nn.Sequential(
+            nn.Linear(d, hidden), nn.GELU(), nn.Dropout(HEAD_DROPOUT), nn.Linear(hidden, 1))
         last = self.head if hidden == 0 else self.head[-1]
-        nn.init.zeros_(last.weight)  # the head starts at zero: the untrained network predicts its physics line
+        nn.init.zeros_(last.weight)  # zero head: the untrained network predicts its physics line
         nn.init.zeros_(last.bias)
 
     def forward(self, x, line):  # x (B, 1, W) normalised profiles, line (B,) standardised physics line
@@ -115,10 +113,9 @@ class CBHNet(nn.Module):
 
 
 def param_groups(model, wd, decay):
-    """AdamW groups. Layer-wise LR decay as MAE's param_groups_lrd: patch/CLS/position embeddings are layer
-    0, block i is layer i + 1, the final norm and the head are layer depth + 1; scale = decay^(depth + 1 -
-    layer), so the head trains at the full LR and the last block at decay x it. No weight decay on biases,
-    norms (1-D tensors) and the CLS/position embeddings. Frozen parameters are left out."""
+    """AdamW groups with MAE's layer-wise LR decay (param_groups_lrd): patch/CLS/position embeddings are
+    layer 0, block i layer i + 1, the final norm and the head layer depth + 1; scale = decay^(depth + 1 -
+    layer). No weight decay on biases, norms (1-D), CLS/position embeddings. Frozen ones are left out."""
     top = len(model.encoder.blocks) + 1  # the layer id of the final norm and the head
     groups = {}
     for name, p in model.named_parameters():
@@ -135,8 +132,7 @@ def param_groups(model, wd, decay):
 
 
 def get_lr(step, total, warmup, peak, min_lr):
-    """Learning rate at step `step` of a stage's `total`: linear warmup to peak over `warmup` steps, then
-    half-cosine to min_lr; a pure function of the step within a stage."""
+    """Stage LR at `step` of `total`: linear warmup to peak over `warmup` steps, half-cosine to min_lr."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -155,9 +151,8 @@ def build_network(method, enc, cfg):
 # the shared label-free preprocessing, the physics line and the trees
 
 def physics_feature(rel):
-    """Surface-to-cloud-top contrast (N,) of relative profiles rel (N, W): the clear-sky level (or the profile's
-    warmest pixel, if warmer) minus the coldest pixel; through the lapse rate it tracks cloud-top height."""
-    return np.maximum(rel.max(1), 0.0) - rel.min(1)
+    """Surface-to-cloud-top contrast (N,) of relative profiles (N, W): cloud-top height via the lapse rate."""
+    return np.maximum(rel.max(1), 0.0) - rel.min(1)  # clear-sky level (0) or warmer pixel, minus coldest
 
 
 def physics_line(feature, y):
@@ -166,8 +161,8 @@ def physics_line(feature, y):
 
 
 def profile_features(rel):
-    """Tree features (N, F) of relative profiles (N, W): level statistics, cross-track gradients, 4 segment means.
-    No solar angles: they track the time of day and so identify a flight."""
+    """Tree features (N, F) of relative profiles (N, W): level statistics, cross-track gradients, 4 segment
+    means. No solar angles: they track the time of day and so identify a flight."""
     x = np.asarray(rel, np.float64)  # (N, W)
     pct = np.percentile(x, [5, 10, 25, 50, 75, 90, 95], axis=1).T  # (N, 7)
     mean, std = x.mean(1), x.std(1) + 1e-9
@@ -179,11 +174,11 @@ def profile_features(rel):
 
 
 def gbrt_fit(X, y, n_trees=100, depth=5, lr=0.1, min_leaf=1, max_bins=255):
-    """Gradient boosting, squared loss, histogram splits, grown level by level for all nodes at once, as complete
-    heaps of `depth` levels (a node that cannot split sends all its samples left). Splits follow scikit-learn's
-    GradientBoostingRegressor: with at most max_bins + 1 unique values per feature, held-out predictions equal its
-    to float error (test_all.py pins it) except where two features split a node identically (it breaks that tie
-    at random, we by the lower feature index). More unique values get quantile bins: fewer candidate thresholds."""
+    """Squared-loss gradient boosting with histogram splits, each level's nodes grown at once, as complete
+    heaps of `depth` levels (a node that cannot split sends all its samples left). Splits match scikit-learn's
+    GradientBoostingRegressor: with <= max_bins + 1 unique values per feature, held-out predictions equal its
+    to float error (test_all.py pins it) unless two features split a node identically (it breaks the tie at
+    random, we by lower feature index). More unique values: quantile bins, fewer candidate thresholds."""
     X, y = np.asarray(X, np.float32).astype(np.float64), np.asarray(y, np.float64)
     edges = []  # per feature: midpoints between its unique values, or between max_bins + 1 quantiles
     for col in X.T:
@@ -252,11 +247,11 @@ def gbrt_predict(m, X):
 
 def make_folds(d, cfg):
     """[dict(name, train, test)] index arrays into the labelled set for the chosen split."""
-    flight, frame = d["flight"], d["frame"]
+    flight, frame, n_flights = d["flight"], d["frame"], len(np.unique(d["flight"]))
     need = 3 if cfg["split"] == "lofo" else 2  # a stopping flight and one to train on, beside any test flight
-    if len(np.unique(flight)) < need:
-        raise data.DataError(f"{len(np.unique(flight))} flight(s) in the labelled file: --split {cfg['split']} "
-                             f"needs at least {need} (networks stop on a held-out training flight)")
+    if n_flights < need:
+        raise data.DataError(f"{n_flights} flight(s) in the labelled file: --split {cfg['split']} needs at "
+                             f"least {need} (networks stop on a held-out training flight)")
     if cfg["split"] == "lofo":
         return [dict(name=f"flight {fl}", train=tr, test=te) for fl, tr, te in data.split_lofo(flight)]
     if cfg["split"] == "blocked":
@@ -264,8 +259,8 @@ def make_folds(d, cfg):
         for k in range(cfg["n_folds"]):
             tr = data.split_blocked(flight, frame, cfg["n_folds"], k, 0)[0]
             gap = data.decorrelation_lag(d["cbh_km"][tr], flight[tr], frame[tr], ACF_THRESHOLD)
-            folds.append(dict(zip(("train", "test"), data.split_blocked(flight, frame, cfg["n_folds"], k, gap)),
-                              name=f"block {k} (gap {gap})"))
+            tr, te = data.split_blocked(flight, frame, cfg["n_folds"], k, gap)
+            folds.append(dict(train=tr, test=te, name=f"block {k} (gap {gap})"))
         return folds
     print("warning: --split random puts neighbouring, strongly correlated frames in train and test; its "
           "scores are optimistic (kept only to compare with the seed's protocol)")
@@ -274,9 +269,8 @@ def make_folds(d, cfg):
 
 
 def budget_frames(train, flight, frame, budget):
-    """The labelled training frames kept at a label budget: per flight, ONE contiguous stretch of
-    max(1, round(budget * n)) of its n training frames in time, centred, so a smaller budget's stretch lies inside
-    a larger one's (a real label budget is a stretch of lidar track, not scattered frames)."""
+    """Frames kept at a label budget: per training flight, ONE contiguous centred stretch of its n frames in
+    time, max(1, round(budget * n)) long; budgets nest (real labels come as a stretch of lidar track)."""
     keep = []
     for fl in np.unique(flight[train]):
         idx = train[flight[train] == fl]
@@ -286,8 +280,7 @@ def budget_frames(train, flight, frame, budget):
 
 
 def stopping_split(labelled, flight, fold_index, seed):
-    """(fit, val): the network stops on one whole training flight, (k + s) mod n for fold k and seed s, so
-    stopping rewards what transfers to a new flight."""
+    """(fit, val): val is training flight (k + s) mod n (fold k, seed s), so stopping rewards transfer."""
     flights = np.unique(flight[labelled])
     val_fl = flights[(fold_index + seed) % len(flights)]
     return labelled[flight[labelled] != val_fl], labelled[flight[labelled] == val_fl]
@@ -297,10 +290,9 @@ def stopping_split(labelled, flight, fold_index, seed):
 # training one network
 
 def target_stats(t, labelled):
-    """Target standardisation and the physics line from the labelled training frames (fit and stopping flights:
-    the same line as the physics row, which a network then corrects)."""
+    """Target mean/std and physics line of the labelled frames (fit + stopping flights: the physics row's)."""
     y, phys = t["y"][labelled].cpu().numpy(), t["phys"][labelled].cpu().numpy()
-    line = physics_line(phys, y) if RESIDUAL and np.ptp(phys) > 0 else [0.0, float(y.mean())]  # [0, mean]: direct
+    line = physics_line(phys, y) if RESIDUAL and np.ptp(phys) > 0 else [0.0, float(y.mean())]  # direct
     return dict(y_mean=float(y.mean()), y_std=float(y.std()) + 1e-6, line=line)
 
 
@@ -311,28 +303,25 @@ def line_std(phys, stats):
 
 
 def stages(method, cfg):
-    """[(epochs, peak LR, train the encoder)]. scratch runs the same two stages as finetune (stage 1 fits a head on
-    random features), so the initial encoder weights are the only difference between the two."""
+    """[(epochs, peak LR, train encoder)]; scratch runs finetune's stages: only the initial weights differ."""
     if method == "probe":
         return [(cfg["head_epochs"] + cfg["epochs"], cfg["lr"], False)]
     return [(cfg["head_epochs"], cfg["lr"], False), (cfg["epochs"], cfg["ft_lr"], True)]
 
 
 def epoch_batches(n, cfg, gen):
-    """Shuffled index batches of one epoch: one pass over the n fit frames, or as many passes as make up
-    MIN_EPOCH_SAMPLES, so a 5 % budget (a few dozen labels) still takes enough steps per epoch."""
+    """One epoch's shuffled index batches: enough passes over the n fit frames to reach MIN_EPOCH_SAMPLES."""
     passes = math.ceil(MIN_EPOCH_SAMPLES / n) if n < MIN_EPOCH_SAMPLES else 1
     order = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
     return order.split(cfg["batch_size"])
 
 
 def frozen_features(encoder, x, amp_dtype):
-    """(2, N, D): the frozen encoder's features of every profile x (N, 1, W) and of its mirror image (the flip
-    augmentation), computed once: stage 1 and the probe then train the head alone at the cost of a linear model."""
-    encoder.eval()
+    """(2, N, D): frozen-encoder features of profiles x (N, 1, W) and their mirror images (flip augment)."""
+    encoder.eval()  # computed once: stage 1 and the probe then train the head alone at a linear model's cost
     with torch.no_grad(), torch.autocast(x.device.type, amp_dtype, enabled=amp_dtype is not None):
-        return torch.stack([torch.cat([encoder.features(v[i:i + 4096]).float() for i in range(0, len(v), 4096)])
-                            for v in (x, x.flip(-1))])
+        return torch.stack([torch.cat([encoder.features(v[i:i + 4096]).float()
+                                       for i in range(0, len(v), 4096)]) for v in (x, x.flip(-1))])
 
 
 def predict_std(net, x, line, idx, amp_dtype, feats=None):
@@ -341,13 +330,13 @@ def predict_std(net, x, line, idx, amp_dtype, feats=None):
     with torch.no_grad(), torch.autocast(x.device.type, amp_dtype, enabled=amp_dtype is not None):
         if feats is not None:
             return net.from_features(feats[0][idx], line[idx]).float()
-        return torch.cat([net(x[idx[i:i + 4096]], line[idx[i:i + 4096]]) for i in range(0, len(idx), 4096)]).float()
+        return torch.cat([net(x[idx[i:i + 4096]], line[idx[i:i + 4096]])
+                          for i in range(0, len(idx), 4096)]).float()
 
 
 def train_epoch(net, opt, scaler, batch, fit, cfg, gen, amp_dtype, lr_at, where):
-    """One epoch over the fit frames (a tensor of indices) -> the mean training loss. batch(idx, flip) ->
-    (predictions, targets). A non-finite loss stops the run before its step is taken (with fp16's GradScaler,
-    only 20 in a row: the scaler skips single overflowing steps by design)."""
+    """One epoch over fit (index tensor) -> mean training loss; batch(idx, flip) -> (predictions, targets). A
+    non-finite loss stops the run before its step (fp16 GradScaler: 20 in a row; it skips lone overflows)."""
     total, bad_run, batches = 0.0, 0, epoch_batches(len(fit), cfg, gen)
     for i, b in enumerate(batches):
         for g in opt.param_groups:
@@ -359,7 +348,8 @@ def train_epoch(net, opt, scaler, batch, fit, cfg, gen, amp_dtype, lr_at, where)
         value = loss.item()  # the running mean needs it anyway: checking it costs no extra sync
         bad_run = 0 if math.isfinite(value) else bad_run + 1
         if bad_run > (20 if scaler.is_enabled() else 0):
-            raise data.NonFiniteLoss(data.nonfinite_message(f"finetune_cbh.py, {where}", i - bad_run + 2, i + 1))
+            raise data.NonFiniteLoss(data.nonfinite_message(f"finetune_cbh.py, {where}",
+                                                            i - bad_run + 2, i + 1))
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg["grad_clip"] > 0:
@@ -372,13 +362,12 @@ def train_epoch(net, opt, scaler, batch, fit, cfg, gen, amp_dtype, lr_at, where)
 
 
 def train_network(method, fit, val, t, enc, cfg, amp, unit_seed, log):
-    """Two-stage training of one network on the fit frames, stopped on the val frames (a held-out training flight):
-    per stage, the epoch with the lowest held-out MSE wins and the next stage starts from it. t: network_tensors;
-    amp = (autocast dtype or None, use a GradScaler). Returns (net with its best weights, target stats, that MSE)."""
+    """Two-stage training on fit; each stage ends at its lowest-MSE epoch on val (a held-out training flight);
+    the next starts there. amp: (autocast dtype or None, use GradScaler) -> (net, target stats, that MSE)."""
     torch.manual_seed(unit_seed)
     gen = torch.Generator().manual_seed(unit_seed)
     fit, val = (torch.as_tensor(i, device=t["x"].device) for i in (fit, val))
-    stats = target_stats(t, torch.cat([fit, val]))  # the physics row's line: a 2-number fit wants every flight
+    stats = target_stats(t, torch.cat([fit, val]))  # the physics row's line: a 2-number fit wants all flights
     target, line = (t["y"] - stats["y_mean"]) / stats["y_std"], line_std(t["phys"], stats)  # (N,) each
     net = build_network(method, enc, cfg).to(t["x"].device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp[1])
@@ -386,14 +375,15 @@ def train_network(method, fit, val, t, enc, cfg, amp, unit_seed, log):
     n_steps = len(epoch_batches(len(fit), cfg, torch.Generator()))  # per epoch
     for si, (n_epochs, peak, train_enc) in enumerate(stages(method, cfg)):
         net.encoder.requires_grad_(train_enc)
-        opt = torch.optim.AdamW(param_groups(net, cfg["weight_decay"], cfg["layer_decay"] if train_enc else 1.0),
-                                lr=peak)
+        opt = torch.optim.AdamW(param_groups(net, cfg["weight_decay"],
+                                             cfg["layer_decay"] if train_enc else 1.0), lr=peak)
         feats = None if train_enc else frozen_features(net.encoder, t["x"], amp[0])  # (2, N, D) or None
 
         def batch(idx, flip):
+            lb, yb = line[idx], target[idx]  # (B,) each: the batch's physics line and target
             if feats is None:
-                return net(torch.where(flip[:, None, None], t["x"][idx].flip(-1), t["x"][idx]), line[idx]), target[idx]
-            return net.from_features(torch.where(flip[:, None], feats[1][idx], feats[0][idx]), line[idx]), target[idx]
+                return net(torch.where(flip[:, None, None], t["x"][idx].flip(-1), t["x"][idx]), lb), yb
+            return net.from_features(torch.where(flip[:, None], feats[1][idx], feats[0][idx]), lb), yb
         bad_epochs = 0
         for epoch in range(n_epochs):
             if bad_epochs >= cfg["patience"]:
@@ -407,13 +397,13 @@ def train_network(method, fit, val, t, enc, cfg, amp, unit_seed, log):
             err = predict_std(net, t["x"], line, val, amp[0], feats) - target[val]
             mse = float((err ** 2).mean()) * stats["y_std"] ** 2  # km^2
             if not math.isfinite(mse):
-                raise data.NonFiniteLoss(f"finetune_cbh.py, {where}: the held-out error is not finite; lower --lr "
-                                         "or --ft_lr, or keep --grad_clip on")
+                raise data.NonFiniteLoss(f"finetune_cbh.py, {where}: the held-out error is not finite; "
+                                         "lower --lr or --ft_lr, or keep --grad_clip on")
             bad_epochs = 0 if mse < best["mse"] else bad_epochs + 1
             if mse < best["mse"]:
                 best = dict(mse=mse, state={k: v.detach().clone() for k, v in net.state_dict().items()})
-            log(dict(stage=si + 1, epoch=epoch + 1, train_loss=train_loss, val_mse_km2=mse, lr=lr_at(n_steps - 1),
-                     seconds=round(time.time() - t0, 3)))
+            log(dict(stage=si + 1, epoch=epoch + 1, train_loss=train_loss, val_mse_km2=mse,
+                     lr=lr_at(n_steps - 1), seconds=round(time.time() - t0, 3)))
         if best["state"] is not None:
             net.load_state_dict(best["state"])
     return net, stats, best["mse"]
@@ -427,8 +417,8 @@ def network_km(net, stats, t, idx, amp_dtype):
 
 
 def amp_policy(dev, cfg, t, enc, stored=None):
-    """(autocast dtype or None, use GradScaler): CUDA's policy; on the CPU `stored` ('bf16'/'fp32', what a resumed
-    run or a saved model chose), else data.choose_cpu_dtype timing training steps of the network."""
+    """(autocast dtype or None, use GradScaler): CUDA's policy; on the CPU `stored` ('bf16'/'fp32', what a
+    resumed run or a saved model chose), else data.choose_cpu_dtype timing training steps of the network."""
     if dev.type != "cpu":
         return data.cuda_autocast(dev)
     if stored:
@@ -473,26 +463,25 @@ def load_encoder_source(cfg, width):
         return dict(config=enc_cfg, state=None, norm=None, flat_field=None)
     encoder, meta = mae.load_encoder(cfg["pretrained"])
     if meta["config"].get("width", width) != width:
-        raise data.DataError(f"{cfg['pretrained']}: encoder expects profiles of width {meta['config']['width']}, "
-                             f"the labelled file has {width}")
+        raise data.DataError(f"{cfg['pretrained']}: encoder expects profiles of width "
+                             f"{meta['config']['width']}, the labelled file has {width}")
     if meta["input"] != "relative":
-        raise data.DataError(f"{cfg['pretrained']}: encoder was pre-trained on --input {meta['input']}; CBH needs "
-                             "--input relative (mae.py's default): pre-train again")
+        raise data.DataError(f"{cfg['pretrained']}: encoder was pre-trained on --input {meta['input']}; "
+                             "CBH needs --input relative (mae.py's default): pre-train again")
     norm = tuple(float(np.ravel(meta[k])[0]) for k in ("norm_mean", "norm_std"))
     return dict(meta, state=encoder.state_dict(), norm=norm)
 
 
 def preprocess(d, gain, where):
-    """The label-free preprocessing every method shares: relative profiles (N, W), the physics feature (N,), tree
-    features (N, F) and the flat field gain (W,) used (None: estimated from d's own profiles)."""
+    """Shared label-free preprocessing: rel (N, W), phys (N,), features (N, F), flat-field gain (W,) used."""
     gain = data.flat_field(d["images"], where) if gain is None else np.asarray(gain, np.float64)
     rel = data.relative_profiles(d["images"], d["flight"], gain, where)
     return dict(rel=rel, phys=physics_feature(rel), features=profile_features(rel), gain=gain)
 
 
 def network_tensors(prep, norm, dev, y=None):
-    """What every network shares, resident on dev: x (N, 1, W) relative profiles normalised with norm = (mean,
-    std) (the encoder's, from unlabelled profiles; None: these profiles' own), phys (N,) and y (N,) CBH in km."""
+    """What every network shares, on dev: x (N, 1, W) relative profiles normalised with norm = (mean, std)
+    (the encoder's, from unlabelled profiles; None: these profiles' own), phys (N,) and y (N,) CBH in km."""
     x = prep["rel"][:, None]  # (N, 1, W)
     norm = norm or tuple(float(np.ravel(v)[0]) for v in data.norm_stats(x))
     as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32, device=dev)
@@ -501,7 +490,7 @@ def network_tensors(prep, norm, dev, y=None):
 
 
 def load_inputs(cfg, dev):
-    """Labelled data, its preprocessing, folds, methods, budgets, the encoder source and the network tensors."""
+    """Labelled data, its preprocessing, folds, methods, budgets, the encoder source and network tensors."""
     names, budgets = parse_list(cfg)
     path = cfg["data_path"] or data.default_cloud_paths()[1]
     d = data.load_clouds(path, labelled=True, drop_unlabelled=True)
@@ -510,7 +499,7 @@ def load_inputs(cfg, dev):
     if enc["state"] is None and {"finetune", "probe"} & set(names):
         print("note: --pretrained none: skipping finetune and probe (they need a pre-trained encoder)")
         names = [m for m in names if m not in ("finetune", "probe")]
-    prep = preprocess(d, enc["flat_field"], path)  # the encoder's flat field (from unlabelled profiles) if any
+    prep = preprocess(d, enc["flat_field"], path)  # the encoder's flat field (unlabelled profiles) if any
     t = network_tensors(prep, enc["norm"], dev, d["cbh_km"]) if set(names) & set(NETWORKS) else None
     print(f"{len(d['cbh_km'])} labelled profiles from {path}, {len(np.unique(d['flight']))} flights; split "
           f"{cfg['split']} ({len(folds)} folds); budgets {', '.join(f'{b:g}' for b in budgets)}; methods "
@@ -519,21 +508,21 @@ def load_inputs(cfg, dev):
 
 
 def units(names, budgets, folds, cfg):
-    """Every (method, budget index, fold index, seed) to run: networks once per seed, trees and physics once."""
+    """Every (method, budget index, fold index, seed): networks once per seed, trees and physics once."""
     return [(m, b, k, s) for b in range(len(budgets)) for m in names
             for s in range(cfg["seeds"] if m in NETWORKS else 1) for k in range(len(folds))]
 
 
 def run_unit(unit, folds, budgets, d, prep, t, enc, cfg, amp, log):
     """One (method, budget, fold, seed) -> dict(method, budget, fold, seed, pred (n_test,) km, inner_mse (the
-    stopping flight's MSE in km^2, networks only), n_labels). Seeded on its own: the same whatever ran before."""
+    stopping flight's MSE in km^2, networks only), n_labels). Seeded on its own: order does not matter."""
     m, b, k, s = unit
-    fold, y = folds[k], d["cbh_km"]
+    fold, y, X = folds[k], d["cbh_km"], prep["features"]
     labelled = budget_frames(fold["train"], d["flight"], d["frame"], budgets[b])
     inner = float("nan")
     if m == "trees":
-        tree = gbrt_fit(prep["features"][labelled], y[labelled], cfg["n_trees"], cfg["tree_depth"], cfg["tree_lr"])
-        pred = gbrt_predict(tree, prep["features"][fold["test"]])
+        tree = gbrt_fit(X[labelled], y[labelled], cfg["n_trees"], cfg["tree_depth"], cfg["tree_lr"])
+        pred = gbrt_predict(tree, X[fold["test"]])
     elif m == "physics":
         pred = np.polyval(physics_line(prep["phys"][labelled], y[labelled]), prep["phys"][fold["test"]])
     else:
@@ -547,19 +536,18 @@ def run_unit(unit, folds, budgets, d, prep, t, enc, cfg, amp, log):
 
 
 def load_resume(cfg, log_path, data_hash):
-    """The checkpoint of an interrupted comparison with these settings and data (data_hash), or None for a fresh
-    run; the log is trimmed back to the rows the checkpoint accounts for, so no epoch is logged twice."""
+    """Checkpoint of an interrupted comparison with these settings and data_hash, or None (fresh run)."""
     if not cfg["resume"]:
         return None
-    ck = data.load_checkpoint(cfg["resume"])
+    ck, data_name = data.load_checkpoint(cfg["resume"]), cfg["data_path"] or "the embedded labelled file"
     same = lambda c: {k: v for k, v in c.items() if k not in FREE_ON_RESUME}
     if ck.get("kind") != "cbh_comparison" or same(ck["config"]) != same(cfg):
         raise data.DataError(f"{cfg['resume']}: not a checkpoint of a finetune_cbh.py comparison with these "
                              "settings (older comparisons: check out the commit that made them)")
     if ck.get("data_hash", data_hash) != data_hash:
-        raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded labelled file'} does not hold the "
-                             "frames this comparison ran on (their fingerprint differs); resume with its data")
-    data.keep_first_rows(log_path, ck["log_rows"])
+        raise data.DataError(f"{cfg['resume']}: {data_name} does not hold the frames this comparison ran on "
+                             "(their fingerprint differs); resume with its data")
+    data.keep_first_rows(log_path, ck["log_rows"])  # back to the checkpoint's rows: no epoch logged twice
     return ck
 
 
@@ -567,7 +555,7 @@ def load_resume(cfg, log_path, data_hash):
 # outputs: tables, csv files, plots
 
 def pooled(done, folds, m, b, seed=None):
-    """(test indices, predictions) of method m at budget index b over the folds: one seed's or the seed mean."""
+    """(test indices, predictions) of method m at budget index b over folds: one seed's or the seed mean."""
     tests, preds = [], []
     for k, f in enumerate(folds):
         p = [u["pred"] for u in done
@@ -579,13 +567,14 @@ def pooled(done, folds, m, b, seed=None):
 
 
 def method_row(done, folds, d, m, b):
-    """Pooled scores of method m at budget b: mean and std over seeds, the seed-mean predictions' R2 (committee) and
-    the mean inner-validation MSE (what stopped the networks: not a test score)."""
-    y = d["cbh_km"]
-    seeds = sorted({u["seed"] for u in done if (u["method"], u["budget"]) == (m, b)})
-    per_seed = [losses.regression_metrics(p, y[test]) for s in seeds for test, p in [pooled(done, folds, m, b, s)]]
+    """Pooled scores of method m at budget b: mean and std over seeds, the seed-mean predictions' R2
+    (committee) and the mean inner-validation MSE (what stopped the networks: not a test score)."""
+    y, done_mb = d["cbh_km"], [u for u in done if (u["method"], u["budget"]) == (m, b)]
+    seeds = sorted({u["seed"] for u in done_mb})
+    per_seed = [losses.regression_metrics(p, y[test])
+                for s in seeds for test, p in [pooled(done, folds, m, b, s)]]
     test, committee = pooled(done, folds, m, b)
-    inner = [u["inner_mse"] for u in done if (u["method"], u["budget"]) == (m, b) and math.isfinite(u["inner_mse"])]
+    inner = [u["inner_mse"] for u in done_mb if math.isfinite(u["inner_mse"])]
     row = dict(method=m, committee_r2=losses.regression_metrics(committee, y[test])["r2"],
                inner_val_mse_km2=float(np.mean(inner)) if inner else "")
     for c, k in (("r2", "r2"), ("mae_km", "mae"), ("rmse_km", "rmse")):
@@ -595,44 +584,48 @@ def method_row(done, folds, d, m, b):
 
 
 def pair_row(done, folds, d, a, c, b):
-    """a - c at budget b: the difference of pooled R2 of the seed-mean predictions on identical test frames with 95%
-    block-bootstrap intervals, keeping every test flight (r2_lo/hi) and resampling flights too (r2_lo/hi_flights:
-    how sure we are for a new flight), and on how many test flights a has the lower / higher MSE (ties: TIE_RTOL)."""
+    """a - c at budget b: pooled R2 difference of the seed-mean predictions on identical test frames, with 95%
+    block-bootstrap intervals keeping each test flight (r2_lo/hi) or resampling flights too (r2_lo/hi_flights:
+    for a new flight), and on how many test flights a has the lower / higher MSE (ties within TIE_RTOL)."""
     test, pa = pooled(done, folds, a, b)
     _, pc = pooled(done, folds, c, b)
     y, flight, frame = d["cbh_km"][test], d["flight"][test], d["frame"][test]
-    mse_a, mse_c = (np.array([np.mean((p - y)[flight == f] ** 2) for f in np.unique(flight)]) for p in (pa, pc))
+    mse_a, mse_c = (np.array([np.mean((p - y)[flight == f] ** 2) for f in np.unique(flight)])
+                    for p in (pa, pc))
     tie = np.isclose(mse_a, mse_c, rtol=TIE_RTOL, atol=0)
     diff, lo, hi = losses.block_bootstrap_diff(y, pa, pc, flight, frame)
     _, flo, fhi = losses.block_bootstrap_diff(y, pa, pc, flight, frame, resample_groups=True)
     return dict(method=f"{a} - {c}", r2=diff, r2_lo=lo, r2_hi=hi, r2_lo_flights=flo, r2_hi_flights=fhi,
-                flights_better=int(np.sum((mse_a < mse_c) & ~tie)), flights_worse=int(np.sum((mse_a > mse_c) & ~tie)))
+                flights_better=int(np.sum((mse_a < mse_c) & ~tie)),
+                flights_worse=int(np.sum((mse_a > mse_c) & ~tie)))
 
 
-EFFICIENCY_COLUMNS = ("budget", "labelled_frames", "method", "r2", "r2_std", "mae_km", "mae_km_std", "rmse_km",
-                      "rmse_km_std", "committee_r2", "inner_val_mse_km2", "r2_lo", "r2_hi", "r2_lo_flights",
-                      "r2_hi_flights", "flights_better", "flights_worse")
+EFFICIENCY_COLUMNS = ("budget", "labelled_frames", "method", "r2", "r2_std", "mae_km", "mae_km_std",
+                      "rmse_km", "rmse_km_std", "committee_r2", "inner_val_mse_km2", "r2_lo", "r2_hi",
+                      "r2_lo_flights", "r2_hi_flights", "flights_better", "flights_worse")
 
 
 def efficiency_rows(done, folds, budgets, d, names):
     """label_efficiency.csv: per budget, one row per method (method_row) and one per pair (pair_row)."""
-    rows = []
+    rows, pairs = [], [(a, c) for a, c in PAIRS if a in names and c in names]
     for b, budget in enumerate(budgets):
         n_labels = np.mean([u["n_labels"] for u in done if u["budget"] == b])
         head = dict(budget=budget, labelled_frames=int(round(n_labels)))
         rows += [dict(head, **method_row(done, folds, d, m, b)) for m in names]
-        rows += [dict(head, **pair_row(done, folds, d, a, c, b)) for a, c in PAIRS if a in names and c in names]
+        rows += [dict(head, **pair_row(done, folds, d, a, c, b)) for a, c in pairs]
     return [{k: r.get(k, "") for k in EFFICIENCY_COLUMNS} for r in rows]
 
 
 def print_table(rows):
     for r in rows:
         if " - " not in r["method"]:
-            print(f"budget {r['budget']:g} ({r['labelled_frames']} labels) {r['method']:<9} pooled R2 {r['r2']:.3f} "
-                  f"+- {r['r2_std']:.3f}  MAE {r['mae_km']:.3f} km  committee R2 {r['committee_r2']:.3f}")
+            print(f"budget {r['budget']:g} ({r['labelled_frames']} labels) {r['method']:<9} pooled R2 "
+                  f"{r['r2']:.3f} +- {r['r2_std']:.3f}  MAE {r['mae_km']:.3f} km  committee R2 "
+                  f"{r['committee_r2']:.3f}")
         else:
             print(f"  {r['method']:<19} {r['r2']:+.3f} (95%, flights resampled {r['r2_lo_flights']:+.3f} .. "
-                  f"{r['r2_hi_flights']:+.3f}); better on {r['flights_better']}, worse on {r['flights_worse']} flights")
+                  f"{r['r2_hi_flights']:+.3f}); better on {r['flights_better']}, worse on "
+                  f"{r['flights_worse']} flights")
 
 
 def unit_rows(done, folds, budgets, d):
@@ -654,14 +647,15 @@ def prediction_rows(done, folds, budgets, d, names):
             for k, f in enumerate(folds):
                 p = np.array([u["pred"] for u in done if (u["method"], u["budget"], u["fold"]) == (m, b, k)])
                 rows += [dict(method=m, budget=budget, fold=f["name"], flight=int(d["flight"][i]),
-                              frame=int(d["frame"][i]), cbh_km=float(d["cbh_km"][i]), pred_km=float(p[:, j].mean()),
-                              pred_seed_std_km=float(p[:, j].std())) for j, i in enumerate(f["test"])]
+                              frame=int(d["frame"][i]), cbh_km=float(d["cbh_km"][i]),
+                              pred_km=float(p[:, j].mean()), pred_seed_std_km=float(p[:, j].std()))
+                         for j, i in enumerate(f["test"])]
     return rows
 
 
 def plot_efficiency(rows, names, path):
-    """Left: pooled R2 against labelled frames (log axis), one line per method, the networks' band +- 1 std over
-    seeds, physics dashed. Right: finetune - scratch and probe - scratch with the flights-resampled 95% interval."""
+    """Left: pooled R2 vs labelled frames (log axis), a line per method, networks' band +- 1 std over seeds,
+    physics dashed. Right: finetune - scratch and probe - scratch with the flights-resampled 95% interval."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     col = lambda r, c: np.array([x[c] for x in r], float)
     for m in [*names, "finetune - scratch", "probe - scratch"]:
@@ -674,7 +668,7 @@ def plot_efficiency(rows, names, path):
             if pair or m in NETWORKS:
                 axes[pair].fill_between(n, lo, hi, alpha=0.2)
     axes[1].axhline(0, color="k", lw=0.8)
-    ticks = sorted({x["labelled_frames"] for x in rows})  # the budgets themselves: log-axis minor labels collide
+    ticks = sorted({x["labelled_frames"] for x in rows})  # the budgets: log-axis minor labels collide
     for ax, ylabel, title in zip(axes, ("pooled R2 on unseen flights", "R2 difference"),
                                  ("label efficiency (band: +- 1 std over seeds)",
                                   "pre-trained minus scratch (band: 95%, flights resampled)")):
@@ -689,8 +683,7 @@ def plot_efficiency(rows, names, path):
 
 
 def plot_full_budget(done, folds, d, names, b, plot_dir):
-    """At budget index b: predicted vs true per method (pred_vs_true.png) and each method's MAE per test flight
-    (per_flight_error.png)."""
+    """At budget b: pred_vs_true.png per method and per_flight_error.png (MAE per method and test flight)."""
     y, flight, fls = d["cbh_km"], d["flight"], np.unique(d["flight"])
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False)
     fig2, ax2 = plt.subplots(figsize=(0.25 * len(fls) * len(names) + 3, 3.5))
@@ -704,8 +697,8 @@ def plot_full_budget(done, folds, d, names, b, plot_dir):
         err = [np.abs(pred - y[test])[flight[test] == fl].mean() if (flight[test] == fl).any() else np.nan
                for fl in fls]
         ax2.bar(np.arange(len(fls)) + (j - (len(names) - 1) / 2) * w, err, w, label=m)
-    ax2.set(xticks=np.arange(len(fls)), xticklabels=[str(f) for f in fls], xlabel="test flight", ylabel="MAE (km)",
-            title="error per unseen flight")
+    ax2.set(xticks=np.arange(len(fls)), xticklabels=[str(f) for f in fls], xlabel="test flight",
+            ylabel="MAE (km)", title="error per unseen flight")
     ax2.legend(fontsize=8)
     for fg, name in ((fig, "pred_vs_true.png"), (fig2, "per_flight_error.png")):
         fg.tight_layout()
@@ -719,7 +712,8 @@ def report(done, folds, budgets, d, names, out_dir):
     print_table(rows)
     data.atomic_write_csv(os.path.join(out_dir, "label_efficiency.csv"), rows)
     data.atomic_write_csv(os.path.join(out_dir, "results.csv"), unit_rows(done, folds, budgets, d))
-    data.atomic_write_csv(os.path.join(out_dir, "predictions.csv"), prediction_rows(done, folds, budgets, d, names))
+    data.atomic_write_csv(os.path.join(out_dir, "predictions.csv"),
+                          prediction_rows(done, folds, budgets, d, names))
     plot_dir = os.path.join(out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     plot_efficiency(rows, names, os.path.join(plot_dir, "label_efficiency.png"))
@@ -738,20 +732,20 @@ def compare(cfg, dev):
     amp = amp_policy(dev, cfg, t, enc, ck and ck["cpu_autocast"]) if t is not None else (None, False)
     cpu_autocast = ("bf16" if amp[0] else "fp32") if dev.type == "cpu" else None
     done, log_rows = (ck["done"], ck["log_rows"]) if ck else ([], 0)
-    save = lambda **extra: data.atomic_torch_save(dict(kind="cbh_comparison", config=cfg, done=done, log_rows=log_rows,
-                                                       cpu_autocast=cpu_autocast, data_hash=data_hash,
-                                                       complete=False) | extra, ckpt_path)
+    save = lambda **extra: data.atomic_torch_save(
+        dict(kind="cbh_comparison", config=cfg, done=done, log_rows=log_rows, cpu_autocast=cpu_autocast,
+             data_hash=data_hash, complete=False) | extra, ckpt_path)
     for unit in units(names, budgets, folds, cfg):
         if any((u["method"], u["budget"], u["fold"], u["seed"]) == unit for u in done):
             continue  # finished before the interruption
         t0, rows = time.time(), []
         u = run_unit(unit, folds, budgets, d, prep, t, enc, cfg, amp, rows.append)
-        log_rows = data.append_csv(log_path, rows)  # log first: a kill before the save re-runs the unit, trimmed
+        log_rows = data.append_csv(log_path, rows)  # log first: a kill before save() reruns the unit, trimmed
         done.append(u)
         save()
         s = losses.regression_metrics(u["pred"], d["cbh_km"][folds[u["fold"]]["test"]])
-        print(f"{u['method']} budget {budgets[u['budget']]:g} {folds[u['fold']]['name']} seed {u['seed']}: R2 "
-              f"{s['r2']:.3f} MAE {s['mae']:.4f} km ({time.time() - t0:.1f}s)")
+        print(f"{u['method']} budget {budgets[u['budget']]:g} {folds[u['fold']]['name']} "
+              f"seed {u['seed']}: R2 {s['r2']:.3f} MAE {s['mae']:.4f} km ({time.time() - t0:.1f}s)")
     rows = report(done, folds, budgets, d, names, cfg["out_dir"])
     full = {r["method"]: dict(r2=r["r2"], mae_km=r["mae_km"], rmse_km=r["rmse_km"]) for r in rows
             if r["budget"] == 1.0 and " - " not in r["method"]}
@@ -764,21 +758,23 @@ def compare(cfg, dev):
 # the final model (--final) and CBH for new files (--predict)
 
 FINAL_KEYS = ("data_path", "pretrained", "head_hidden", "head_epochs", "epochs", "batch_size", "lr", "ft_lr",
-              "layer_decay", "weight_decay", "drop_path", "grad_clip", "patience", "n_trees", "tree_depth", "tree_lr")
+              "layer_decay", "weight_decay", "drop_path", "grad_clip", "patience", "n_trees", "tree_depth",
+              "tree_lr")
 
 
 def cross_validated(cfg, method):
-    """The method's full-label pooled scores from the COMPLETED comparison in out_dir if it used these settings,
-    else 'not cross-validated'; an incomplete comparison there is refused (its results may be an older run's)."""
+    """The method's full-label pooled scores from the COMPLETED comparison in out_dir if run with these
+    settings, else 'not cross-validated'; an incomplete one there is refused (may be an older run's)."""
     path = os.path.join(cfg["out_dir"], "checkpoints", "latest.pth")
     ck = data.load_checkpoint(path) if os.path.isfile(path) else {}
     if ck.get("kind") != "cbh_comparison":
         return "not cross-validated"
     if not ck["complete"]:
-        raise data.DataError(f"{path}: the comparison in {cfg['out_dir']} is incomplete; finish it with --resume "
-                             f"{path} (or pass another --out_dir) before --final")
+        raise data.DataError(f"{path}: the comparison in {cfg['out_dir']} is incomplete; finish it with "
+                             f"--resume {path} (or pass another --out_dir) before --final")
     settings = lambda c: [os.path.abspath(c[k] or data.default_cloud_paths()[1]) if k == "data_path" else
-                          os.path.abspath(c[k]) if k == "pretrained" and c[k] != "none" else c[k] for k in FINAL_KEYS]
+                          os.path.abspath(c[k]) if k == "pretrained" and c[k] != "none" else c[k]
+                          for k in FINAL_KEYS]
     score = ck["full_label_scores"].get(method)
     if score is None or settings(ck["config"]) != settings(cfg):
         return "not cross-validated"
@@ -786,7 +782,7 @@ def cross_validated(cfg, method):
 
 
 def train_final(cfg, dev):
-    """Train one model (one seed) of method --final on every labelled flight (networks: the last flight stops them)
+    """Train one model (one seed) of method --final on all labelled flights (networks stop on the last one)
     and write out_dir/cbh_model.pth: all --predict needs, with the comparison's cross-validated scores."""
     method = cfg["final"]
     if method not in METHODS:
@@ -798,19 +794,22 @@ def train_final(cfg, dev):
         raise data.DataError(f"--final {method} needs a pre-trained encoder (--pretrained)")
     cv = cross_validated(cfg, method)
     prep, y = preprocess(d, enc["flat_field"], path), d["cbh_km"]
-    saved = dict(kind="cbh_model", method=method, width=d["images"].shape[1], flat_field=prep["gain"].tolist(),
-                 cv=cv, data_path=path, flights=sorted(int(f) for f in np.unique(d["flight"])))
+    saved = dict(kind="cbh_model", method=method, width=d["images"].shape[1],
+                 flat_field=prep["gain"].tolist(), cv=cv, data_path=path,
+                 flights=sorted(int(f) for f in np.unique(d["flight"])))
     if method == "trees":
         saved["trees"] = gbrt_fit(prep["features"], y, cfg["n_trees"], cfg["tree_depth"], cfg["tree_lr"])
     elif method == "physics":
         saved["line"] = physics_line(prep["phys"], y)
     else:
         if len(np.unique(d["flight"])) < 2:
-            raise data.DataError(f"--final {method} needs at least 2 flights (the last one stops the training)")
+            raise data.DataError(f"--final {method} needs at least 2 flights "
+                                 "(the last one stops the training)")
         last = d["flight"] == d["flight"].max()
         t = network_tensors(prep, enc["norm"], dev, y)
         amp = amp_policy(dev, cfg, t, enc)
-        log = lambda r: print(f"  {method} stage {r['stage']} epoch {r['epoch']} MSE {r['val_mse_km2']:.4f} km^2")
+        log = lambda r: print(f"  {method} stage {r['stage']} epoch {r['epoch']} "
+                              f"MSE {r['val_mse_km2']:.4f} km^2")
         net, stats, _ = train_network(method, np.flatnonzero(~last), np.flatnonzero(last), t, enc, cfg, amp,
                                       cfg["seed"], log)
         saved.update(state=net.state_dict(), stats=stats, encoder_config=enc["config"], norm=t["norm"],
@@ -824,15 +823,17 @@ def train_final(cfg, dev):
 
 def load_cbh_model(path):
     m = data.load_checkpoint(path)
-    if m.get("kind") != "cbh_model" or "flat_field" not in m or "norm" not in m and m.get("method") in NETWORKS:
+    if (m.get("kind") != "cbh_model" or "flat_field" not in m
+            or "norm" not in m and m.get("method") in NETWORKS):
         raise data.DataError(f"{path}: not a CBH model of this finetune_cbh.py (write one with `python "
-                             "finetune_cbh.py --final METHOD`; older models: check out the commit that made them)")
+                             "finetune_cbh.py --final METHOD`; older models: check out the commit that "
+                             "made them)")
     return m
 
 
 def predict_km(m, d, dev, where):
-    """CBH (km) of every frame of d with the saved model m, clipped to the schema's 0..MAX_CBH_KM, after the same
-    preprocessing as in training (its stored flat field; each flight's level from the file's own profiles)."""
+    """CBH (km) of every frame of d by the saved model m, clipped to the schema's 0..MAX_CBH_KM, after the
+    training's preprocessing (its stored flat field; each flight's level from the file's own profiles)."""
     prep = preprocess(d, m["flat_field"], where)
     if m["method"] == "trees":
         pred = gbrt_predict(m["trees"], prep["features"])
@@ -842,14 +843,14 @@ def predict_km(m, d, dev, where):
         net = CBHNet(mae.build_encoder(m["encoder_config"]), m["head_hidden"]).to(dev)
         net.load_state_dict(m["state"])
         t = network_tensors(prep, m["norm"], dev)
-        amp = amp_policy(dev, None, None, None, stored=m["cpu_autocast"])[0]  # as it trained (CUDA: bf16/fp16)
+        amp = amp_policy(dev, None, None, None, stored=m["cpu_autocast"])[0]  # as trained (CUDA: bf16/fp16)
         pred = network_km(net, m["stats"], t, np.arange(len(prep["phys"])), amp)
     return np.clip(pred, 0.0, data.MAX_CBH_KM).astype(np.float32)
 
 
 def predict_file(cfg, dev):
-    """--predict FILE --model cbh_model.pth: out_dir/cbh_pred_<stem>.h5 (cbh_pred_km (N,) and a copy of metadata)
-    and one plot per flight. FILE needs no labels (lidar CBH is drawn where it is valid) and is only read."""
+    """--predict FILE --model cbh_model.pth: out_dir/cbh_pred_<stem>.h5 (cbh_pred_km (N,), a copy of metadata)
+    and one plot per flight. FILE needs no labels (lidar CBH is drawn where valid) and is only read."""
     if not cfg["model"]:
         raise data.DataError("--predict needs --model PATH (a cbh_model.pth written by --final)")
     m = load_cbh_model(cfg["model"])
@@ -881,7 +882,8 @@ def plot_flights(d, pred, m, stem, plot_dir):
     cross-validated MAE as a band, so nobody reads the final model as better than its LOFO score."""
     os.makedirs(plot_dir, exist_ok=True)
     cv = m["cv"] if isinstance(m["cv"], dict) else None
-    score = f"{cv['split']} cross-validated R2 {cv['r2']:.2f}, MAE {cv['mae_km']:.3f} km" if cv else "not cross-validated"
+    score = (f"{cv['split']} cross-validated R2 {cv['r2']:.2f}, MAE {cv['mae_km']:.3f} km" if cv
+             else "not cross-validated")
     for fl in np.unique(d["flight"]):
         sel = np.flatnonzero(d["flight"] == fl)
         sel = sel[np.argsort(d["frame"][sel], kind="stable")]
@@ -929,7 +931,7 @@ def run(cfg):
     elif cfg["final"]:
         train_final(cfg, dev)
     else:
-        data.check_run_folder(cfg["out_dir"], cfg["resume"])  # one comparison per folder: never merged or deleted
+        data.check_run_folder(cfg["out_dir"], cfg["resume"])  # one run per folder: never merged or deleted
         compare(cfg, dev)
 
 
