@@ -126,6 +126,10 @@ def check_run_folder(out_dir, resume):
     if resume:
         raise DataError(f"--resume {resume}: --out_dir {out_dir} holds another run ({', '.join(found)}); "
                         f"resume into the checkpoint's own folder or a new --out_dir")
+    if found == ["log.csv"]:  # killed between its first log row and its first checkpoint
+        raise DataError(f"--out_dir {out_dir} holds a log.csv but no checkpoints/latest.pth (a run stopped "
+                        "before it saved anything to resume): delete that folder to start over, or choose "
+                        "another --out_dir")
     raise DataError(f"--out_dir {out_dir} holds a previous run ({', '.join(found)}): continue it with "
                     f"--resume {os.path.join(out_dir, 'checkpoints', 'latest.pth')}, or choose another "
                     "--out_dir (or delete that folder to start over)")

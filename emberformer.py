@@ -1515,7 +1515,7 @@ def train(cfg):
         if data.any_rank(cfg["early_stop"] and bad_epochs >= cfg["patience"]):
             print(f"early stopping at epoch {epoch}: best {cfg['monitor']}={best:.4f} at epoch {best_epoch}")
             break
-        if cfg["stop_after"] and epoch - start >= cfg["stop_after"]:
+        if cfg["stop_after"] and epoch - start >= cfg["stop_after"] and epoch < cfg["epochs"]:
             print(f"stopping after {cfg['stop_after']} epoch(s) as asked; continue with --resume "
                   f"{os.path.join(cfg['out_dir'], 'checkpoints', 'latest.pth')}")
             stopped_early = True
@@ -1582,7 +1582,7 @@ def evaluate_file(cfg, given):
         amp = torch.bfloat16
     print(f"model {cfg['model']} (epoch {ckpt.get('epoch')}, target {cfg['target']}, "
           f"history {cfg['history']}, patch {cfg['patch_size']}, "
-          f"pred_thresh {cfg['pred_thresh']}) -> {eval_dir}")
+          f"pred_thresh {cfg['pred_thresh']:.3f}) -> {eval_dir}")
     report_one_step(cfg, net, D, amp, eval_dir)
     report_calibration(cfg, net, D, amp, eval_dir, cfg["reliability"])
     if cfg["rollout"]:

@@ -1676,7 +1676,8 @@ def test_ember_exact_resume(tmp_path):
     assert len(read_csv(tmp_path / "b" / "log.csv")) == 2
     # a paused run reports the test split at its end
     assert not (tmp_path / "b" / "test_metrics.json").exists()
-    r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "b",
+    # --stop_after 2 again: it ends at the last epoch, where the run is complete, not paused
+    r = run_script("emberformer.py", *flags, "--out_dir", tmp_path / "b", "--stop_after", "2",
                    "--resume", tmp_path / "b" / "checkpoints" / "latest.pth")
     assert r.returncode == 0, r.stderr[-2000:]
     assert any(line.startswith("test (") for line in r.stdout.strip().splitlines()[-2:])  # then calibration
@@ -2831,6 +2832,10 @@ def test_a_run_folder_holds_one_run(tiny_clouds, tmp_path):
         data.check_run_folder(str(tmp_path / "b"), str(ckpt_a))
     data.check_run_folder(str(tmp_path / "a"), str(ckpt_a))  # its own folder
     data.check_run_folder(str(tmp_path / "new"), str(ckpt_a))  # a branch into a folder without a run
+    (tmp_path / "killed").mkdir()  # killed between its first log row and its first checkpoint
+    (tmp_path / "killed" / "log.csv").write_text("epoch,train_loss\n1,0.5\n")
+    with pytest.raises(data.DataError, match="no checkpoints/latest.pth .*delete that folder"):
+        data.check_run_folder(str(tmp_path / "killed"), "")
     for script, extra in (("emberformer.py", []), ("finetune_cbh.py", ["--pretrained", "none"])):
         r = run_script(script, "--out_dir", tmp_path / "b", "--resume", ckpt_a, *extra)
         assert_one_line_error(r, "holds another run")
@@ -3000,7 +3005,7 @@ def test_a_non_square_non_64_grid_trains_and_evaluates_end_to_end(tmp_path):
     r = run_script("emberformer.py", "--eval_only", "--model", out / "checkpoints" / "best.pth",
                    "--data_path", path, "--out_dir", out, "--rollout", "2", "--num_threads", "1")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"pred_thresh {cal['pred_thresh']}" in r.stdout and "calibration (f.h5" in r.stdout
+    assert f"pred_thresh {cal['pred_thresh']:.3f}" in r.stdout and "calibration (f.h5" in r.stdout
     ev = json.loads((out / "eval_f" / "calibration.json").read_text())
     assert ev["mapped"] and ev["calibrated"]["n_cells"] == ev["raw"]["n_cells"] > 0
     assert {"reliability.png", "rollout_strip.png", "eval.csv"} <= set(os.listdir(out / "eval_f"))
