@@ -88,8 +88,7 @@ class Progress:
             self.stream.flush()
 
 
-# ----------------------------------------------------------------------------------------------
-# output folders: checked before any work, locked while a run writes them
+# --- output folders: checked before any work, locked while a run writes them ---
 
 def check_out_dir(out_dir):
     """Refuse an out_dir that cannot be written or that a live run holds, writing nothing: the folder (or its
@@ -198,8 +197,7 @@ def _alive(pid):
     return True
 
 
-# ----------------------------------------------------------------------------------------------
-# the constants block as command-line flags, CSV logs
+# --- the constants block as command-line flags, CSV logs ---
 
 def str2bool(v):
     if isinstance(v, bool):
@@ -244,8 +242,7 @@ def check_choice(cfg, key, choices):
         raise DataError(f"--{key} {cfg[key]!r}: choose {', '.join(choices)}")
 
 
-# ----------------------------------------------------------------------------------------------
-# device and precision: the same policy in every stage
+# --- device and precision: the same policy in every stage ---
 
 def pick_device(name):
     """--device auto (cuda > mps > cpu) | cpu | cuda | mps -> torch.device, or one line if it is not here."""
@@ -298,8 +295,7 @@ def choose_cpu_dtype(setting, time_step, timer=time.perf_counter, warmup=2, time
         f"cpu_bf16 auto: fp32 {1 / best['fp32']:.1f} steps/s, bf16 {1 / best['bf16']:.1f} steps/s -> {pick}")
 
 
-# ----------------------------------------------------------------------------------------------
-# training-loop plumbing: RNG state, non-finite losses
+# --- training-loop plumbing: RNG state, non-finite losses ---
 
 def rng_state(gens):
     """Every random stream a run draws from (torch, numpy, python, CUDA and the named generators `gens`), for
@@ -329,8 +325,7 @@ def check_finite(bad, scaler_on, where, first_step, last_step):
         raise NonFiniteLoss(nonfinite_message(where, first_step, last_step))
 
 
-# ----------------------------------------------------------------------------------------------
-# data fingerprints and CSV logs
+# --- data fingerprints and CSV logs ---
 
 def fingerprint(*arrays):
     """A short hash of the arrays' values (numpy or torch, any device): a checkpoint stores it so --resume can
@@ -395,8 +390,7 @@ def append_csv(path, rows):
         return max(0, sum(1 for _ in f) - 1)
 
 
-# ----------------------------------------------------------------------------------------------
-# atomic writes
+# --- atomic writes ---
 
 def _atomic_write(path, write_fn):
     """write_fn(tmp_path) writes the file; it only appears under `path` once complete."""
@@ -435,11 +429,11 @@ def atomic_torch_save(obj, path):
 
 
 def atomic_write_csv(path, rows):
-    """rows (dicts with the same keys, in column order) -> a CSV that appears under `path` only once complete,
-    so a reader (or a crash) never leaves half a table."""
+    """rows (dicts; the columns: every key, in order of first appearance; missing cells are empty) -> a CSV
+    that appears under `path` only once complete, so a reader (or a crash) never leaves half a table."""
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
             w.writeheader()
             w.writerows(rows)
     _atomic_write(path, write)
@@ -473,8 +467,7 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------
-# data parallel (torchrun): every helper is a no-op without a process group, so a plain
+# --- data parallel (torchrun): every helper is a no-op without a process group, so a plain ---
 # `python stage.py` runs the same code as one process of a torchrun job
 
 def _distributed():
@@ -650,8 +643,7 @@ def fail_together():
         known = {"DataError": DataError, "NonFiniteLoss": NonFiniteLoss}
         raise known[name](msg) if name in known else RuntimeError(f"rank {rank} failed: {name}: {msg}")
 
-# ----------------------------------------------------------------------------------------------
-# HDF5 reading with validation
+# --- HDF5 reading with validation ---
 
 def _open_h5(path):
     if not path or not os.path.isfile(path):
@@ -688,8 +680,7 @@ def _attr_strings(path, d, attr, name):
     return [v.decode() if isinstance(v, bytes) else str(v) for v in np.atleast_1d(d.attrs[attr])]
 
 
-# ----------------------------------------------------------------------------------------------
-# clouds: schema
+# --- clouds: schema ---
 
 def write_clouds(path, images, metadata, cbh_km=None):
     def write(tmp):
@@ -781,8 +772,7 @@ def load_clouds(path, labelled=False, max_samples=0, drop_unlabelled=False):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# clouds: embedded synthetic dataset
+# --- clouds: embedded synthetic dataset ---
 
 def _smooth_noise(rng, n, corr_len, size=None):
     """Gaussian-filtered white noise (unit std) of length n, correlation length corr_len samples."""
@@ -919,8 +909,7 @@ def default_cloud_paths():
     return unlab, lab
 
 
-# ----------------------------------------------------------------------------------------------
-# clouds: splits, normalisation, batching, augmentation
+# --- clouds: splits, normalisation, batching, augmentation ---
 
 def split_blocked(flight, frame, n_blocks=5, test_block=0, gap=20):
     """Within each flight (frames sorted in time) cut n_blocks contiguous blocks; test = block
@@ -1101,8 +1090,7 @@ def augment_profiles(x, generator=None, flip=True, crop=True, jitter=True):
     return x
 
 
-# ----------------------------------------------------------------------------------------------
-# fires: schema
+# --- fires: schema ---
 
 FIRE_CHANNELS = ("elevation_m", "slope_deg", "fuel_type", "fuel_density")
 
@@ -1166,8 +1154,7 @@ def load_fire(path, max_sequences=0):
     return dict(fire=fire, static=static, channels=channels, wind=wind)
 
 
-# ----------------------------------------------------------------------------------------------
-# fires: embedded synthetic dataset
+# --- fires: embedded synthetic dataset ---
 
 # neighbour offsets (drow, dcol); row 0 is north, so a step (dr, dc) points east by dc and north by -dr
 _NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
@@ -1261,8 +1248,7 @@ def default_fire_path():
     return path
 
 
-# ----------------------------------------------------------------------------------------------
-# fires: splits and batching
+# --- fires: splits and batching ---
 
 def split_sequences(n_seq, val_frac=0.2, seed=0):
     """Split by whole sequences: frames of one fire never sit in both train and val."""

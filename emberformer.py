@@ -154,8 +154,7 @@ def cpu_precision(cfg, model, D, stored):
     return dtype
 
 
-# ----------------------------------------------------------------------------------------------
-# model: tokens + temporal transformer
+# --- model: tokens + temporal transformer ---
 
 def age_encoding(age, dim):
     """Sinusoidal encoding of the frame age (B, K) -> (B, K, dim). Age counts back from the last real
@@ -237,8 +236,7 @@ class TemporalTransformer(nn.Module):
         return self.blocks[-1](x, keep, last=lengths - 1)[:, 0]  # position L-1, not K-1
 
 
-# ----------------------------------------------------------------------------------------------
-# model: SegFormer-B1-style spatial stage on the stride-P grid
+# --- model: SegFormer-B1-style spatial stage on the stride-P grid ---
 
 class OverlapEmbed(nn.Module):
     """Overlapping patch merging: 3x3 conv (stride 1 for stage 1, 2 after) + LayerNorm.
@@ -473,8 +471,7 @@ def part_params(model):
     return counts
 
 
-# ----------------------------------------------------------------------------------------------
-# optimizer and schedule
+# --- optimizer and schedule ---
 
 def check_groups(model, groups):
     """Every trainable parameter must sit in exactly one group (a public implementation silently left
@@ -518,8 +515,7 @@ def get_lr(step, total, warmup, peak, min_lr):
     return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-# ----------------------------------------------------------------------------------------------
-# metrics and baselines
+# --- metrics and baselines ---
 
 def batch_counts(pred, target, current):
     """(2, 4) [tp, fp, fn, tn]: row 0 over all pixels, row 1 over the pixels not burning at t (new burn)."""
@@ -577,8 +573,7 @@ def baselines(cfg, D, s, t):
     return {k: scores(c) for k, c in counts.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# data flow: whole dataset on the device, batches by indexing
+# --- data flow: whole dataset on the device, batches by indexing ---
 
 def split_fires(cfg, n_seq, path):
     """Whole sequences -> (train, val, test) index arrays. Val comes first in the seeded permutation, so it
@@ -823,8 +818,7 @@ def calibration_report(cfg, model, D, amp, split, reliability):
                 near_cells=NEAR_CELLS)
 
 
-# ----------------------------------------------------------------------------------------------
-# rollout: the model fed its own forecasts, as an operational forecast would be
+# --- rollout: the model fed its own forecasts, as an operational forecast would be ---
 
 def rollout_starts(n_seq, n_frames, n_steps):
     """Every (sequence, t0) with n_steps true frames after t0, in the order of the one-step
@@ -960,8 +954,7 @@ def rollout_scores(cfg, model, D, n_steps, amp):
     return {m: lead_scores(counts[m], area0, briers[m]) for m in methods}, len(s_all)
 
 
-# ----------------------------------------------------------------------------------------------
-# outputs: csv logs, plots, checkpoints
+# --- outputs: csv logs, plots, checkpoints ---
 
 # error maps (black: neither); the strip's legend names them
 ERROR_COLOURS = {"hit": (1.0, 1.0, 1.0), "false alarm": (1.0, 0.2, 0.2), "miss": (0.2, 0.5, 1.0),
@@ -1239,8 +1232,7 @@ def plot_rollout_strip(cfg, model, D, n_steps, amp, path):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
-# main
+# --- main ---
 
 def parse_config(argv=None, only_given=False):
     """argparse built from the constants block above, so `-h` lists every constant with its comment;

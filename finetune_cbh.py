@@ -1,25 +1,20 @@
 """
 Cloud base height (km) from 1D IR profiles, few labels: does pre-training on many unlabelled profiles help?
 
-Compares on identical folds, at several label budgets:
+Compares on identical folds at several label budgets (a contiguous stretch of each training flight's labels):
   finetune  mae.py's MAE encoder + an MLP head: stage 1 trains the head (encoder frozen), stage 2 everything
-            at a lower LR (layer-wise LR decay, stochastic depth)
   scratch   the same network and schedule from a random init (what pre-training buys)
   probe     a linear head on the frozen pre-trained encoder (what the features already know)
   trees     gradient-boosted regression trees (numpy) on per-profile features
   physics   a straight line on the surface-to-cloud-top contrast (the reference)
-All share one label-free preprocessing (data.relative_profiles: flat-fielded, minus the flight's clear-sky
-level). Networks learn a correction to the physics line (zeroed head: untrained, a network IS the line). A
-budget keeps ONE contiguous middle stretch of each training flight's labels (5 % in 10 % in ...), the same for
-every method and seed; test flights (leave one flight out) are scored in full. Networks stop on a held-out
-TRAINING flight (another per seed); trees and physics fit on all training flights. Details: docs/cbh.md.
+All share one label-free preprocessing (data.relative_profiles). Networks correct the physics line and stop
+on a held-out TRAINING flight; test flights are scored in full. Protocol and choices: docs/cbh.md.
 
   python finetune_cbh.py                      # label-efficiency study (needs `python mae.py` first)
   python finetune_cbh.py --budgets 1          # the full-label comparison only
   python finetune_cbh.py --final finetune     # one model to use: out_dir/cbh_model.pth
   python finetune_cbh.py --predict flights.h5 --model outputs/finetune_cbh/cbh_model.pth   # CBH per frame
 Outputs (out_dir): label_efficiency.csv, results.csv, predictions.csv, log.csv, plots/, checkpoints/latest.pth
-(after every finished unit; --resume it: finished units are skipped, each unit is seeded on its own).
 """
 import math
 import os
@@ -90,8 +85,7 @@ def parse_config(argv=None):
     return data.parse_constants(os.path.abspath(__file__), __doc__.strip().split("\n")[0], globals(), argv)
 
 
-# ----------------------------------------------------------------------------------------------
-# model: encoder from mae.py + a head that corrects the physics line
+# --- model: encoder from mae.py + a head that corrects the physics line ---
 
 class CBHNet(nn.Module):
     def __init__(self, encoder, hidden):
@@ -100,9 +94,8 @@ class CBHNet(nn.Module):
         d = encoder.embed_dim
         self.head = nn.Linear(d, 1) if hidden == 0 else nn.Sequential(
             nn.Linear(d, hidden), nn.GELU(), nn.Dropout(HEAD_DROPOUT), nn.Linear(hidden, 1))
-        last = self.head if hidden == 0 else self.head[-1]
-        nn.init.zeros_(last.weight)  # zero head: the untrained network predicts its physics line
-        nn.init.zeros_(last.bias)
+        for p in (self.head if hidden == 0 else self.head[-1]).parameters():
+            nn.init.zeros_(p)  # a zero output layer: the untrained network predicts its physics line
 
     def forward(self, x, line):  # x (B, 1, W) normalised profiles, line (B,) standardised physics line
         return self.from_features(self.encoder.features(x), line)  # (B,)
@@ -113,9 +106,8 @@ class CBHNet(nn.Module):
 
 
 def param_groups(model, wd, decay):
-    """AdamW groups with MAE's layer-wise LR decay (param_groups_lrd): patch/CLS/position embeddings are
-    layer 0, block i layer i + 1, the final norm and the head layer depth + 1; scale = decay^(depth + 1 -
-    layer). No weight decay on biases, norms (1-D), CLS/position embeddings. Frozen ones are left out."""
+    """AdamW groups with MAE's layer-wise LR decay: embeddings are layer 0, block i layer i + 1, norm and head
+    layer depth + 1; scale = decay^(depth + 1 - layer). No weight decay on 1-D, CLS, position parameters."""
     top = len(model.encoder.blocks) + 1  # the layer id of the final norm and the head
     groups = {}
     for name, p in model.named_parameters():
@@ -147,8 +139,7 @@ def build_network(method, enc, cfg):
     return CBHNet(encoder, 0 if method == "probe" else cfg["head_hidden"])
 
 
-# ----------------------------------------------------------------------------------------------
-# the shared label-free preprocessing, the physics line and the trees
+# --- the shared label-free preprocessing, the physics line and the trees ---
 
 def physics_feature(rel):
     """Surface-to-cloud-top contrast (N,) of relative profiles (N, W): cloud-top height via the lapse rate."""
@@ -174,11 +165,9 @@ def profile_features(rel):
 
 
 def gbrt_fit(X, y, n_trees=100, depth=5, lr=0.1, min_leaf=1, max_bins=255):
-    """Squared-loss gradient boosting with histogram splits, each level's nodes grown at once, as complete
-    heaps of `depth` levels (a node that cannot split sends all its samples left). Splits match scikit-learn's
-    GradientBoostingRegressor: with <= max_bins + 1 unique values per feature, held-out predictions equal its
-    to float error (test_all.py pins it) unless two features split a node identically (it breaks the tie at
-    random, we by lower feature index). More unique values: quantile bins, fewer candidate thresholds."""
+    """Squared-loss gradient boosting, histogram splits, complete heaps of `depth` levels grown a level at a
+    time (a node that cannot split sends all left). With <= max_bins + 1 unique values per feature it equals
+    scikit-learn's GradientBoostingRegressor to float error (test_all.py; ties: lower feature index wins)."""
     X, y = np.asarray(X, np.float32).astype(np.float64), np.asarray(y, np.float64)
     edges = []  # per feature: midpoints between its unique values, or between max_bins + 1 quantiles
     for col in X.T:
@@ -242,8 +231,7 @@ def gbrt_predict(m, X):
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# folds and label budgets: identical for every method
+# --- folds and label budgets: identical for every method ---
 
 def make_folds(d, cfg):
     """[dict(name, train, test)] index arrays into the labelled set for the chosen split."""
@@ -286,8 +274,7 @@ def stopping_split(labelled, flight, fold_index, seed):
     return labelled[flight[labelled] != val_fl], labelled[flight[labelled] == val_fl]
 
 
-# ----------------------------------------------------------------------------------------------
-# training one network
+# --- training one network ---
 
 def target_stats(t, labelled):
     """Target mean/std and physics line of the labelled frames (fit + stopping flights: the physics row's)."""
@@ -302,26 +289,22 @@ def line_std(phys, stats):
     return (a * phys + b - stats["y_mean"]) / stats["y_std"]
 
 
-def stages(method, cfg):
-    """[(epochs, peak LR, train encoder)]; scratch runs finetune's stages: only the initial weights differ."""
-    if method == "probe":
-        return [(cfg["head_epochs"] + cfg["epochs"], cfg["lr"], False)]
-    return [(cfg["head_epochs"], cfg["lr"], False), (cfg["epochs"], cfg["ft_lr"], True)]
-
-
 def epoch_batches(n, cfg, gen):
     """One epoch's shuffled index batches: enough passes over the n fit frames to reach MIN_EPOCH_SAMPLES."""
-    passes = math.ceil(MIN_EPOCH_SAMPLES / n) if n < MIN_EPOCH_SAMPLES else 1
-    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
+    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(MIN_EPOCH_SAMPLES / n))])
     return order.split(cfg["batch_size"])
 
 
-def frozen_features(encoder, x, amp_dtype):
-    """(2, N, D): frozen-encoder features of profiles x (N, 1, W) and their mirror images (flip augment)."""
-    encoder.eval()  # computed once: stage 1 and the probe then train the head alone at a linear model's cost
+def frozen_features(encoder, x, rows, amp_dtype):
+    """(2, N, D): frozen-encoder features of profiles x[rows] (x: (N, 1, W)) and of their mirror images (flip
+    augment); other rows stay 0. Computed once per stage: the head then trains at a linear model's cost."""
+    encoder.eval()
+    out = torch.zeros(2, len(x), encoder.embed_dim, device=x.device)
     with torch.no_grad(), torch.autocast(x.device.type, amp_dtype, enabled=amp_dtype is not None):
-        return torch.stack([torch.cat([encoder.features(v[i:i + 4096]).float()
-                                       for i in range(0, len(v), 4096)]) for v in (x, x.flip(-1))])
+        for i in range(0, len(rows), 4096):
+            r = rows[i:i + 4096]
+            out[0, r], out[1, r] = encoder.features(x[r]).float(), encoder.features(x[r].flip(-1)).float()
+    return out
 
 
 def predict_std(net, x, line, idx, amp_dtype, feats=None):
@@ -373,11 +356,13 @@ def train_network(method, fit, val, t, enc, cfg, amp, unit_seed, log):
     scaler = torch.amp.GradScaler("cuda", enabled=amp[1])
     best = dict(mse=math.inf, state=None)
     n_steps = len(epoch_batches(len(fit), cfg, torch.Generator()))  # per epoch
-    for si, (n_epochs, peak, train_enc) in enumerate(stages(method, cfg)):
+    stages = ([(cfg["head_epochs"] + cfg["epochs"], cfg["lr"], False)] if method == "probe" else  # head only
+              [(cfg["head_epochs"], cfg["lr"], False), (cfg["epochs"], cfg["ft_lr"], True)])  # scratch too
+    for si, (n_epochs, peak, train_enc) in enumerate(stages):  # (epochs, peak LR, train the encoder)
         net.encoder.requires_grad_(train_enc)
         opt = torch.optim.AdamW(param_groups(net, cfg["weight_decay"],
                                              cfg["layer_decay"] if train_enc else 1.0), lr=peak)
-        feats = None if train_enc else frozen_features(net.encoder, t["x"], amp[0])  # (2, N, D) or None
+        feats = None if train_enc else frozen_features(net.encoder, t["x"], torch.cat([fit, val]), amp[0])
 
         def batch(idx, flip):
             lb, yb = line[idx], target[idx]  # (B,) each: the batch's physics line and target
@@ -417,8 +402,8 @@ def network_km(net, stats, t, idx, amp_dtype):
 
 
 def amp_policy(dev, cfg, t, enc, stored=None):
-    """(autocast dtype or None, use GradScaler): CUDA's policy; on the CPU `stored` ('bf16'/'fp32', what a
-    resumed run or a saved model chose), else data.choose_cpu_dtype timing training steps of the network."""
+    """(autocast dtype or None, use GradScaler): CUDA's policy; on the CPU `stored` (bf16/fp32: what a resumed
+    run or a saved model chose) or data.choose_cpu_dtype timing training steps of the network."""
     if dev.type != "cpu":
         return data.cuda_autocast(dev)
     if stored:
@@ -438,8 +423,7 @@ def amp_policy(dev, cfg, t, enc, stored=None):
     return dtype, False
 
 
-# ----------------------------------------------------------------------------------------------
-# data flow: inputs, units
+# --- data flow: inputs, units ---
 
 def parse_list(cfg):
     """(methods, budgets) from the comma lists; one line naming the flag when they are wrong."""
@@ -551,8 +535,7 @@ def load_resume(cfg, log_path, data_hash):
     return ck
 
 
-# ----------------------------------------------------------------------------------------------
-# outputs: tables, csv files, plots
+# --- outputs: tables, csv files, plots ---
 
 def pooled(done, folds, m, b, seed=None):
     """(test indices, predictions) of method m at budget index b over folds: one seed's or the seed mean."""
@@ -575,18 +558,17 @@ def method_row(done, folds, d, m, b):
                 for s in seeds for test, p in [pooled(done, folds, m, b, s)]]
     test, committee = pooled(done, folds, m, b)
     inner = [u["inner_mse"] for u in done_mb if math.isfinite(u["inner_mse"])]
-    row = dict(method=m, committee_r2=losses.regression_metrics(committee, y[test])["r2"],
-               inner_val_mse_km2=float(np.mean(inner)) if inner else "")
+    row = dict(method=m)
     for c, k in (("r2", "r2"), ("mae_km", "mae"), ("rmse_km", "rmse")):
         v = [s[k] for s in per_seed]
         row.update({c: float(np.mean(v)), c + "_std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0})
-    return row
+    return dict(row, committee_r2=losses.regression_metrics(committee, y[test])["r2"],
+                inner_val_mse_km2=float(np.mean(inner)) if inner else "")
 
 
 def pair_row(done, folds, d, a, c, b):
-    """a - c at budget b: pooled R2 difference of the seed-mean predictions on identical test frames, with 95%
-    block-bootstrap intervals keeping each test flight (r2_lo/hi) or resampling flights too (r2_lo/hi_flights:
-    for a new flight), and on how many test flights a has the lower / higher MSE (ties within TIE_RTOL)."""
+    """a - c at budget b: pooled R2 difference of seed-mean predictions, 95% block-bootstrap intervals keeping
+    the test flights (r2_lo/hi) or resampling them (_flights), flights where a has lower / higher MSE."""
     test, pa = pooled(done, folds, a, b)
     _, pc = pooled(done, folds, c, b)
     y, flight, frame = d["cbh_km"][test], d["flight"][test], d["frame"][test]
@@ -600,11 +582,6 @@ def pair_row(done, folds, d, a, c, b):
                 flights_worse=int(np.sum((mse_a > mse_c) & ~tie)))
 
 
-EFFICIENCY_COLUMNS = ("budget", "labelled_frames", "method", "r2", "r2_std", "mae_km", "mae_km_std",
-                      "rmse_km", "rmse_km_std", "committee_r2", "inner_val_mse_km2", "r2_lo", "r2_hi",
-                      "r2_lo_flights", "r2_hi_flights", "flights_better", "flights_worse")
-
-
 def efficiency_rows(done, folds, budgets, d, names):
     """label_efficiency.csv: per budget, one row per method (method_row) and one per pair (pair_row)."""
     rows, pairs = [], [(a, c) for a, c in PAIRS if a in names and c in names]
@@ -613,15 +590,14 @@ def efficiency_rows(done, folds, budgets, d, names):
         head = dict(budget=budget, labelled_frames=int(round(n_labels)))
         rows += [dict(head, **method_row(done, folds, d, m, b)) for m in names]
         rows += [dict(head, **pair_row(done, folds, d, a, c, b)) for a, c in pairs]
-    return [{k: r.get(k, "") for k in EFFICIENCY_COLUMNS} for r in rows]
+    return rows
 
 
 def print_table(rows):
     for r in rows:
         if " - " not in r["method"]:
             print(f"budget {r['budget']:g} ({r['labelled_frames']} labels) {r['method']:<9} pooled R2 "
-                  f"{r['r2']:.3f} +- {r['r2_std']:.3f}  MAE {r['mae_km']:.3f} km  committee R2 "
-                  f"{r['committee_r2']:.3f}")
+                  f"{r['r2']:.3f} +- {r['r2_std']:.3f}  MAE {r['mae_km']:.3f} +- {r['mae_km_std']:.3f} km")
         else:
             print(f"  {r['method']:<19} {r['r2']:+.3f} (95%, flights resampled {r['r2_lo_flights']:+.3f} .. "
                   f"{r['r2_hi_flights']:+.3f}); better on {r['flights_better']}, worse on "
@@ -682,28 +658,20 @@ def plot_efficiency(rows, names, path):
     plt.close(fig)
 
 
-def plot_full_budget(done, folds, d, names, b, plot_dir):
-    """At budget b: pred_vs_true.png per method and per_flight_error.png (MAE per method and test flight)."""
-    y, flight, fls = d["cbh_km"], d["flight"], np.unique(d["flight"])
+def plot_pred_vs_true(done, folds, d, names, b, path):
+    """Predicted vs lidar CBH per method at budget b, coloured by test flight (the flights' errors differ)."""
+    y, flight = d["cbh_km"], d["flight"]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False)
-    fig2, ax2 = plt.subplots(figsize=(0.25 * len(fls) * len(names) + 3, 3.5))
-    lim, w = (0, float(y.max()) * 1.1), 0.8 / len(names)
-    for j, (ax, m) in enumerate(zip(axes[0], names)):
+    lim = (0, float(y.max()) * 1.1)
+    for ax, m in zip(axes[0], names):
         test, pred = pooled(done, folds, m, b)
         ax.scatter(y[test], pred, c=flight[test], s=5, cmap="tab10")
         ax.plot(lim, lim, "k--", lw=1)
         ax.set(xlim=lim, ylim=lim, xlabel="lidar CBH (km)", ylabel="predicted CBH (km)",
                title=f"{m}: R2 {losses.regression_metrics(pred, y[test])['r2']:.2f}")
-        err = [np.abs(pred - y[test])[flight[test] == fl].mean() if (flight[test] == fl).any() else np.nan
-               for fl in fls]
-        ax2.bar(np.arange(len(fls)) + (j - (len(names) - 1) / 2) * w, err, w, label=m)
-    ax2.set(xticks=np.arange(len(fls)), xticklabels=[str(f) for f in fls], xlabel="test flight",
-            ylabel="MAE (km)", title="error per unseen flight")
-    ax2.legend(fontsize=8)
-    for fg, name in ((fig, "pred_vs_true.png"), (fig2, "per_flight_error.png")):
-        fg.tight_layout()
-        data.atomic_savefig(fg, os.path.join(plot_dir, name), dpi=110)
-        plt.close(fg)
+    fig.tight_layout()
+    data.atomic_savefig(fig, path, dpi=110)
+    plt.close(fig)
 
 
 def report(done, folds, budgets, d, names, out_dir):
@@ -717,7 +685,7 @@ def report(done, folds, budgets, d, names, out_dir):
     plot_dir = os.path.join(out_dir, "plots")
     os.makedirs(plot_dir, exist_ok=True)
     plot_efficiency(rows, names, os.path.join(plot_dir, "label_efficiency.png"))
-    plot_full_budget(done, folds, d, names, len(budgets) - 1, plot_dir)
+    plot_pred_vs_true(done, folds, d, names, len(budgets) - 1, os.path.join(plot_dir, "pred_vs_true.png"))
     return rows
 
 
@@ -754,12 +722,9 @@ def compare(cfg, dev):
           f"{time.time() - t_start:.0f}s")
 
 
-# ----------------------------------------------------------------------------------------------
-# the final model (--final) and CBH for new files (--predict)
+# --- the final model (--final) and CBH for new files (--predict) ---
 
-FINAL_KEYS = ("data_path", "pretrained", "head_hidden", "head_epochs", "epochs", "batch_size", "lr", "ft_lr",
-              "layer_decay", "weight_decay", "drop_path", "grad_clip", "patience", "n_trees", "tree_depth",
-              "tree_lr")
+FINAL_FREE = (*FREE_ON_RESUME, "methods", "budgets", "seeds", "final", "predict", "model")  # not the model's
 
 
 def cross_validated(cfg, method):
@@ -772,11 +737,8 @@ def cross_validated(cfg, method):
     if not ck["complete"]:
         raise data.DataError(f"{path}: the comparison in {cfg['out_dir']} is incomplete; finish it with "
                              f"--resume {path} (or pass another --out_dir) before --final")
-    settings = lambda c: [os.path.abspath(c[k] or data.default_cloud_paths()[1]) if k == "data_path" else
-                          os.path.abspath(c[k]) if k == "pretrained" and c[k] != "none" else c[k]
-                          for k in FINAL_KEYS]
-    score = ck["full_label_scores"].get(method)
-    if score is None or settings(ck["config"]) != settings(cfg):
+    score, same = ck["full_label_scores"].get(method), lambda c: {k: c[k] for k in c if k not in FINAL_FREE}
+    if score is None or same(ck["config"]) != same(cfg):  # paths as given: ./a.h5 is not a.h5
         return "not cross-validated"
     return dict(split=ck["config"]["split"], **score)
 
@@ -785,8 +747,6 @@ def train_final(cfg, dev):
     """Train one model (one seed) of method --final on all labelled flights (networks stop on the last one)
     and write out_dir/cbh_model.pth: all --predict needs, with the comparison's cross-validated scores."""
     method = cfg["final"]
-    if method not in METHODS:
-        raise data.DataError(f"--final {method!r}: expected one of {', '.join(METHODS)}")
     path = cfg["data_path"] or data.default_cloud_paths()[1]
     d = data.load_clouds(path, labelled=True, drop_unlabelled=True)
     enc = load_encoder_source(cfg, d["images"].shape[1])
@@ -803,13 +763,11 @@ def train_final(cfg, dev):
         saved["line"] = physics_line(prep["phys"], y)
     else:
         if len(np.unique(d["flight"])) < 2:
-            raise data.DataError(f"--final {method} needs at least 2 flights "
-                                 "(the last one stops the training)")
+            raise data.DataError(f"--final {method} needs 2 flights or more (the last stops training)")
         last = d["flight"] == d["flight"].max()
         t = network_tensors(prep, enc["norm"], dev, y)
         amp = amp_policy(dev, cfg, t, enc)
-        log = lambda r: print(f"  {method} stage {r['stage']} epoch {r['epoch']} "
-                              f"MSE {r['val_mse_km2']:.4f} km^2")
+        log = lambda r: print(f"  {method} stage {r['stage']} epoch {r['epoch']} MSE {r['val_mse_km2']:.4f}")
         net, stats, _ = train_network(method, np.flatnonzero(~last), np.flatnonzero(last), t, enc, cfg, amp,
                                       cfg["seed"], log)
         saved.update(state=net.state_dict(), stats=stats, encoder_config=enc["config"], norm=t["norm"],
@@ -825,15 +783,14 @@ def load_cbh_model(path):
     m = data.load_checkpoint(path)
     if (m.get("kind") != "cbh_model" or "flat_field" not in m
             or "norm" not in m and m.get("method") in NETWORKS):
-        raise data.DataError(f"{path}: not a CBH model of this finetune_cbh.py (write one with `python "
-                             "finetune_cbh.py --final METHOD`; older models: check out the commit that "
-                             "made them)")
+        raise data.DataError(f"{path}: not a CBH model of this finetune_cbh.py (write one with --final; "
+                             "older models: check out the commit that made them)")
     return m
 
 
 def predict_km(m, d, dev, where):
-    """CBH (km) of every frame of d by the saved model m, clipped to the schema's 0..MAX_CBH_KM, after the
-    training's preprocessing (its stored flat field; each flight's level from the file's own profiles)."""
+    """CBH (km, clipped to 0..MAX_CBH_KM) of every frame of d by the saved model m, after the training's
+    preprocessing (its stored flat field; each flight's level from the file's own profiles)."""
     prep = preprocess(d, m["flat_field"], where)
     if m["method"] == "trees":
         pred = gbrt_predict(m["trees"], prep["features"])
@@ -881,18 +838,16 @@ def plot_flights(d, pred, m, stem, plot_dir):
     """Predicted CBH along each flight (frame index), lidar CBH where the file has it, and the model's
     cross-validated MAE as a band, so nobody reads the final model as better than its LOFO score."""
     os.makedirs(plot_dir, exist_ok=True)
-    cv = m["cv"] if isinstance(m["cv"], dict) else None
-    score = (f"{cv['split']} cross-validated R2 {cv['r2']:.2f}, MAE {cv['mae_km']:.3f} km" if cv
-             else "not cross-validated")
+    cv = m["cv"] if isinstance(m["cv"], dict) else None  # else the text "not cross-validated"
+    score = f"{cv['split']} cross-validated R2 {cv['r2']:.2f}, MAE {cv['mae_km']:.3f} km" if cv else m["cv"]
     for fl in np.unique(d["flight"]):
         sel = np.flatnonzero(d["flight"] == fl)
         sel = sel[np.argsort(d["frame"][sel], kind="stable")]
         fig, ax = plt.subplots(figsize=(10, 3.5))
         ax.plot(d["frame"][sel], pred[sel], lw=0.8, color="tab:blue", label=f"predicted ({m['method']})")
         if cv:
-            band = cv["mae_km"]
-            ax.fill_between(d["frame"][sel], pred[sel] - band, pred[sel] + band, color="tab:blue", alpha=0.2,
-                            lw=0, label=f"+- cross-validated MAE {band:.3f} km")
+            ax.fill_between(d["frame"][sel], pred[sel] - cv["mae_km"], pred[sel] + cv["mae_km"], alpha=0.2,
+                            color="tab:blue", lw=0, label=f"+- cross-validated MAE {cv['mae_km']:.3f} km")
         if "cbh_km" in d:
             ax.plot(d["frame"][sel], d["cbh_km"][sel], ".", ms=3, color="k", label="lidar CBH")
         ax.set(xlabel="frame", ylabel="cloud base height (km)", title=f"{stem}, flight {fl}: {score}")
@@ -902,13 +857,14 @@ def plot_flights(d, pred, m, stem, plot_dir):
         plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
-# main
+# --- main ---
 
 def check_config(cfg):
     """Flags a user can get wrong, refused in one line before anything is read or written."""
     data.check_choice(cfg, "split", ("lofo", "blocked", "random"))
     data.check_choice(cfg, "cpu_bf16", ("auto", "on", "off"))
+    if cfg["final"]:
+        data.check_choice(cfg, "final", METHODS)
     data.check_range(cfg, "batch_size patience seeds n_trees tree_depth", 1)
     data.check_range(cfg, "epochs head_epochs head_hidden weight_decay grad_clip", 0)
     data.check_range(cfg, "n_folds", 2)

@@ -99,8 +99,7 @@ def model_config(cfg, width, in_chans=1):
     return dict(size, width=width, mlp_ratio=mlp, in_chans=in_chans)
 
 
-# ----------------------------------------------------------------------------------------------
-# model
+# --- model ---
 
 def drop_path(x, p, training):
     """Stochastic depth: during training, drop a residual branch x (B, ...) for a random fraction p of the
@@ -264,8 +263,7 @@ def load_encoder(path, map_location="cpu"):
                      flat_field=ck.get("flat_field"))
 
 
-# ----------------------------------------------------------------------------------------------
-# optimisation
+# --- optimisation ---
 
 def make_optimizer(model, cfg, device):
     """AdamW; biases, norm gains, position embeddings and the cls/mask tokens get no weight decay."""
@@ -343,8 +341,7 @@ def evaluate(model, X, cfg, dtype):
     return data.all_reduce_sum(total).item() / len(X)
 
 
-# ----------------------------------------------------------------------------------------------
-# plots
+# --- plots ---
 
 def plot_reconstruction(model, x, cfg, norm, path, epoch, dtype):
     """Original, visible (encoder input) and reconstructed hidden patches for fixed val profiles x (n, C, W),
@@ -410,8 +407,7 @@ def plot_losses(log_path, path):
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------
-# training
+# --- training ---
 
 def check_config(cfg, world=1):
     """The flags, for a run of `world` processes (torchrun), else one line (DataError) naming the flag."""
