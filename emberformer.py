@@ -834,7 +834,8 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
     cell un-burns (a 'full' target model could). An ensemble member (gen, a seeded CPU generator)
     instead burns the cells within NEAR_CELLS of its fire whose calibrated probability exceeds one uniform
     draw per fire and step, and sees the wind plus N(0, wind_sigma^2) m/s noise per frame and component.
-    s, t0 (B,) -> (B, n_steps, H, W) bool."""
+    s, t0 (B,) -> (B, n_steps, H, W): bool forecasts; a member's: float, the probability that each cell
+    burns by that lead GIVEN its own previous frame (1 where burning), the expectation of its draw."""
     model.eval()
     dev = D["fire"].device
     s, t0 = s.to(dev), t0.to(dev)
@@ -844,6 +845,7 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
     wind, static = D["wind"][s], D["static"][s]  # (B, T, 2), (B, C, H, W)
     if wind_sigma > 0:
         wind = wind + (wind_sigma * torch.randn(wind.shape, generator=gen)).to(dev)
+    probs = []  # a member's (B, H, W) per lead
     for k in range(n_steps):  # fire_batch reads frames <= t0 + k only: the truth to t0, forecasts after
         hist, w, lengths, _ = data.fire_batch(seq, wind, rows, t0 + k, cfg["history"])
         logits = model_logits(model, hist, w, lengths, static, amp)  # (B, H, W)
@@ -856,15 +858,20 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
             # Only cells near its fire may burn, where the map was fitted: a low draw must not light the
             # far field, whose probabilities it never saw
             near = F.max_pool2d(burning[:, None].float(), 2 * NEAR_CELLS + 1, 1, NEAR_CELLS)[:, 0] > 0.5
-            draw = torch.rand(len(s), 1, 1, generator=gen).to(dev)
-            new = near & (calibrated(logits, cfg.get("reliability")) > draw)
+            p = torch.where(burning, 1.0, near * calibrated(logits, cfg.get("reliability")))  # (B, H, W)
+            new = p > torch.rand(len(s), 1, 1, generator=gen).to(dev)
+            probs.append(p)
         seq[rows, t0 + k + 1] = (new | burning).to(seq.dtype)
+    if gen is not None:
+        return torch.stack(probs, 1)
     return seq[rows[:, None], t0[:, None] + 1 + torch.arange(n_steps, device=dev)] > 0
 
 
 def ensemble_rollout(cfg, model, D, s, t0, n_steps, amp):
     """--members M rollouts, member m seeded from (seed, m, the batch's first start) so every batch and member
-    is reproducible -> (B, n_steps, H, W) float: the fraction of members in which each cell burns."""
+    is reproducible -> (B, n_steps, H, W) float: the burn probability, the mean over members of each member's
+    probability given its previous frame. Its expectation is the fraction of members that burn a cell, but
+    the sampling noise of the last draw is gone: that fraction's Brier score carries an extra p(1-p) / M."""
     runs = [model_rollout(cfg, model, D, s, t0, n_steps, amp, wind_sigma=cfg["wind_sigma"],
                           gen=torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + 7919 * m
                                                             + int(s[0]) * 31 + int(t0[0])))
@@ -896,7 +903,7 @@ def lead_scores(counts, area0, brier=None):
     new-burn F1/IoU/precision/recall, the Jaccard index of the WHOLE burned area (the fire-emulator
     literature's score: forecast and truth both hold the start's area, so it is
     (area0 + tp) / (area0 + tp + fp + fn)), the burned-area bias (forecast / true area) and the same ratio
-    for the new burn alone; brier (N, 3) [cells, sum of squared error, sum of member variance] adds the
+    for the new burn alone; brier (N, 3) [cells, sum of squared error, sum of p(1-p)] adds the
     Brier score and the ensemble spread."""
     rows = []
     for k, (tp, fp, fn, tn) in enumerate(counts.tolist()):
@@ -915,8 +922,8 @@ def lead_scores(counts, area0, brier=None):
 def lead_brier(prob, truth, start):
     """prob, truth (B, N, H, W), start (B, H, W) burning at t0 -> (N, 3) [cells, sum of squared error, sum of
     p(1-p)] over the cells not burning at t0 within NEAR_CELLS + lead cells of it (the cells a fire can
-    reach by then; the rest are ~0 and would flatter every method alike). p(1-p) is a member mean's variance
-    across members."""
+    reach by then; the rest are ~0 and would flatter every method alike). p(1-p), the spread, is the Brier
+    score a probability forecast expects of itself: as large as the real one if it is well calibrated."""
     out = []
     for k in range(truth.shape[1]):
         r = NEAR_CELLS + k + 1
@@ -947,7 +954,7 @@ def rollout_scores(cfg, model, D, n_steps, amp):
         if cfg["members"]:
             # member mean (B, N, H, W)
             probs["ensemble"] = ensemble_rollout(cfg, model, D, s, t0, n_steps, amp)
-        for m, p in probs.items():  # the ensemble's hard forecast: cells burning in at least half the members
+        for m, p in probs.items():  # the ensemble's hard forecast: cells with a burn probability >= 0.5
             counts[m] = counts[m] + lead_counts(p >= 0.5, truth, start)
             briers[m] = briers[m] + lead_brier(p, truth, start)
         area0 += int(start.sum())
@@ -1173,8 +1180,8 @@ def shown_leads(n_steps, most=8):
 
 @torch.no_grad()
 def plot_rollout_prob(cfg, model, D, n_steps, amp, path):
-    """The strip's rollout as the ensemble sees it: per lead, the fraction of --members in which each cell
-    burns, with the true burned area's outline (white) and the start's (cyan)."""
+    """The strip's rollout as the ensemble sees it: per lead, the burn probability (ensemble_rollout) of each
+    cell, with the true burned area's outline (white) and the start's (cyan)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1189,7 +1196,7 @@ def plot_rollout_prob(cfg, model, D, n_steps, amp, path):
         ax.contour(fire[t0[0]].numpy(), levels=[0.5], colors="cyan", linewidths=0.6)
         ax.set_title(f"t0+{k + 1}", fontsize=8)
         ax.axis("off")
-    fig.colorbar(im, ax=list(axes[0]), fraction=0.02, label="burn probability (members)")
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.02, label="burn probability (member mean)")
     fig.suptitle(f"{cfg['members']}-member ensemble, sequence {s[0].item()} from t0={t0[0].item()}, "
                  f"wind noise {cfg['wind_sigma']} m/s: white = true burned area, cyan = start", fontsize=9)
     data.atomic_savefig(fig, path, dpi=80)

@@ -3029,8 +3029,8 @@ def test_a_non_square_non_64_grid_trains_and_evaluates_end_to_end(tmp_path):
 
 def test_ensemble_members_are_seeded_and_reduce_to_the_deterministic_rollout(fire_files, monkeypatch):
     """Every member is reproducible; members differ where probabilities are in between; with probabilities of
-    exactly 0 or 1 (the model's own mask, as logits +-30) sampling is thresholding, so any number of members
-    gives the deterministic rollout, and sigma 0 leaves the wind alone."""
+    0 or 1 (the model's own mask, as logits +-30) sampling is thresholding, so any number of members gives
+    the deterministic rollout, and sigma 0 leaves the wind alone."""
     cfg = em.parse_config(["--history", "3", "--members", "3", "--rollout", "3", "--eval_only",
                            "--model", "m"])
     D, net = fire_dict(fire_files["other"]), tiny_model(seed=2)
@@ -3047,8 +3047,31 @@ def test_ensemble_members_are_seeded_and_reduce_to_the_deterministic_rollout(fir
     monkeypatch.setattr(em, "model_logits", hard)
     monkeypatch.setattr(em, "NEAR_CELLS", 100)  # members may burn anywhere, as the deterministic rollout
     want = em.model_rollout(cfg, net, D, s, t0, 3, None).float()
-    for m in (1, 3):
-        assert torch.equal(em.ensemble_rollout(dict(cfg, members=m), net, D, s, t0, 3, None), want)
+    for m in (1, 3):  # sigmoid(-30) ~ 1e-13: a probability, not exactly 0
+        torch.testing.assert_close(em.ensemble_rollout(dict(cfg, members=m), net, D, s, t0, 3, None), want,
+                                   atol=1e-9, rtol=0)
+
+
+def test_ensemble_probability_is_the_members_expectation_not_their_draws(fire_files):
+    """At lead 1 every member starts from the true frame, so the burn probability is the calibrated one-step
+    forecast near the fire (1 where burning) for any number of members: no sampling noise of the draw."""
+    cfg = em.parse_config(["--history", "3", "--members", "1", "--rollout", "2", "--eval_only",
+                           "--model", "m"])
+    D, net = fire_dict(fire_files["other"]), tiny_model(seed=2)
+    s, t0 = em.rollout_starts(*D["fire"].shape[:2], 2)
+    s, t0 = s[:4], t0[:4]
+    one = em.ensemble_rollout(cfg, net, D, s, t0, 2, None)  # (B, 2, H, W)
+    three = em.ensemble_rollout(dict(cfg, members=3), net, D, s, t0, 2, None)
+    hist, w, lengths, _ = data.fire_batch(D["fire"][s], D["wind"][s], torch.arange(4), t0, 3)
+    logits = em.model_logits(net, hist, w, lengths, D["static"][s], None)  # (B, H, W)
+    burning = D["fire"][s, t0] > 0
+    near = torch.nn.functional.max_pool2d(burning[:, None].float(), 2 * em.NEAR_CELLS + 1, 1,
+                                          em.NEAR_CELLS)[:, 0] > 0.5
+    want = torch.where(burning, 1.0, near * torch.sigmoid(logits))
+    torch.testing.assert_close(one[:, 0], want)
+    torch.testing.assert_close(three[:, 0], want)
+    assert ((want > 0.05) & (want < 0.95)).any()  # in between somewhere: a draw would have made it 0 or 1
+    assert ((one[:, 1] > 0) & (one[:, 1] < 1)).any() and not torch.equal(one[:, 1], three[:, 1])
 
 
 def test_members_burn_only_near_their_fire(fire_files, monkeypatch):
