@@ -76,6 +76,7 @@ pred_thresh = 0.5  # mask threshold in training; best.pth keeps the one chosen o
 bce_weight = 0.5  # loss = bce_weight * BCE + dice_weight * Dice
 dice_weight = 0.5  # weight of the soft-Dice term
 pos_weight = 0.0  # BCE weight of burning pixels (0 = unweighted)
+unroll = 1  # train through this many steps, the later ones on the model's own soft forecasts (1 = one-step)
 dil_wind = 6.0  # m/s; dilation baseline: calm spreads to 8 neighbours, this wind only within 90 deg downwind
 log_every = 20  # write a row to log_steps.csv every this many optimizer steps
 cpu_bf16 = 'auto'  # CPU precision: auto = time fp32 and bf16 autocast steps, take the faster; on | off
@@ -691,9 +692,39 @@ def forward_batch(cfg, model, D, s, t, amp):
     # an empty slice: its mean is 0/0
     dice = dice * (len(nxt) / len(s)) if len(nxt) else torch.zeros_like(bce)
     loss = cfg["bce_weight"] * bce + cfg["dice_weight"] * dice
+    if cfg["unroll"] > 1:  # one process (check_config): the shares above are the whole batch
+        loss = (loss + unrolled_loss(cfg, model, D, s, t, hist, wind, lengths, logits, amp)) / cfg["unroll"]
     counts = batch_counts(torch.sigmoid(logits) > cfg["pred_thresh"], nxt, current)
     pr = losses.pr_histogram(logits, nxt, ~current)  # new-burn cells only
     return loss, torch.stack([loss, bce, dice]).detach() * len(s), counts, pr, logits
+
+
+def unrolled_loss(cfg, model, D, s, t, hist, wind, lengths, logits, amp):
+    """The --target loss summed over steps 2..unroll: step k + 1 sees the model's own SOFT forecast of frame
+    t + k in place of the truth (burning cells 1, cells within NEAR_CELLS of them their probability, the rest
+    0 as the sparse patches need; differentiable), so training learns to forecast from its forecasts, as a
+    rollout must. Samples without frame t + k + 1 drop out."""
+    K, total = cfg["history"], 0.0
+    s, t = s.to(hist.device), t.to(hist.device)
+    for k in range(1, cfg["unroll"]):
+        last = hist[torch.arange(len(s), device=hist.device), lengths - 1]  # (B, H, W) input frame t+k-1
+        near = F.max_pool2d((last > 0.5)[:, None].float(), 2 * NEAR_CELLS + 1, 1, NEAR_CELLS)[:, 0]
+        frame = last + (1 - last) * near * torch.sigmoid(logits)  # forecast of t+k: burning cells stay
+        keep = t + k + 1 < D["fire"].shape[1]
+        if not keep.any():
+            break
+        s, t, hist, wind, lengths, frame = (x[keep] for x in (s, t, hist, wind, lengths, frame))
+        full = (lengths == K)[:, None, None, None]  # a full history drops its oldest frame
+        slot = F.one_hot(torch.where(lengths == K, K - 1, lengths), K).bool()  # (B, K) where frame t+k goes
+        hist = torch.where(slot[:, :, None, None], frame[:, None], torch.where(full, hist.roll(-1, 1), hist))
+        wind = torch.where(slot[:, :, None], D["wind"][s, t + k].float()[:, None],
+                           torch.where(full[:, :, 0], wind.roll(-1, 1), wind))
+        lengths = torch.clamp(lengths + 1, max=K)
+        logits = model_logits(model, hist, wind, lengths, D["static"][s], amp)
+        total = total + losses.bce_dice_loss(logits, D["fire"][s, t + k + 1].float(), cfg["bce_weight"],
+                                             cfg["dice_weight"], cfg["pos_weight"] or None,
+                                             mask=frame < 0.5 if cfg["target"] == "new" else None)[0]
+    return total
 
 
 def train_epoch(cfg, model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch):
@@ -1253,7 +1284,7 @@ def check_config(cfg, world=1):
     data.check_choice(cfg, "monitor", MONITORS)
     data.check_choice(cfg, "target", ("new", "full"))
     data.check_choice(cfg, "cpu_bf16", ("auto", "on", "off"))
-    data.check_range(cfg, "epochs batch_size history patch_size log_every", 1)
+    data.check_range(cfg, "epochs batch_size history patch_size log_every unroll", 1)
     data.check_range(cfg, "val_frac pred_thresh", 0, 1, lo_open=True, hi_open=True)
     data.check_range(cfg, "test_frac warmup_frac", 0, 1, hi_open=True)
     data.check_range(cfg, "min_lr_frac", 0, 1)
@@ -1262,6 +1293,8 @@ def check_config(cfg, world=1):
     if cfg["bce_weight"] + cfg["dice_weight"] == 0:
         raise data.DataError("--bce_weight + --dice_weight must be > 0")
     check_mode(cfg)
+    if cfg["unroll"] > 1 and world > 1:
+        raise data.DataError("--unroll trains in one process: start it with python, not torchrun")
     if cfg["eval_only"] and world > 1:
         raise data.DataError(f"--eval_only runs in one process: start it with python, not torchrun with "
                              f"{world} processes")

@@ -3027,6 +3027,39 @@ def test_a_non_square_non_64_grid_trains_and_evaluates_end_to_end(tmp_path):
     assert {"reliability.png", "rollout_strip.png", "eval.csv"} <= set(os.listdir(out / "eval_f"))
 
 
+def test_unrolled_training_feeds_the_models_own_forecasts(fire_files, monkeypatch):
+    """--unroll 3: steps 2 and 3 see the model's soft forecasts in place of frames t+1, t+2; a sure and right
+    model's forecasts are the truth, so each step's input is exactly the true history of t+k (growing and
+    full histories alike); samples without frame t+k+1 drop out; one process only."""
+    D, net = fire_dict(fire_files["other"]), tiny_model()
+    T = D["fire"].shape[1]
+    cfg = em.parse_config(["--history", "3", "--unroll", "3"])
+    s, t = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 2, T - 4, T - 3])  # the last: one more frame only
+    calls = []
+
+    def oracle(model, hist, wind, lengths, static, amp):  # sure (+-30) and right about frame t+k+1
+        k, alive = len(calls), t + len(calls) + 1 < T
+        calls.append((hist.detach().clone(), wind.clone(), lengths.clone(), alive))
+        return (D["fire"][s[alive], t[alive] + k + 1].float() * 2 - 1) * 30.0
+    monkeypatch.setattr(em, "model_logits", oracle)
+    loss = em.forward_batch(cfg, net, D, s, t, None)[0]
+    assert len(calls) == 3 and math.isfinite(float(loss))
+    for k, (hist, wind, lengths, alive) in enumerate(calls):
+        want = data.fire_batch(D["fire"], D["wind"], s[alive], t[alive] + k, 3)
+        assert len(hist) == (4 if k < 2 else 3)
+        torch.testing.assert_close(hist, want[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(wind, want[1])
+        assert torch.equal(lengths, want[2])
+    monkeypatch.undo()
+    # the later steps' loss reaches the first step's logits: training learns from its own forecasts
+    hist, wind, lengths, _ = data.fire_batch(D["fire"], D["wind"], s[:3], t[:3], 3)
+    logits = torch.full((3, *hist.shape[-2:]), -2.0, requires_grad=True)  # p 0.12: not yet burning
+    em.unrolled_loss(cfg, net, D, s[:3], t[:3], hist, wind, lengths, logits, None).backward()
+    assert logits.grad.abs().sum() > 0
+    with pytest.raises(data.DataError, match="--unroll"):
+        em.check_config(cfg, world=2)
+
+
 def test_ensemble_members_are_seeded_and_reduce_to_the_deterministic_rollout(fire_files, monkeypatch):
     """Every member is reproducible; members differ where probabilities are in between; with probabilities of
     0 or 1 (the model's own mask, as logits +-30) sampling is thresholding, so any number of members gives
