@@ -692,7 +692,8 @@ def forward_batch(cfg, model, D, s, t, amp):
     # an empty slice: its mean is 0/0
     dice = dice * (len(nxt) / len(s)) if len(nxt) else torch.zeros_like(bce)
     loss = cfg["bce_weight"] * bce + cfg["dice_weight"] * dice
-    if cfg["unroll"] > 1:  # one process (check_config): the shares above are the whole batch
+    if cfg["unroll"] > 1:  # one process (check_config): the shares above are the whole batch. The loss
+        # logged is then the mean over the steps; bce, dice and the metrics stay step 1's
         loss = (loss + unrolled_loss(cfg, model, D, s, t, hist, wind, lengths, logits, amp)) / cfg["unroll"]
     counts = batch_counts(torch.sigmoid(logits) > cfg["pred_thresh"], nxt, current)
     pr = losses.pr_histogram(logits, nxt, ~current)  # new-burn cells only
