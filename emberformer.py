@@ -16,10 +16,12 @@ Model (hand-written, plain PyTorch):
      the static channels and the wind at full resolution, so fronts stay sharp.
 Target (--target): 'new' keeps cells burning at t burning (the masks are cumulative) and learns only where
 the fire goes next (BCE + Dice over the cells not yet burning); 'full' predicts the whole next mask.
+--unroll N also trains through N - 1 more steps on its own soft forecasts (for models to roll forward).
 Splits are whole fires: train, val (early stopping, best.pth) and test (reported once, at the end).
 Forecasting (--eval_only --model best.pth --data_path other.h5): a trained model is scored on every t -> t+1
 pair of another file, beside the baselines; with --rollout N it is also fed its own thresholded forecasts for
-N steps (observed wind) and scored per lead time. Outputs go to out_dir/eval_<file stem>/.
+N steps (observed wind) and scored per lead time; --members M adds an ensemble whose burn probability is the
+mean of its sampled members' probabilities. Outputs go to out_dir/eval_<file stem>/.
 Run `python emberformer.py -h` for every constant; outputs go to outputs/emberformer/.
 Data parallel: `torchrun --standalone --nproc_per_node N emberformer.py ...` (CPU: gloo; CUDA: nccl,
 one GPU per process, SyncBatchNorm). --batch_size stays the global batch; each process trains on its
@@ -146,7 +148,7 @@ def cpu_precision(cfg, model, D, stored):
 
     def step(dtype):
         opt.zero_grad(set_to_none=True)
-        forward_batch(cfg, trial, D, s, t, dtype)[0].backward()
+        forward_batch(cfg, trial, D, s, t, dtype, cfg["unroll"])[0].backward()
         opt.step()
     rng = torch.get_rng_state()
     dtype, msg = data.choose_cpu_dtype(cfg["cpu_bf16"], step, warmup=1, timed=1, rounds=2)
@@ -668,8 +670,9 @@ def kept_pixels(cfg, current):
             else torch.full((), current.numel(), device=current.device))
 
 
-def forward_batch(cfg, model, D, s, t, amp):
-    """s, t (B,): a global batch, of which this process takes its data.rank_slice (all of it in one
+def forward_batch(cfg, model, D, s, t, amp, unroll=1):
+    """s, t (B,): a global batch (unroll > 1: trained through that many steps, unrolled_loss; evaluation and
+    the metrics are always one step), of which this process takes its data.rank_slice (all of it in one
     process) -> loss: this slice's share of the batch's --target objective (the shares of all processes
     add up to it; in one process it is the objective itself), [loss, bce, dice] shares * B, confusion
     counts (2, 4) and new-burn PR histogram (2, bins) of the slice, its logits (b, H, W). No collective:
@@ -692,22 +695,23 @@ def forward_batch(cfg, model, D, s, t, amp):
     # an empty slice: its mean is 0/0
     dice = dice * (len(nxt) / len(s)) if len(nxt) else torch.zeros_like(bce)
     loss = cfg["bce_weight"] * bce + cfg["dice_weight"] * dice
-    if cfg["unroll"] > 1:  # one process (check_config): the shares above are the whole batch. The loss
-        # logged is then the mean over the steps; bce, dice and the metrics stay step 1's
-        loss = (loss + unrolled_loss(cfg, model, D, s, t, hist, wind, lengths, logits, amp)) / cfg["unroll"]
+    if unroll > 1:  # training, one process (check_config): the shares above are the whole batch. The loss
+        # logged is then the mean over the steps taken; bce, dice and the metrics stay step 1's
+        more, steps = unrolled_loss(cfg, model, D, s, t, hist, wind, lengths, logits, amp, unroll)
+        loss = (loss + more) / (1 + steps)
     counts = batch_counts(torch.sigmoid(logits) > cfg["pred_thresh"], nxt, current)
     pr = losses.pr_histogram(logits, nxt, ~current)  # new-burn cells only
     return loss, torch.stack([loss, bce, dice]).detach() * len(s), counts, pr, logits
 
 
-def unrolled_loss(cfg, model, D, s, t, hist, wind, lengths, logits, amp):
+def unrolled_loss(cfg, model, D, s, t, hist, wind, lengths, logits, amp, unroll):
     """The --target loss summed over steps 2..unroll: step k + 1 sees the model's own SOFT forecast of frame
     t + k in place of the truth (burning cells 1, cells within NEAR_CELLS of them their probability, the rest
     0 as the sparse patches need; differentiable), so training learns to forecast from its forecasts, as a
-    rollout must. Samples without frame t + k + 1 drop out."""
-    K, total = cfg["history"], 0.0
+    rollout must. Samples without frame t + k + 1 drop out -> (that loss, the number of steps taken)."""
+    K, total, steps = cfg["history"], 0.0, 0
     s, t = s.to(hist.device), t.to(hist.device)
-    for k in range(1, cfg["unroll"]):
+    for k in range(1, unroll):
         last = hist[torch.arange(len(s), device=hist.device), lengths - 1]  # (B, H, W) input frame t+k-1
         near = F.max_pool2d((last > 0.5)[:, None].float(), 2 * NEAR_CELLS + 1, 1, NEAR_CELLS)[:, 0]
         frame = last + (1 - last) * near * torch.sigmoid(logits)  # forecast of t+k: burning cells stay
@@ -725,7 +729,8 @@ def unrolled_loss(cfg, model, D, s, t, hist, wind, lengths, logits, amp):
         total = total + losses.bce_dice_loss(logits, D["fire"][s, t + k + 1].float(), cfg["bce_weight"],
                                              cfg["dice_weight"], cfg["pos_weight"] or None,
                                              mask=frame < 0.5 if cfg["target"] == "new" else None)[0]
-    return total
+        steps += 1
+    return total, steps
 
 
 def train_epoch(cfg, model, opt, scaler, D, gen, step, total_steps, amp, step_rows, epoch):
@@ -750,7 +755,7 @@ def train_epoch(cfg, model, opt, scaler, D, gen, step, total_steps, amp, step_ro
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * mult
         # this process's share
-        loss, s3, c, pr, logits = forward_batch(cfg, model, D, s_all[idx], t_all[idx], amp)
+        loss, s3, c, pr, logits = forward_batch(cfg, model, D, s_all[idx], t_all[idx], amp, cfg["unroll"])
         opt.zero_grad(set_to_none=True)
         # DDP averages the gradients over the processes; the shares add up to the batch's loss,
         # so x world makes the result the global batch's gradient, whatever the slice sizes (an
@@ -1345,10 +1350,11 @@ def maybe_resume(cfg, model, opt, scaler, gen, data_hash):
     if "target" not in ckpt["config"]:  # its model re-predicted burning cells and its optimizer had 2 groups
         raise data.DataError(f"{cfg['resume']}: checkpoint predates --target (new-burn target, test split); "
                              "it cannot be resumed, start a new run")
-    diff = [k for k in cfg if k not in FREE_ON_RESUME and ckpt["config"].get(k) != cfg[k]]
+    was = dict(unroll=1) | ckpt["config"]  # runs from before --unroll trained one step
+    diff = [k for k in cfg if k not in FREE_ON_RESUME and was.get(k) != cfg[k]]
     if diff:
         raise data.DataError(f"{cfg['resume']}: checkpoint was made with different " + ", ".join(
-            f"--{k} ({ckpt['config'].get(k)!r}, now {cfg[k]!r})" for k in diff))
+            f"--{k} ({was.get(k)!r}, now {cfg[k]!r})" for k in diff))
     if ckpt.get("data_hash", data_hash) != data_hash:  # checkpoints from before the hash: not checked
         raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded fire file'} does not hold "
                              "the fires this checkpoint trained on (their fingerprint differs); "

@@ -727,9 +727,9 @@ def compare(cfg, dev):
 FINAL_FREE = (*FREE_ON_RESUME, "methods", "budgets", "seeds", "final", "predict", "model")  # not the model's
 
 
-def cross_validated(cfg, method):
-    """The method's full-label pooled scores from the COMPLETED comparison in out_dir if run with these
-    settings, else 'not cross-validated'; an incomplete one there is refused (may be an older run's)."""
+def cross_validated(cfg, method, data_hash):
+    """The method's full-label pooled scores from the COMPLETED comparison in out_dir with these settings
+    (paths as given) and data (by content), else 'not cross-validated'; an incomplete one is refused."""
     path = os.path.join(cfg["out_dir"], "checkpoints", "latest.pth")
     ck = data.load_checkpoint(path) if os.path.isfile(path) else {}
     if ck.get("kind") != "cbh_comparison":
@@ -738,7 +738,7 @@ def cross_validated(cfg, method):
         raise data.DataError(f"{path}: the comparison in {cfg['out_dir']} is incomplete; finish it with "
                              f"--resume {path} (or pass another --out_dir) before --final")
     score, same = ck["full_label_scores"].get(method), lambda c: {k: c[k] for k in c if k not in FINAL_FREE}
-    if score is None or same(ck["config"]) != same(cfg):  # paths as given: ./a.h5 is not a.h5
+    if score is None or same(ck["config"]) != same(cfg) or ck["data_hash"] != data_hash:
         return "not cross-validated"
     return dict(split=ck["config"]["split"], **score)
 
@@ -752,7 +752,7 @@ def train_final(cfg, dev):
     enc = load_encoder_source(cfg, d["images"].shape[1])
     if method in ("finetune", "probe") and enc["state"] is None:
         raise data.DataError(f"--final {method} needs a pre-trained encoder (--pretrained)")
-    cv = cross_validated(cfg, method)
+    cv = cross_validated(cfg, method, data.fingerprint(d["images"], d["metadata"], d["cbh_km"]))
     prep, y = preprocess(d, enc["flat_field"], path), d["cbh_km"]
     saved = dict(kind="cbh_model", method=method, width=d["images"].shape[1],
                  flat_field=prep["gain"].tolist(), cv=cv, data_path=path,
