@@ -1736,8 +1736,8 @@ def test_ember_nonfinite_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoi
     data.write_fire(path, **data.generate_fires(n_seq=8, size=16, n_frames=5, seed=2))
     real, calls = em.forward_batch, [0]
 
-    def nan_at_step_4(cfg, model, D, s, t, amp):
-        out = real(cfg, model, D, s, t, amp)
+    def nan_at_step_4(cfg, model, D, s, t, amp, unroll=1):
+        out = real(cfg, model, D, s, t, amp, unroll)
         if model.training:
             calls[0] += 1
             if calls[0] == 4:
@@ -2782,8 +2782,8 @@ def test_flags_refused_under_torchrun():
 EMBER_NAN_ON_RANK1 = textwrap.dedent("""
     import os, shutil, sys, data, emberformer as em
     real, calls = em.forward_batch, [0]
-    def nan_on_rank1_last_step(cfg, model, D, s, t, amp):
-        out = real(cfg, model, D, s, t, amp)
+    def nan_on_rank1_last_step(cfg, model, D, s, t, amp, unroll=1):
+        out = real(cfg, model, D, s, t, amp, unroll)
         if model.training:
             calls[0] += 1
             if calls[0] == 1 and data.is_rank0():
