@@ -545,6 +545,12 @@ def summarize(sums, counts, pr, n):
 NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]  # (drow, dcol)
 
 
+def near_fire(burning, r=None):
+    """(B, H, W) bool: the cells within r (default NEAR_CELLS) 8-neighbourhood steps of a burning cell."""
+    r = NEAR_CELLS if r is None else r
+    return F.max_pool2d(burning[:, None].float(), 2 * r + 1, 1, r)[:, 0] > 0.5
+
+
 def wind_dilation(cfg, current, wind):
     """Baseline: the fire front advances one cell per frame step into the neighbours that lie within an
     angle of the downwind direction that narrows with wind speed: cos(angle) >= speed / dil_wind - 1
@@ -713,8 +719,7 @@ def unrolled_loss(cfg, model, D, s, t, hist, wind, lengths, logits, amp, unroll)
     s, t = s.to(hist.device), t.to(hist.device)
     for k in range(1, unroll):
         last = hist[torch.arange(len(s), device=hist.device), lengths - 1]  # (B, H, W) input frame t+k-1
-        near = F.max_pool2d((last > 0.5)[:, None].float(), 2 * NEAR_CELLS + 1, 1, NEAR_CELLS)[:, 0]
-        frame = last + (1 - last) * near * torch.sigmoid(logits)  # forecast of t+k: burning cells stay
+        frame = last + (1 - last) * near_fire(last > 0.5) * torch.sigmoid(logits)  # forecast of t+k
         keep = t + k + 1 < D["fire"].shape[1]
         if not keep.any():
             break
@@ -819,8 +824,7 @@ def calibration_data(cfg, model, D, amp, split):
         past, wind, lengths, nxt = data.fire_batch(D["fire"], D["wind"], s, t, cfg["history"])
         logits = model_logits(model, past, wind, lengths, D["static"][s.to(past.device)], amp)  # (B, H, W)
         current = past[torch.arange(len(lengths), device=past.device), lengths - 1] > 0.5
-        near = F.max_pool2d(current[:, None].float(), 2 * NEAR_CELLS + 1, 1, NEAR_CELLS)[:, 0] > 0.5
-        keep = near & ~current
+        keep = near_fire(current) & ~current
         dilated = wind_dilation(cfg, current,
                                 wind[torch.arange(len(lengths), device=past.device), lengths - 1])
         logits_near.append(logits[keep].float().cpu())
@@ -894,8 +898,8 @@ def model_rollout(cfg, model, D, s, t0, n_steps, amp, gen=None, wind_sigma=0.0):
             # exceeds it: each cell burns with its probability, but the member stays one coherent front.
             # Only cells near its fire may burn, where the map was fitted: a low draw must not light the
             # far field, whose probabilities it never saw
-            near = F.max_pool2d(burning[:, None].float(), 2 * NEAR_CELLS + 1, 1, NEAR_CELLS)[:, 0] > 0.5
-            p = torch.where(burning, 1.0, near * calibrated(logits, cfg.get("reliability")))  # (B, H, W)
+            p = calibrated(logits, cfg.get("reliability"))  # (B, H, W)
+            p = torch.where(burning, 1.0, near_fire(burning) * p)
             new = p > torch.rand(len(s), 1, 1, generator=gen).to(dev)
             probs.append(p)
         seq[rows, t0 + k + 1] = (new | burning).to(seq.dtype)
@@ -963,9 +967,7 @@ def lead_brier(prob, truth, start):
     score a probability forecast expects of itself: as large as the real one if it is well calibrated."""
     out = []
     for k in range(truth.shape[1]):
-        r = NEAR_CELLS + k + 1
-        near = F.max_pool2d(start[:, None].float(), 2 * r + 1, 1, r)[:, 0] > 0.5
-        cells = near & ~start
+        cells = near_fire(start, NEAR_CELLS + k + 1) & ~start
         p, y = prob[:, k].float()[cells], truth[:, k].float()[cells]
         out.append(torch.stack([cells.sum().double(), ((p - y) ** 2).sum().double(),
                                 (p * (1 - p)).sum().double()]))
