@@ -117,6 +117,10 @@ MONITORS = ("val/new_f1", "val/new_ap", "val/new_iou", "val/f1", "val/iou", "val
 BURNING_LOGIT = 30.0  # --target new: logit of cells burning at t (sigmoid = 1.0 in float32)
 # calibration is scored on the cells not burning at t within this many cells of the fire (the rest ~0)
 NEAR_CELLS = 2
+# Refine runs on tiles of this side holding a cell not burning at t within REFINE_REACH cells of the fire
+# (twice its 5x5 view; new burns in the embedded data are all within 1 cell); elsewhere the coarse logits stand
+REFINE_TILE = 16
+REFINE_REACH = 4
 CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite losses (a sync each time)
 # flags that may change on --resume (they only change where and how the run reports, or when it ends);
 # every other flag must match the checkpoint's, else the resumed run would not continue the same run
@@ -374,20 +378,59 @@ class DecodeHead(nn.Module):
         return self.cls(self.fuse(torch.cat(ups[::-1], 1)))  # (B, 1, Hp, Wp) coarse logits
 
 
+def near_fire(burning, r=None):
+    """(B, H, W) bool: the cells within r (default NEAR_CELLS) 8-neighbourhood steps of a burning cell."""
+    r = NEAR_CELLS if r is None else r
+    return F.max_pool2d(burning[:, None].float(), 2 * r + 1, 1, r)[:, 0] > 0.5
+
+
+def front_tiles(last):
+    """last (B, 1, H, W) frame t (soft in an unrolled step) -> (b, i, j), each (M,): the REFINE_TILE-square
+    tiles that hold a cell not burning at t and have fire within REFINE_REACH cells: every cell not burning
+    within REFINE_REACH of the fire lies in one."""
+    T, R, (H, W) = REFINE_TILE, REFINE_REACH, last.shape[-2:]
+    fire = F.pad((last > 0).float(), (R, R + (-W % T), R, R + (-H % T)))  # 0 off the grid
+    near = F.max_pool2d(fire, T + 2 * R, T)  # (B, 1, nH, nW): fire in the tile or within R of it
+    unburnt = F.max_pool2d(F.pad((last <= 0.5).float(), (0, -W % T, 0, -H % T)), T)  # off the grid: none
+    return (near * unburnt)[:, 0].nonzero(as_tuple=True)
+
+
+def tile_windows(x, b, i, j):
+    """x (B, C, H, W) -> (M, C, T+4, T+4): tiles (b, i, j) of side T = REFINE_TILE with a 2-cell halo, zeros
+    outside the grid (the halo two 3x3 convolutions need)."""
+    T, (H, W) = REFINE_TILE, x.shape[-2:]
+    x = F.pad(x, (2, 2 + (-W % T), 2, 2 + (-H % T)))
+    return x.unfold(2, T + 4, T).unfold(3, T + 4, T)[b, :, i, j]  # (B, C, nH, nW, T+4, T+4) indexed
+
+
 class Refine(nn.Module):
     """Light full-resolution refinement: adds a correction to the upsampled coarse logits from
-    [coarse logits, last fire frame, static channels, wind] through two 3x3 conv layers."""
+    [coarse logits, last fire frame, static channels, wind] through two 3x3 conv layers. It runs on the fire's
+    front only (front_tiles; elsewhere the logits are the coarse ones): at 400x400 the front is a few % of the
+    grid, and run on every cell this head took half of a training step (docs/performance.md). A tile's
+    correction equals the dense head's: its halo holds the real neighbours, zeros off the grid."""
 
     def __init__(self, cin, D):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(cin, D, 3, 1, 1, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
-            nn.Conv2d(D, D, 3, 1, 1, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
+        self.net = nn.Sequential(  # unpadded convolutions: the tiles bring their halo
+            nn.Conv2d(cin, D, 3, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
+            nn.Conv2d(D, D, 3, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
             nn.Conv2d(D, 1, 1))
 
     def forward(self, coarse, last, static, wind):  # coarse/last (B,1,H,W), static (B,C,H,W), wind (B,2)
-        w = wind[:, :, None, None].expand(-1, -1, *last.shape[-2:])
-        return coarse + self.net(torch.cat([coarse, last, static, w], 1))
+        B, _, H, W = last.shape
+        T = REFINE_TILE
+        b, i, j = front_tiles(last)  # (M,) each
+        grid = tile_windows(last.new_ones(1, 1, H, W), b * 0, i, j)  # (M, 1, T+4, T+4): 1 on the grid
+        # each input windowed alone: only coarse needs a gradient, and no full-size concatenation
+        x = torch.cat([tile_windows(coarse, b, i, j), tile_windows(last, b, i, j),
+                       tile_windows(static, b, i, j), wind[b, :, None, None] * grid], 1)  # (M, Cin, T+4, T+4)
+        hidden = self.net[:3](x) * grid[..., 1:-1, 1:-1]  # (M, D, T+2, T+2); 0 off the grid, as padding
+        corr = self.net[3:](hidden)[:, 0]  # (M, T, T)
+        nH, nW = -(-H // T), -(-W // T)
+        full = corr.new_zeros(B, nH, nW, T, T).index_put((b, i, j), corr)  # 0 off the front
+        full = full.permute(0, 1, 3, 2, 4).reshape(B, 1, nH * T, nW * T)  # tiles back in place
+        return coarse + full[..., :H, :W]
 
 
 def init_linear(m):
@@ -543,12 +586,6 @@ def summarize(sums, counts, pr, n):
 
 
 NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]  # (drow, dcol)
-
-
-def near_fire(burning, r=None):
-    """(B, H, W) bool: the cells within r (default NEAR_CELLS) 8-neighbourhood steps of a burning cell."""
-    r = NEAR_CELLS if r is None else r
-    return F.max_pool2d(burning[:, None].float(), 2 * r + 1, 1, r)[:, 0] > 0.5
 
 
 def wind_dilation(cfg, current, wind):

@@ -1585,6 +1585,45 @@ def test_ember_gradient_reaches_every_parameter_and_optimizer_holds_all(ember_fi
         em.check_groups(model, [dict(params=list(model.parameters()))] * 2)
 
 
+def test_ember_refine_runs_on_the_front_only_and_equals_the_dense_head_there():
+    """Refine's tiles (with their halo) give exactly the dense head's correction (3x3 convolutions with zero
+    padding) on every tile of the front, including tiles cut by the grid's edges, and leave the coarse logits
+    alone elsewhere; every cell not burning within REFINE_REACH of the fire is on the front. No fire: no tiles,
+    and a training step leaves the BatchNorm statistics finite."""
+    torch.manual_seed(0)
+    refine = em.Refine(2 + 3 + 2, 8)
+    for m in refine.net:
+        if isinstance(m, torch.nn.BatchNorm2d):  # statistics that are not the identity
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2), m.weight.data.normal_(), m.bias.data.normal_()
+    refine.eval()
+    B, H, W, T = 3, 37, 53, em.REFINE_TILE  # neither a multiple of the tile
+    last = torch.zeros(B, 1, H, W)
+    last[0, 0, 5, 14], last[1, 0, 30:, 40:], last[2, 0, 20, 0] = 1, 1, 1  # by a tile edge, corner, grid edge
+    coarse, static, wind = torch.randn(B, 1, H, W), torch.randn(B, 3, H, W), torch.randn(B, 2)
+    with torch.no_grad():
+        out = refine(coarse, last, static, wind)
+        x = torch.cat([coarse, last, static, wind[:, :, None, None].expand(-1, -1, H, W)], 1)
+        n = refine.net
+        conv = torch.nn.functional.conv2d
+        dense = coarse + n[6](n[5](n[4](conv(n[2](n[1](conv(x, n[0].weight, padding=1))),
+                                               n[3].weight, padding=1))))
+    on = torch.zeros(B, H, W, dtype=torch.bool)
+    for b, i, j in zip(*em.front_tiles(last)):
+        on[b, i * T:(i + 1) * T, j * T:(j + 1) * T] = True
+    assert on[1].any() and on[2, :, 0].any() and not on.all()
+    torch.testing.assert_close(out[:, 0][on], dense[:, 0][on], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, 0][~on], coarse[:, 0][~on])
+    assert on[em.near_fire(last[:, 0] > 0.5, em.REFINE_REACH) & (last[:, 0] < 0.5)].all()
+    refine.train()
+    none = torch.zeros_like(last)
+    assert len(em.front_tiles(none)[0]) == 0
+    c = coarse.clone().requires_grad_()
+    out = refine(c, none, static, wind)
+    out.sum().backward()
+    assert torch.equal(out.detach(), coarse) and torch.equal(c.grad, torch.ones_like(c))
+    assert all(torch.isfinite(b).all() for b in refine.buffers())
+
+
 def test_ember_bf16_patch_merging_on_a_one_cell_wide_map_gives_the_same_gradient_every_time():
     """torch's CPU bf16 conv backward gives a stride-2 3x3 conv on a map one cell wide a different weight
     gradient on every call (up to 1e20; it made bf16 training diverge on small grids). OverlapEmbed runs that
