@@ -1,7 +1,8 @@
 """
 Benchmark of the emberformer.py model: samples/s and peak memory for a training step and for evaluation,
 on batches drawn from the default fire data (data.default_fire_path(): real burned fractions and history
-lengths, so the savings on never-burned patches show), plus parameter counts per part. Writes nothing.
+lengths, so the savings on never-burned patches and off the fire's front show), plus parameter counts per
+part. Writes nothing.
     python bench_emberformer.py --batch_size 16 --steps 10 --num_threads 1
     python bench_emberformer.py --data_path fires400.h5 --patch_size 16 --device cuda
 To compare two versions, run each checkout's copy on the same machine and batches (a fixed --num_threads,

@@ -12,8 +12,8 @@ Model (hand-written, plain PyTorch):
   3. SegFormer-B1-style spatial stage on that grid (Xie et al. 2021): 4 Mix-Transformer stages,
      overlapping patch merging, efficient (spatially reduced) attention, Mix-FFN, stochastic depth;
      All-MLP decode head.
-  4. bilinear upsampling to full resolution + a light conv refinement that also sees the last fire frame,
-     the static channels and the wind at full resolution, so fronts stay sharp.
+  4. bilinear upsampling to full resolution + a light conv refinement on the fire's front that also sees
+     the last fire frame, the static channels and the wind at full resolution, so fronts stay sharp.
 Target (--target): 'new' keeps cells burning at t burning (the masks are cumulative) and learns only where
 the fire goes next (BCE + Dice over the cells not yet burning); 'full' predicts the whole next mask.
 --unroll N also trains through N - 1 more steps on its own soft forecasts (for models to roll forward).
@@ -109,6 +109,10 @@ class Arch:
     drop_path: float = 0.1
     decode_dim: int = 256
     refine_dim: int = 32
+    # Refine runs on the tiles of this side that lie within refine_reach cells of both a burning and a
+    # not-burning cell (front_tiles); new burns in the embedded data are all within 1 cell of the fire
+    refine_tile: int = 16
+    refine_reach: int = 4  # twice the radius of Refine's 5x5 view
 
 
 METRICS = ("loss", "bce", "dice", "precision", "recall", "f1", "iou", "accuracy", "new_precision",
@@ -117,10 +121,6 @@ MONITORS = ("val/new_f1", "val/new_ap", "val/new_iou", "val/f1", "val/iou", "val
 BURNING_LOGIT = 30.0  # --target new: logit of cells burning at t (sigmoid = 1.0 in float32)
 # calibration is scored on the cells not burning at t within this many cells of the fire (the rest ~0)
 NEAR_CELLS = 2
-# Refine runs on tiles of this side holding a cell not burning at t within REFINE_REACH cells of the fire
-# (twice its 5x5 view; new burns in the embedded data are all within 1 cell); elsewhere the coarse logits stand
-REFINE_TILE = 16
-REFINE_REACH = 4
 CHECK_EVERY = 50  # steps between looks at the on-device count of non-finite losses (a sync each time)
 # flags that may change on --resume (they only change where and how the run reports, or when it ends);
 # every other flag must match the checkpoint's, else the resumed run would not continue the same run
@@ -147,7 +147,7 @@ def cpu_precision(cfg, model, D, stored):
     if stored:
         return torch.bfloat16 if stored == "bf16" else None
     trial = copy.deepcopy(model)
-    opt = torch.optim.AdamW(trial.parameters())
+    opt = make_optimizer(cfg, trial)
     s, t = D["train"][0][:cfg["batch_size"]], D["train"][1][:cfg["batch_size"]]
 
     def step(dtype):
@@ -384,21 +384,22 @@ def near_fire(burning, r=None):
     return F.max_pool2d(burning[:, None].float(), 2 * r + 1, 1, r)[:, 0] > 0.5
 
 
-def front_tiles(last):
-    """last (B, 1, H, W) frame t (soft in an unrolled step) -> (b, i, j), each (M,): the REFINE_TILE-square
-    tiles that hold a cell not burning at t and have fire within REFINE_REACH cells: every cell not burning
-    within REFINE_REACH of the fire lies in one."""
-    T, R, (H, W) = REFINE_TILE, REFINE_REACH, last.shape[-2:]
-    fire = F.pad((last > 0).float(), (R, R + (-W % T), R, R + (-H % T)))  # 0 off the grid
-    near = F.max_pool2d(fire, T + 2 * R, T)  # (B, 1, nH, nW): fire in the tile or within R of it
-    unburnt = F.max_pool2d(F.pad((last <= 0.5).float(), (0, -W % T, 0, -H % T)), T)  # off the grid: none
-    return (near * unburnt)[:, 0].nonzero(as_tuple=True)
+def front_tiles(last, T, R):
+    """last (B, 1, H, W) frame t (soft in an unrolled step) -> (b, i, j), each (M,): the T-square tiles within
+    R cells of both a burning and a not-burning cell, the fire's front from both sides: every cell not burning
+    within R of the fire (what --target new predicts) and every burning cell within R of one not burning lies
+    in one."""
+    H, W = last.shape[-2:]
+    pad = (R, R + (-W % T), R, R + (-H % T))  # off the grid is neither burning nor not burning
+    fire = F.max_pool2d(F.pad((last > 0).float(), pad), T + 2 * R, T)  # (B, 1, nH, nW): the tile or R around
+    unburnt = F.max_pool2d(F.pad((last <= 0.5).float(), pad), T + 2 * R, T)
+    return (fire * unburnt)[:, 0].nonzero(as_tuple=True)
 
 
-def tile_windows(x, b, i, j):
-    """x (B, C, H, W) -> (M, C, T+4, T+4): tiles (b, i, j) of side T = REFINE_TILE with a 2-cell halo, zeros
-    outside the grid (the halo two 3x3 convolutions need)."""
-    T, (H, W) = REFINE_TILE, x.shape[-2:]
+def tile_windows(x, b, i, j, T):
+    """x (B, C, H, W) -> (M, C, T+4, T+4): the T-square tiles (b, i, j) with a 2-cell halo, zeros outside the
+    grid (the halo two 3x3 convolutions need)."""
+    H, W = x.shape[-2:]
     x = F.pad(x, (2, 2 + (-W % T), 2, 2 + (-H % T)))
     return x.unfold(2, T + 4, T).unfold(3, T + 4, T)[b, :, i, j]  # (B, C, nH, nW, T+4, T+4) indexed
 
@@ -408,10 +409,12 @@ class Refine(nn.Module):
     [coarse logits, last fire frame, static channels, wind] through two 3x3 conv layers. It runs on the fire's
     front only (front_tiles; elsewhere the logits are the coarse ones): at 400x400 the front is a few % of the
     grid, and run on every cell this head took half of a training step (docs/performance.md). A tile's
-    correction equals the dense head's: its halo holds the real neighbours, zeros off the grid."""
+    correction is the dense head's in eval mode: its halo holds the real neighbours, zeros off the grid (in
+    training, BatchNorm's batch statistics also count the halo)."""
 
-    def __init__(self, cin, D):
+    def __init__(self, cin, D, tile, reach):
         super().__init__()
+        self.tile, self.reach = tile, reach
         self.net = nn.Sequential(  # unpadded convolutions: the tiles bring their halo
             nn.Conv2d(cin, D, 3, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
             nn.Conv2d(D, D, 3, bias=False), nn.BatchNorm2d(D), nn.ReLU(inplace=True),
@@ -419,12 +422,12 @@ class Refine(nn.Module):
 
     def forward(self, coarse, last, static, wind):  # coarse/last (B,1,H,W), static (B,C,H,W), wind (B,2)
         B, _, H, W = last.shape
-        T = REFINE_TILE
-        b, i, j = front_tiles(last)  # (M,) each
-        grid = tile_windows(last.new_ones(1, 1, H, W), b * 0, i, j)  # (M, 1, T+4, T+4): 1 on the grid
-        # each input windowed alone: only coarse needs a gradient, and no full-size concatenation
-        x = torch.cat([tile_windows(coarse, b, i, j), tile_windows(last, b, i, j),
-                       tile_windows(static, b, i, j), wind[b, :, None, None] * grid], 1)  # (M, Cin, T+4, T+4)
+        T = self.tile
+        b, i, j = front_tiles(last, T, self.reach)  # (M,) each
+        grid = tile_windows(last.new_ones(1, 1, H, W), b * 0, i, j, T)  # (M, 1, T+4, T+4): 1 on the grid
+        # (M, Cin, T+4, T+4); each input windowed alone: only coarse needs a gradient, and no full-size concat
+        x = torch.cat([tile_windows(coarse, b, i, j, T), tile_windows(last, b, i, j, T),
+                       tile_windows(static, b, i, j, T), wind[b, :, None, None] * grid], 1)
         hidden = self.net[:3](x) * grid[..., 1:-1, 1:-1]  # (M, D, T+2, T+2); 0 off the grid, as padding
         corr = self.net[3:](hidden)[:, 0]  # (M, T, T)
         nH, nW = -(-H // T), -(-W // T)
@@ -459,7 +462,7 @@ class EmberFormer(nn.Module):
         self.temporal = TemporalTransformer(arch.dim, arch.heads, arch.layers, arch.ffn, arch.dropout)
         self.encoder = MiTEncoder(arch.dim, arch)
         self.decode = DecodeHead(arch.mit_dims, arch.decode_dim)
-        self.refine = Refine(2 + n_static + 2, arch.refine_dim)
+        self.refine = Refine(2 + n_static + 2, arch.refine_dim, arch.refine_tile, arch.refine_reach)
         # input scaling: train-split per-channel static statistics and the wind scale (m/s) are buffers,
         # so they travel in every checkpoint
         self.register_buffer("wind_scale", torch.tensor(float(wind_scale)))
@@ -535,7 +538,7 @@ def make_optimizer(cfg, model):
     into weight matrices / kernels (decayed) and norms and biases (ndim <= 1, not decayed, as SegFormer and
     MAE). Every group carries a 'name': logs read LRs by name (group_lr), never by position. Fused: one kernel
     for all 14M parameters (at 400x400 the per-tensor loop was ~15 % of a one-thread CPU step,
-    docs/performance.md); a checkpoint keeps the implementation it was made with."""
+    docs/performance.md)."""
     lt, ls = (cfg["lr"], cfg["lr"]) if cfg["lr"] > 0 else (cfg["lr_temporal"], cfg["lr_spatial"])
     parts = dict(temporal=(lt, [model.embed, model.temporal]),
                  spatial=(ls, [model.encoder, model.decode, model.refine]))
@@ -1391,6 +1394,7 @@ def maybe_resume(cfg, model, opt, scaler, gen, data_hash):
     if "target" not in ckpt["config"]:  # its model re-predicted burning cells and its optimizer had 2 groups
         raise data.DataError(f"{cfg['resume']}: checkpoint predates --target (new-burn target, test split); "
                              "it cannot be resumed, start a new run")
+    check_refine(cfg["resume"], ckpt)
     was = dict(unroll=1) | ckpt["config"]  # runs from before --unroll trained one step
     diff = [k for k in cfg if k not in FREE_ON_RESUME and was.get(k) != cfg[k]]
     if diff:
@@ -1606,6 +1610,14 @@ def train(cfg):
         report_test(cfg, D, dev, amp)
 
 
+def check_refine(path, ckpt):
+    """Checkpoints of the refinement head that ran on every cell (before commit 8cc068f; no refine_reach in
+    their Arch) would load into the front-only head without complaint but forecast differently: refused."""
+    if "refine_reach" not in ckpt.get("arch", {}):
+        raise data.DataError(f"{path}: checkpoint of the refinement head that ran on every cell (before commit "
+                             "8cc068f); train a new model, or use it with `git checkout ced82b1`")
+
+
 def load_trained(path, dev):
     """--model checkpoint -> (model in eval mode, checkpoint). Refused in one line: not an emberformer
     checkpoint, from before the settings --model reads were stored, or weights that do not fit."""
@@ -1616,8 +1628,9 @@ def load_trained(path, dev):
     if missing:
         raise data.DataError(f"{path}: checkpoint predates the settings --model needs "
                              f"(no {', '.join(missing)}); train a new model")
+    check_refine(path, ckpt)
     cfg = ckpt["config"]
-    arch = Arch(**ckpt.get("arch", {}))  # checkpoints without one were all built with the default Arch
+    arch = Arch(**ckpt["arch"])
     net = EmberFormer(len(ckpt["channels"]), cfg["patch_size"], cfg["wind_scale"], cfg["target"], arch)
     try:
         net.load_state_dict(ckpt["model"])  # static statistics and wind scale are buffers: they come with it

@@ -1588,35 +1588,39 @@ def test_ember_gradient_reaches_every_parameter_and_optimizer_holds_all(ember_fi
 def test_ember_refine_runs_on_the_front_only_and_equals_the_dense_head_there():
     """Refine's tiles (with their halo) give exactly the dense head's correction (3x3 convolutions with zero
     padding) on every tile of the front, including tiles cut by the grid's edges, and leave the coarse logits
-    alone elsewhere; every cell not burning within REFINE_REACH of the fire is on the front. No fire: no tiles,
-    and a training step leaves the BatchNorm statistics finite."""
+    alone elsewhere. The front holds every cell not burning within the reach of the fire (--target new) and
+    every burning cell within it of one not burning (--target full). No fire: no tiles, and a training step
+    leaves the BatchNorm statistics finite."""
     torch.manual_seed(0)
-    refine = em.Refine(2 + 3 + 2, 8)
+    refine = em.Refine(2 + 3 + 2, 8, tile=16, reach=4)
     for m in refine.net:
         if isinstance(m, torch.nn.BatchNorm2d):  # statistics that are not the identity
-            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2), m.weight.data.normal_(), m.bias.data.normal_()
+            m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+            m.weight.data.normal_(), m.bias.data.normal_()
     refine.eval()
-    B, H, W, T = 3, 37, 53, em.REFINE_TILE  # neither a multiple of the tile
+    B, H, W, T, R = 3, 37, 53, 16, 4  # neither side a multiple of the tile
     last = torch.zeros(B, 1, H, W)
     last[0, 0, 5, 14], last[1, 0, 30:, 40:], last[2, 0, 20, 0] = 1, 1, 1  # by a tile edge, corner, grid edge
+    last[0, 0, :, 32:48] = 1  # a whole burning column of tiles, the front 4 cells to either side of it
     coarse, static, wind = torch.randn(B, 1, H, W), torch.randn(B, 3, H, W), torch.randn(B, 2)
     with torch.no_grad():
         out = refine(coarse, last, static, wind)
         x = torch.cat([coarse, last, static, wind[:, :, None, None].expand(-1, -1, H, W)], 1)
-        n = refine.net
-        conv = torch.nn.functional.conv2d
+        n, conv = refine.net, torch.nn.functional.conv2d
         dense = coarse + n[6](n[5](n[4](conv(n[2](n[1](conv(x, n[0].weight, padding=1))),
-                                               n[3].weight, padding=1))))
+                                             n[3].weight, padding=1))))
     on = torch.zeros(B, H, W, dtype=torch.bool)
-    for b, i, j in zip(*em.front_tiles(last)):
+    for b, i, j in zip(*em.front_tiles(last, T, R)):
         on[b, i * T:(i + 1) * T, j * T:(j + 1) * T] = True
     assert on[1].any() and on[2, :, 0].any() and not on.all()
     torch.testing.assert_close(out[:, 0][on], dense[:, 0][on], rtol=1e-5, atol=1e-5)
     assert torch.equal(out[:, 0][~on], coarse[:, 0][~on])
-    assert on[em.near_fire(last[:, 0] > 0.5, em.REFINE_REACH) & (last[:, 0] < 0.5)].all()
+    burning = last[:, 0] > 0.5
+    assert on[em.near_fire(burning, R) & ~burning].all()
+    assert on[em.near_fire(~burning, R) & burning].all() and on[0, :, 32:48].any()
     refine.train()
     none = torch.zeros_like(last)
-    assert len(em.front_tiles(none)[0]) == 0
+    assert len(em.front_tiles(none, T, R)[0]) == 0
     c = coarse.clone().requires_grad_()
     out = refine(c, none, static, wind)
     out.sum().backward()
@@ -1903,6 +1907,22 @@ def test_ember_refuses_checkpoints_from_before_the_target_flag(tmp_path, capsys)
         em.main(["--data_path", str(path), "--resume", str(old), "--out_dir", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "predates --target" in err and str(old) in err
+
+
+def test_ember_refuses_checkpoints_of_the_dense_refinement_head(tmp_path, capsys):
+    """Their weights would load into the front-only head and forecast differently without a word."""
+    path = tmp_path / "f.h5"
+    data.write_fire(path, **data.generate_fires(n_seq=6, size=8, n_frames=3, seed=0))
+    arch = {k: v for k, v in dataclasses.asdict(em.Arch()).items() if k not in ("refine_tile", "refine_reach")}
+    old = tmp_path / "old.pth"
+    torch.save(dict(model={}, optimizer={}, epoch=1, config=em.parse_config([]), rng={}, channels=["a"] * 4,
+                    arch=arch), old)
+    for flags in (["--resume", str(old)], ["--eval_only", "--model", str(old)]):
+        with pytest.raises(SystemExit) as e:
+            em.main(["--data_path", str(path), "--out_dir", str(tmp_path / "o")] + flags)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "8cc068f" in err and str(old) in err, err
+        assert not (tmp_path / "o").exists()
 
 
 def test_ember_unburning_file_names_the_sequence_and_frame(tmp_path):
