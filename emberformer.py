@@ -1133,7 +1133,7 @@ def plot_curves(log_path, base, path):
     b.set(xlabel="epoch", ylabel="score")
     b.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    data.atomic_savefig(fig, path, dpi=80)
     plt.close(fig)
 
 

@@ -385,7 +385,7 @@ def plot_reconstruction(model, x, cfg, norm, path, epoch, dtype):
     axes[-1, 0].set_xlabel("pixel")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    data.atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -403,7 +403,7 @@ def plot_losses(log_path, path):
     ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=100)
+    data.atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
 
 
