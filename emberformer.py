@@ -694,12 +694,10 @@ def load_eval_data(cfg, dev, ckpt):
 
 def seen_in_training(cfg, path, fire, ckpt):
     """A warning if --data_path is the checkpoint's training file, or holds fires it trained on (the same
-    masks, by hash; checkpoints made before the hashes were stored compare the file only), else ''."""
-    trained_on = ckpt.get("data_file") or ckpt["config"]["data_path"] or os.path.join(
-        data.DATA_DIR, f"fires_v{data.FIRE_VERSION}.h5")  # '' = the default file (not generated here)
-    seen = set(ckpt.get("train_fire_hashes", ()))
-    n_seen = sum(h in seen for h in fire_hashes(fire)) if seen else 0
-    if os.path.realpath(path) == os.path.realpath(trained_on):
+    masks, by hash), else ''."""
+    seen = set(ckpt["train_fire_hashes"])
+    n_seen = sum(h in seen for h in fire_hashes(fire))
+    if os.path.realpath(path) == os.path.realpath(ckpt["data_file"]):
         what = (f"is the file --model {cfg['model']} was trained on: its training fires were seen in "
                 "training and its val fires chose the checkpoint")
     elif n_seen:
@@ -1391,16 +1389,13 @@ def maybe_resume(cfg, model, opt, scaler, gen, data_hash):
         raise data.DataError(f"{cfg['resume']}: not an emberformer checkpoint (keys {sorted(ckpt)[:6]})")
     if "model_config" in ckpt:  # mae.py's checkpoints have the same top-level keys
         raise data.DataError(f"{cfg['resume']}: a mae.py checkpoint, not an emberformer.py one")
-    if "target" not in ckpt["config"]:  # its model re-predicted burning cells and its optimizer had 2 groups
-        raise data.DataError(f"{cfg['resume']}: checkpoint predates --target (new-burn target, test split); "
-                             "it cannot be resumed, start a new run")
     check_refine(cfg["resume"], ckpt)
-    was = dict(unroll=1) | ckpt["config"]  # runs from before --unroll trained one step
+    was = ckpt["config"]
     diff = [k for k in cfg if k not in FREE_ON_RESUME and was.get(k) != cfg[k]]
     if diff:
         raise data.DataError(f"{cfg['resume']}: checkpoint was made with different " + ", ".join(
             f"--{k} ({was.get(k)!r}, now {cfg[k]!r})" for k in diff))
-    if ckpt.get("data_hash", data_hash) != data_hash:  # checkpoints from before the hash: not checked
+    if ckpt["data_hash"] != data_hash:
         raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded fire file'} does not hold "
                              "the fires this checkpoint trained on (their fingerprint differs); "
                              "resume with its data")
@@ -1612,7 +1607,8 @@ def train(cfg):
 
 def check_refine(path, ckpt):
     """Checkpoints of the refinement head that ran on every cell (before commit 8cc068f; no refine_reach in
-    their Arch) would load into the front-only head without complaint but forecast differently: refused."""
+    their Arch) would load into the front-only head without complaint but forecast differently: refused.
+    This also refuses every older checkpoint format (before --target, --unroll, the stored data hash)."""
     if "refine_reach" not in ckpt.get("arch", {}):
         raise data.DataError(f"{path}: checkpoint of the refinement head that ran on every cell (before commit "
                              "8cc068f); train a new model, or use it with `git checkout ced82b1`")
@@ -1620,14 +1616,10 @@ def check_refine(path, ckpt):
 
 def load_trained(path, dev):
     """--model checkpoint -> (model in eval mode, checkpoint). Refused in one line: not an emberformer
-    checkpoint, from before the settings --model reads were stored, or weights that do not fit."""
+    checkpoint, one of the dense refinement head (check_refine), or weights that do not fit."""
     ckpt = data.load_checkpoint(path)
     if not {"model", "config", "channels"} <= set(ckpt) or not isinstance(ckpt["config"], dict):
         raise data.DataError(f"{path}: not an emberformer checkpoint (keys {sorted(ckpt)[:6]})")
-    missing = [k for k in MODEL_SETTINGS + EVAL_SETTINGS if k not in ckpt["config"]]
-    if missing:
-        raise data.DataError(f"{path}: checkpoint predates the settings --model needs "
-                             f"(no {', '.join(missing)}); train a new model")
     check_refine(path, ckpt)
     cfg = ckpt["config"]
     arch = Arch(**ckpt["arch"])
