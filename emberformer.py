@@ -110,7 +110,7 @@ class Arch:
     decode_dim: int = 256
     refine_dim: int = 32
     # Refine runs on the tiles of this side that lie within refine_reach cells of both a burning and a
-    # not-burning cell (front_tiles); new burns in the embedded data are all within 1 cell of the fire
+    # not-burning cell (front_tiles); docs/emberformer.md says how far from the fire new burns lie
     refine_tile: int = 16
     refine_reach: int = 4  # twice the radius of Refine's 5x5 view
 
@@ -407,8 +407,8 @@ def tile_windows(x, b, i, j, T):
 class Refine(nn.Module):
     """Light full-resolution refinement: adds a correction to the upsampled coarse logits from
     [coarse logits, last fire frame, static channels, wind] through two 3x3 conv layers. It runs on the fire's
-    front only (front_tiles; elsewhere the logits are the coarse ones): at 400x400 the front is a few % of the
-    grid, and run on every cell this head took half of a training step (docs/performance.md). A tile's
+    front only (front_tiles; elsewhere the logits are the coarse ones): on a large grid the front is a small
+    part of it, and run on every cell this head dominated a training step (docs/performance.md). A tile's
     correction is the dense head's in eval mode: its halo holds the real neighbours, zeros off the grid (in
     training, BatchNorm's batch statistics also count the halo)."""
 
@@ -537,8 +537,7 @@ def make_optimizer(cfg, model):
     """AdamW, four groups: the temporal part (learns from scratch, higher LR) and the spatial part, each split
     into weight matrices / kernels (decayed) and norms and biases (ndim <= 1, not decayed, as SegFormer and
     MAE). Every group carries a 'name': logs read LRs by name (group_lr), never by position. Fused: one kernel
-    for all 14M parameters (at 400x400 the per-tensor loop was ~15 % of a one-thread CPU step,
-    docs/performance.md)."""
+    for all parameters, faster than the per-tensor loop on the CPU (docs/performance.md)."""
     lt, ls = (cfg["lr"], cfg["lr"]) if cfg["lr"] > 0 else (cfg["lr_temporal"], cfg["lr_spatial"])
     parts = dict(temporal=(lt, [model.embed, model.temporal]),
                  spatial=(ls, [model.encoder, model.decode, model.refine]))
@@ -1390,11 +1389,10 @@ def maybe_resume(cfg, model, opt, scaler, gen, data_hash):
     if "model_config" in ckpt:  # mae.py's checkpoints have the same top-level keys
         raise data.DataError(f"{cfg['resume']}: a mae.py checkpoint, not an emberformer.py one")
     check_refine(cfg["resume"], ckpt)
-    was = ckpt["config"]
-    diff = [k for k in cfg if k not in FREE_ON_RESUME and was.get(k) != cfg[k]]
+    diff = [k for k in cfg if k not in FREE_ON_RESUME and ckpt["config"].get(k) != cfg[k]]
     if diff:
         raise data.DataError(f"{cfg['resume']}: checkpoint was made with different " + ", ".join(
-            f"--{k} ({was.get(k)!r}, now {cfg[k]!r})" for k in diff))
+            f"--{k} ({ckpt['config'].get(k)!r}, now {cfg[k]!r})" for k in diff))
     if ckpt["data_hash"] != data_hash:
         raise data.DataError(f"{cfg['resume']}: {cfg['data_path'] or 'the embedded fire file'} does not hold "
                              "the fires this checkpoint trained on (their fingerprint differs); "
